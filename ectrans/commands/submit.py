@@ -1,0 +1,38 @@
+"""`ectrans submit`: send one task and print its terminal record as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ectrans.client import Client, TaskTimeout
+from ectrans.common.settings import CommonSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="the text to process")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--op", default="embed")
+    parser.add_argument("--priority", choices=("realtime", "batch"))
+    parser.add_argument("--deadline-ms", type=int)
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--timeout", type=float, default=60.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = CommonSettings()
+    params = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    with Client(settings.redis_url, prefix=settings.prefix) as client:
+        try:
+            result = client.submit(
+                args.model, args.op, args.input, priority=args.priority, deadline_ms=args.deadline_ms,
+                params=params, timeout=args.timeout,
+            )  # fmt: skip
+        except TaskTimeout as exc:
+            print(json.dumps({"status": "timeout", "error": str(exc)}))
+            return 1
+    output = result.output.tolist() if hasattr(result.output, "tolist") else result.output
+    print(json.dumps({**result.fields, "output": output} if result.ok else result.fields))
+    return 0 if result.ok else 1
+

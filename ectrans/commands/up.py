@@ -1,0 +1,138 @@
+"""`ectrans up`: the whole stack on this machine — Redis (unless ECTRANS_REDIS_URL is set), the
+dispatcher, one worker and the monitor as child processes, restarted if they die, stopped
+cleanly on Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from ectrans.common.redis_conn import redact
+from ectrans.common.redis_server import RedisServer, find_redis_binary
+
+SERVICES = ("dispatcher", "worker", "monitor")
+STOP_GRACE_S = 25.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=0, help="port of the private Redis (default: a free one)")
+    parser.add_argument("--aof", action="store_true", help="turn Redis persistence (AOF) on")
+    parser.add_argument("--data-dir", default=None, help="where the private Redis keeps its files")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, env=self.env)
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def _children(redis_url: str, workers: int) -> list[Child]:
+    env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
+    children = [Child("dispatcher", [sys.executable, "-m", "ectrans.services.dispatcher"], env)]
+    for index in range(workers):
+        worker_env = {**env, "ECTRANS_INSTANCE": env.get("ECTRANS_INSTANCE", "") or f"{os.uname().nodename}-{index}"}
+        children.append(Child(f"worker-{index}", [sys.executable, "-m", "ectrans.services.worker"], worker_env))
+    children.append(Child("monitor", [sys.executable, "-m", "ectrans.services.monitor"], env))
+    return children
+
+
+def _banner(url: str, prefix: str) -> str:
+    try:
+        cli = find_redis_binary("redis-cli")
+    except RuntimeError:
+        cli = "redis-cli"
+    port = url.rsplit(":", 1)[-1].split("/", maxsplit=1)[0]
+    rc = f"{cli} -p {port}" if "127.0.0.1" in url else f"{cli} -u {redact(url)}"
+    return (
+        f"ECTrans is starting. Redis: {redact(url)}\n"
+        f"  push a task:  {rc} XADD {prefix}tasks '*' model minilm op embed input 'some text'\n"
+        f"  read result:  {rc} HGETALL {prefix}result:<the ID that XADD printed>\n"
+        f"  or:           ECTRANS_REDIS_URL={redact(url)} ectrans submit 'some text'\n"
+        "  stop:         Ctrl-C\n"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    server: RedisServer | None = None
+    url = os.environ.get("ECTRANS_REDIS_URL")
+    if not url:
+        from pathlib import Path
+
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir).start()
+        url = server.url
+    prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
+    print(_banner(url, prefix), flush=True)
+    children = _children(url, args.workers)
+    stopping = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        for child in children:
+            child.start()
+        while not stopping:
+            time.sleep(0.2)
+            _supervise(children)
+    finally:
+        _stop_all(children)
+        if server is not None:
+            server.cleanup()
+    return 0
+
+
+def _supervise(children: list[Child]) -> None:
+    """Restart a child that died, with a growing pause so a crash loop does not spin."""
+    now = time.monotonic()
+    for child in children:
+        if child.alive() or now < child.next_start:
+            continue
+        if child.process is not None and child.next_start == 0.0:
+            code = child.process.returncode
+            pause = min(30.0, 2.0 ** min(child.restarts, 5)) if now - child.started_at < 60 else 1.0
+            print(f"[up] {child.name} exited with code {code}; restarting in {pause:.0f}s", file=sys.stderr)
+            child.next_start = now + pause
+            continue
+        child.restarts += 1
+        child.next_start = 0.0
+        child.start()
+
+
+def _stop_all(children: list[Child]) -> None:
+    for child in children:
+        if child.alive():
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"[up] {child.name} did not stop in {STOP_GRACE_S:.0f}s; killing it", file=sys.stderr)
+            child.process.kill()
+            child.process.wait()

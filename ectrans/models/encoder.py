@@ -1,0 +1,228 @@
+"""Encoder-only models (BERT, RoBERTa, XLM-R, DistilBERT) split into segments.
+
+A model becomes `embeddings + layers[a:b]`, `layers[b:c]`, ..., `layers[y:z] + pooling`. Only the
+2-D padding mask travels between segments; each segment rebuilds the 4-D mask its attention
+implementation wants (bool for sdpa, additive float for eager, None when nothing is padded) with
+`transformers.masking_utils.create_bidirectional_mask`, exactly as the unsplit model does, so the
+segmented output equals the unsplit one bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from ectrans.models.segments import SegmentState
+
+# Families whose layers take (hidden, 4-D mask) and nothing else; others (MPNet's relative bias,
+# ELECTRA's embedding projection) would run without error and compute the wrong thing.
+SUPPORTED_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert"})
+POOLING_MODES = ("mean", "cls", "max")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no segment splitter."""
+
+
+@dataclass(frozen=True)
+class EncoderParts:
+    """The pieces of an encoder a segment needs, located once."""
+
+    config: Any  # transformers.PretrainedConfig
+    embeddings: nn.Module
+    layers: nn.ModuleList
+    takes_token_types: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def encoder_parts(model: nn.Module) -> EncoderParts:
+    base = getattr(model, "base_model", model)
+    config = base.config
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} cannot be segmented; supported: {sorted(SUPPORTED_TYPES)}"
+        )
+    stack = base.transformer if config.model_type == "distilbert" else base.encoder
+    embeddings = base.embeddings
+    takes_token_types = "token_type_ids" in inspect.signature(embeddings.forward).parameters
+    return EncoderParts(config, embeddings, stack.layer, takes_token_types)
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """Sentence embedding from token states: sentence-transformers' pooling, then L2 normalisation."""
+
+    mode: str = "mean"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in POOLING_MODES:
+            raise ValueError(f"{self.mode=} must be one of {POOLING_MODES}")
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Reduce in float32 for half-precision models, as sentence-transformers does.
+        states = hidden.float()
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        if self.mode == "cls":
+            pooled = states[:, 0]
+        elif self.mode == "max":
+            pooled = states.masked_fill(weights == 0, float("-inf")).max(dim=1).values
+        else:
+            pooled = (states * weights).sum(dim=1) / torch.clamp(weights.sum(dim=1), min=1e-9)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled
+
+
+def read_pooling(model_dir: Path) -> Pooling:
+    """The pooling a sentence-transformers directory declares; mean + normalise for a plain model."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.exists():
+        return Pooling()
+    modules = json.loads(modules_file.read_text())
+    types = {str(module.get("type", "")).rsplit(".", 1)[-1]: module for module in modules}
+    mode = "mean"
+    if "Pooling" in types:
+        config_file = model_dir / types["Pooling"].get("path", "") / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        for candidate in POOLING_MODES:
+            if config.get(f"pooling_mode_{candidate}_token") or config.get(f"pooling_mode_{candidate}_tokens"):
+                mode = candidate
+                break
+        declared = config.get("pooling_mode")  # the newer single-field form
+        if isinstance(declared, str):
+            mode = declared
+    return Pooling(mode=mode, normalize="Normalize" in types)
+
+
+class EncoderSegment:
+    """Layers `layers` of an encoder, with the embeddings in front (first segment) and the pooling
+    behind (last segment). Keeps no per-batch state: everything travels in the `SegmentState`."""
+
+    def __init__(self, parts: EncoderParts, layers: range, *, embed: bool, pooling: Pooling | None = None) -> None:
+        self.parts = parts
+        self.layers = tuple(layers)
+        self.embed = embed
+        self.pooling = pooling
+        span = f"{layers.start}-{layers.stop - 1}" if len(layers) else "none"
+        self.name = "+".join(
+            part for part, present in (("embed", embed), (f"layers{span}", True), ("pool", pooling)) if present
+        )
+
+    def __call__(self, state: SegmentState) -> SegmentState:
+        hidden = self._embeddings(state) if self.embed else state.hidden
+        if hidden is None:
+            raise ValueError(f"segment {self.name} needs hidden states, but the batch has none")
+        if self.layers:
+            mask_4d = create_bidirectional_mask(
+                config=self.parts.config, inputs_embeds=hidden, attention_mask=state.mask
+            )
+            for index in self.layers:
+                out = self.parts.layers[index](hidden, mask_4d)
+                hidden = out[0] if isinstance(out, tuple) else out
+        state.hidden = hidden
+        if self.pooling is not None:
+            state.outputs = list(self.pooling(hidden, state.mask))
+        return state
+
+    def _embeddings(self, state: SegmentState) -> torch.Tensor:
+        token_types = state.extras.get("token_type_ids")
+        if self.parts.takes_token_types and token_types is not None:
+            return self.parts.embeddings(input_ids=state.input_ids, token_type_ids=token_types)  # type: ignore[no-any-return]
+        return self.parts.embeddings(state.input_ids)  # type: ignore[no-any-return]
+
+
+def even_splits(num_layers: int, n_segments: int) -> list[int]:
+    """Split points (segment start indices after the first) giving segments of near-equal layer count."""
+    if not 1 <= n_segments <= num_layers:
+        raise ValueError(f"{n_segments=} must be between 1 and the {num_layers} layers")
+    return [round(i * num_layers / n_segments) for i in range(1, n_segments)]
+
+
+def build_encoder_segments(
+    model: nn.Module, splits: Sequence[int] | int, pooling: Pooling | None = None
+) -> list[EncoderSegment]:
+    """Segments for `model`; `splits` is a segment count (even split) or the layer indices where
+    segments 2..N start (e.g. from `profile.balance_splits`)."""
+    parts = encoder_parts(model)
+    points = even_splits(parts.num_layers, splits) if isinstance(splits, int) else list(splits)
+    bounds = [0, *points, parts.num_layers]
+    if any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"split points {points} must increase strictly within 1..{parts.num_layers - 1}")
+    last = len(bounds) - 2
+    return [
+        EncoderSegment(
+            parts,
+            range(bounds[i], bounds[i + 1]),
+            embed=i == 0,
+            pooling=(pooling or Pooling()) if i == last else None,
+        )
+        for i in range(last + 1)
+    ]
+
+
+# Tokenizers without a length limit report this huge sentinel as their `model_max_length`.
+_NO_LIMIT = 10**9
+
+
+def token_limit(tokenizer: Any, max_tokens: int) -> int:
+    """`max_tokens`, lowered to the tokenizer's own limit where it has one. The tokenizer knows the
+    usable length: RoBERTa's 514 position embeddings hold 512 tokens (positions start after the
+    padding index), which a limit read from the model config would overflow."""
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < _NO_LIMIT:
+        return min(max_tokens, own)
+    return max_tokens
+
+
+class EncoderTokenizer:
+    """Texts to the first `SegmentState`: padded, truncated at `max_tokens`.
+
+    A fast tokenizer must not be used from two threads at once (its Rust state is borrowed per
+    call), and the worker counts tokens while stage 0 tokenises, hence the lock.
+    """
+
+    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = token_limit(tokenizer, max_tokens)
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: list[str], params: dict[str, Any]) -> SegmentState:
+        with self._lock:
+            encoded = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            )
+        extras = {"token_type_ids": encoded["token_type_ids"]} if "token_type_ids" in encoded else {}
+        return SegmentState(
+            hidden=None,
+            mask=encoded["attention_mask"],
+            input_ids=encoded["input_ids"],
+            params=dict(params),
+            extras=extras,
+        )
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        with self._lock:
+            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+
+def embed_unsplit(model: nn.Module, state: SegmentState, pooling: Pooling) -> torch.Tensor:
+    """The reference: the whole model in one call, then the same pooling."""
+    kwargs: dict[str, torch.Tensor] = {"input_ids": state.input_ids, "attention_mask": state.mask}
+    if "token_type_ids" in state.extras and encoder_parts(model).takes_token_types:
+        kwargs["token_type_ids"] = state.extras["token_type_ids"]
+    hidden = model(**kwargs).last_hidden_state
+    return pooling(hidden, state.mask)

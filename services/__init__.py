@@ -1,0 +1,1 @@
+"""The three ECTrans services: dispatcher, worker, monitor."""

@@ -1,0 +1,1 @@
+"""The dispatcher: validates, classifies and admits tasks from the ingress stream."""

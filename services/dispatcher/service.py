@@ -1,0 +1,217 @@
+"""The dispatcher service: ingress stream → validated, classified tasks in per-model queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from ectrans.common.heartbeat import Heartbeat, default_instance
+from ectrans.common.keys import DISPATCHER_GROUP, Keys
+from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
+from ectrans.common.redis_conn import BLOCK_MS, connect
+from ectrans.common.registry import ModelSpec
+from ectrans.common.results import Finish, ResultWriter, error_record, now_ms
+from ectrans.common.schemas import Reason, Task, TaskError, entry_ms, parse_task, reply_to_of, task_id_of
+from ectrans.services.dispatcher.classify import ClassPolicy, classify
+from ectrans.services.dispatcher.settings import DispatcherSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Forward:
+    task: Task
+    queue: str
+    entry_id: str
+
+
+class Dispatcher:
+    """Reads `ectrans:tasks` in a consumer group; forwards or answers every entry exactly once."""
+
+    name = "dispatcher"
+
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        registry: dict[str, ModelSpec],
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.keys: Keys = settings.keys
+        self.consumer = settings.instance or default_instance()
+        self.policy = ClassPolicy(settings.realtime_deadline_ms, settings.realtime_max_chars, settings.default_class)
+        self._own_redis = redis is None
+        self.redis = redis or connect(settings.redis_url, client_name=f"ectrans-dispatcher-{self.consumer}")
+        self.writer = ResultWriter(self.redis, self.keys, DISPATCHER_GROUP, settings.result_ttl_s)
+        self.reclaimer = Reclaimer(
+            self.redis,
+            self.keys,
+            self.keys.tasks,
+            DISPATCHER_GROUP,
+            self.consumer,
+            min_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.heartbeat = Heartbeat(
+            self.redis,
+            self.keys,
+            self.name,
+            self.consumer,
+            interval_s=settings.heartbeat_s,
+            extra=self._counters,
+        )
+        self._stopping = asyncio.Event()
+        self.forwarded = 0
+        self.rejected = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _counters(self) -> dict[str, int]:
+        return {"forwarded": self.forwarded, "rejected": self.rejected}
+
+    async def run(self) -> None:
+        logger.info("[start] dispatcher %s serving models: %s", self.consumer, ", ".join(sorted(self.registry)))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.heartbeat.run(self._stopping))
+                tg.create_task(self._serve())
+        finally:
+            if self._own_redis:
+                await self.redis.aclose()
+        logger.info("[shutdown] dispatcher %s stopped", self.consumer)
+
+    async def _serve(self) -> None:
+        backlog = True  # after a restart, our own pending entries come first
+        next_claim = time.monotonic() + self.settings.claim_idle_ms / 1000
+        outage_since: float | None = None
+        while not self._stopping.is_set():
+            try:
+                if backlog:
+                    backlog = await self._serve_backlog()
+                else:
+                    await self._serve_new()
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
+                    await self._serve_claimed()
+                if outage_since is not None:
+                    logger.warning("[redis] connection back after %.1fs", time.monotonic() - outage_since)
+                    outage_since = None
+            except RedisConnectionError as exc:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    logger.warning("[redis] connection lost (%s); retrying with backoff", exc)
+                await asyncio.sleep(random.uniform(0.1, 1.0))
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted without our group
+                    await ensure_group(self.redis, self.keys.tasks, DISPATCHER_GROUP)
+                    backlog = True
+                else:
+                    logger.exception("[dispatch] Redis refused a command")
+                    await asyncio.sleep(0.5)
+            except Exception:
+                # A bug must not stop the node; the entries stay pending and are retried, then dead-lettered.
+                logger.exception("[dispatch] unexpected error; entries stay pending for retry")
+                await asyncio.sleep(0.5)
+
+    async def _read(self, start_id: str, block: int | None) -> list[Entry]:
+        if start_id == "0":  # first read after a (re)start: the group may not exist yet
+            await ensure_group(self.redis, self.keys.tasks, DISPATCHER_GROUP)
+        got = await read_group(
+            self.redis, DISPATCHER_GROUP, self.consumer, {self.keys.tasks: start_id}, count=self.settings.read_count,
+            block=block,
+        )  # fmt: skip
+        return got[0][1] if got else []
+
+    async def _serve_backlog(self) -> bool:
+        entries = await self._read("0", None)
+        if not entries:
+            return False
+        claimed = await self.reclaimer.split_by_deliveries(entries)
+        await dead_letter(self.redis, self.keys, self.writer, self.keys.tasks, claimed.dead, consumer=self.consumer)
+        await self.dispatch(claimed.live)
+        return True
+
+    async def _serve_new(self) -> None:
+        entries = await self._read(">", BLOCK_MS)
+        await self.dispatch(entries)
+
+    async def _serve_claimed(self) -> None:
+        claimed = await self.reclaimer.claim(self.settings.read_count)
+        await dead_letter(self.redis, self.keys, self.writer, self.keys.tasks, claimed.dead, consumer=self.consumer)
+        await self.dispatch(claimed.live)
+
+    def decide(self, entry_id: str, raw: dict[bytes, bytes]) -> Forward | Finish:
+        """Validate and classify one entry: a forward to a queue, or an error result."""
+        try:
+            task = parse_task(entry_id, raw, self.settings.limits)
+            spec = self.registry.get(task.model)
+            if spec is None:
+                known = ", ".join(sorted(self.registry))
+                raise TaskError(Reason.UNKNOWN_MODEL, f"unknown model {task.model!r:.80}; this node serves: {known}")
+            if not spec.supports(task.op):
+                ops = ", ".join(sorted(spec.ops))
+                raise TaskError(Reason.UNKNOWN_OP, f"model {task.model!r} has no op {task.op!r:.40}; ops: {ops}")
+            deadline = task.deadline_at_ms
+            if deadline is not None and now_ms() >= deadline:
+                raise TaskError(Reason.DEADLINE, "deadline passed before the task was dispatched")
+            task = task.classified(classify(task, self.policy))
+            return Forward(task, self.keys.queue(task.model, task.task_class), entry_id)
+        except TaskError as err:
+            task_id = task_id_of(entry_id, raw)
+            record = error_record(task_id, err.reason, err.message, submitted_ms=entry_ms(entry_id))
+            return Finish(task_id, record, self.keys.tasks, entry_id, reply_to_of(raw))
+
+    async def dispatch(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        decisions = [self.decide(eid, raw) for eid, raw in entries]
+        decisions = await self._apply_backpressure(decisions)
+        # Forward + ack (and error results) in one MULTI: a crash leaves all or nothing done.
+        pipe = self.redis.pipeline(transaction=True)
+        for decision in decisions:
+            if isinstance(decision, Forward):
+                pipe.xadd(decision.queue, decision.task.to_fields())  # type: ignore[arg-type]
+                pipe.xack(self.keys.tasks, DISPATCHER_GROUP, decision.entry_id)
+                pipe.xdel(self.keys.tasks, decision.entry_id)
+            else:
+                await self.writer.queue(pipe, decision)
+        await asyncio.shield(pipe.execute())
+        rejected = sum(isinstance(d, Finish) for d in decisions)
+        self.rejected += rejected
+        self.forwarded += len(decisions) - rejected
+
+    async def _apply_backpressure(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
+        """A task bound for a full queue gets an immediate `overloaded` error instead of waiting."""
+        queues = sorted({d.queue for d in decisions if isinstance(d, Forward)})
+        if not queues:
+            return decisions
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.xlen(queue)
+        lengths = dict(zip(queues, await pipe.execute(), strict=True))
+        limit = self.settings.max_queue_len
+        result: list[Forward | Finish] = []
+        for decided in decisions:
+            decision = decided
+            if isinstance(decision, Forward):
+                if lengths[decision.queue] >= limit:
+                    task = decision.task
+                    message = f"queue {decision.queue} is full ({limit} tasks); retry later"
+                    record = error_record(
+                        task.id, Reason.OVERLOADED, message, submitted_ms=task.submitted_ms, task_class=task.task_class,
+                        model=task.model, op=task.op,
+                    )  # fmt: skip
+                    decision = Finish(task.id, record, self.keys.tasks, decision.entry_id, task.reply_to)
+                else:
+                    lengths[decision.queue] += 1
+            result.append(decision)
+        return result

@@ -1,0 +1,1 @@
+"""The worker: pulls admitted tasks, batches them and runs them on the device."""

@@ -1,0 +1,144 @@
+"""Forming batches from a worker's local queues — pure logic, no Redis, no torch.
+
+Real-time tasks go first, in small batches after a short wait. Batch-class tasks are packed for
+throughput: the task with the highest response ratio, (wait + predicted service) / predicted
+service, anchors the batch so that no long job starves; it is filled with the tasks closest to it
+in length until the token budget (batch × padded length) or the batch size is reached, which
+keeps padding waste low.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ectrans.common.schemas import Task
+
+
+@dataclass
+class Pending:
+    """A task read from a model queue, waiting in the worker for a batch."""
+
+    entry_id: str
+    stream: str
+    task: Task
+    tokens: int
+    arrived: float  # monotonic seconds when read from Redis
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch: int
+    max_wait_s: float
+    token_budget: int = 8192
+
+
+@dataclass
+class Batch:
+    task_class: str
+    items: list[Pending]
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.items)
+
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.items) * max((p.tokens for p in self.items), default=0)
+
+
+def response_ratio(pending: Pending, now: float, seconds_per_token: float) -> float:
+    """HRRN priority: grows with waiting time, starts higher for shorter jobs."""
+    service = max(pending.tokens, 1) * seconds_per_token
+    return (now - pending.arrived + service) / service
+
+
+@dataclass
+class Batcher:
+    """Local queues of one model and the policy that turns them into batches."""
+
+    realtime: BatchPolicy
+    batch: BatchPolicy
+    fifo: bool = False
+    seconds_per_token: float = 1e-3  # refined from the model's latency profile when known
+    queues: dict[str, list[Pending]] = field(default_factory=lambda: {"realtime": [], "batch": []})
+
+    def add(self, pending: Pending) -> None:
+        # FIFO mode keeps one queue in arrival order: the baseline the scheduler is compared against.
+        self.queues["batch" if self.fifo else pending.task.task_class].append(pending)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def take_expired(self, now_ms: int) -> list[Pending]:
+        """Remove and return tasks whose deadline has passed while queued."""
+        expired: list[Pending] = []
+        for name, queue in self.queues.items():
+            keep: list[Pending] = []
+            for p in queue:
+                deadline = p.task.deadline_at_ms
+                (expired if deadline is not None and now_ms >= deadline else keep).append(p)
+            self.queues[name] = keep
+        return expired
+
+    def take_all(self) -> list[Pending]:
+        items = [p for q in self.queues.values() for p in q]
+        for q in self.queues.values():
+            q.clear()
+        return items
+
+    def _ready(self, queue: list[Pending], policy: BatchPolicy, now: float) -> bool:
+        if not queue:
+            return False
+        if len(queue) >= policy.max_batch or now - queue[0].arrived >= policy.max_wait_s:
+            return True
+        return sum(p.tokens for p in queue) >= policy.token_budget
+
+    def wait_hint(self, now: float) -> float | None:
+        """Seconds until some queue becomes ready by age; None when all are empty."""
+        hints = [
+            max(0.0, queue[0].arrived + policy.max_wait_s - now)
+            for queue, policy in (
+                (self.queues["realtime"], self.realtime),
+                (self.queues["batch"], self.batch),
+            )
+            if queue
+        ]
+        return min(hints) if hints else None
+
+    def next_batch(self, now: float) -> Batch | None:
+        rt = self.queues["realtime"]
+        if self._ready(rt, self.realtime, now):
+            return Batch("realtime", self._take_fifo(rt, self.realtime))
+        queue = self.queues["batch"]
+        if not self._ready(queue, self.batch, now):
+            return None
+        if self.fifo:
+            return Batch("fifo", self._take_fifo(queue, self.batch))
+        return Batch("batch", self._take_packed(queue, now))
+
+    def _take_fifo(self, queue: list[Pending], policy: BatchPolicy) -> list[Pending]:
+        taken: list[Pending] = []
+        longest = 0
+        while queue and len(taken) < policy.max_batch:
+            longest = max(longest, queue[0].tokens)
+            if taken and longest * (len(taken) + 1) > policy.token_budget:
+                break
+            taken.append(queue.pop(0))
+        return taken
+
+    def _take_packed(self, queue: list[Pending], now: float) -> list[Pending]:
+        anchor = max(queue, key=lambda p: response_ratio(p, now, self.seconds_per_token))
+        by_closeness = sorted(queue, key=lambda p: (abs(p.tokens - anchor.tokens), p.arrived))
+        taken: list[Pending] = []
+        longest = 0
+        for candidate in by_closeness:
+            if len(taken) >= self.batch.max_batch:
+                break
+            new_longest = max(longest, candidate.tokens)
+            if taken and new_longest * (len(taken) + 1) > self.batch.token_budget:
+                continue
+            taken.append(candidate)
+            longest = new_longest
+        chosen = {id(p) for p in taken}
+        queue[:] = [p for p in queue if id(p) not in chosen]
+        return taken

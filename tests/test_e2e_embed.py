@@ -1,0 +1,185 @@
+"""The trio end to end on the real default model (MiniLM), through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ectrans.client import AsyncClient, TaskFailed
+from ectrans.common.redis_server import RedisServer
+from ectrans.common.registry import ModelSpec
+from ectrans.models.api import Executor
+from tests.stack import reference_embeddings, running_stack
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sentences_100.txt"
+FALLBACK = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Edge servers run many inference tasks at once.",
+    "A short one.",
+    "Real-time tasks must not wait behind bulk work in a queue.",
+]
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    pool = DATA.read_text().splitlines() if DATA.exists() else FALLBACK
+    rng = random.Random(seed)
+    return [rng.choice(pool) for _ in range(n)]
+
+
+@pytest.mark.parametrize("count", [1, 64])
+def test_raw_xadd_gives_reference_embeddings(
+    redis_url: str, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor, count: int
+) -> None:
+    texts = sentences(count, seed=count)
+
+    async def scenario() -> list[dict[str, str]]:
+        async with running_stack(redis_url, prefix, registry, {"minilm": minilm_executor}) as stack:
+            # Exactly what `redis-cli XADD ectrans:tasks * model minilm op embed input "..."` sends.
+            ids = [await stack.xadd(model="minilm", op="embed", input=t) for t in texts]
+            by_id = await stack.results(ids)
+            return [by_id[i] for i in ids]
+
+    results = asyncio.run(scenario())
+    expected = reference_embeddings(str(registry["minilm"].path), texts)
+    for i, record in enumerate(results):
+        assert record["status"] == "ok", record
+        assert record["class"] in ("realtime", "batch")
+        assert float(record["latency_ms"]) >= 0
+        got = np.asarray(json.loads(record["output"]), dtype=np.float32)
+        assert np.abs(got - expected[i]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("count", [1, 64])
+def test_client_embed_equals_reference(
+    redis_url: str, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor, count: int
+) -> None:
+    texts = sentences(count, seed=100 + count)
+
+    async def scenario() -> np.ndarray:
+        async with (
+            running_stack(redis_url, prefix, registry, {"minilm": minilm_executor}),
+            AsyncClient(redis_url, prefix=prefix) as client,
+        ):
+            return await client.embed(texts, priority="realtime" if count == 1 else "batch", timeout=60)
+
+    vectors = asyncio.run(scenario())
+    assert vectors.shape == (count, 384) and vectors.dtype == np.float32
+    assert np.abs(vectors - reference_embeddings(str(registry["minilm"].path), texts)).max() <= 1e-5
+
+
+BAD_TASKS = {
+    "unknown model": ({"model": "nope", "op": "embed", "input": "x"}, "unknown_model", "nope"),
+    "unknown op": ({"model": "minilm", "op": "fly", "input": "x"}, "unknown_op", "fly"),
+    "missing input": ({"model": "minilm", "op": "embed"}, "bad_input", "input"),
+    "empty input": ({"model": "minilm", "op": "embed", "input": "   "}, "bad_input", "empty"),
+    "input over the limit": ({"model": "minilm", "op": "embed", "input": "a " * 6000}, "bad_input", "limit"),
+    "non-numeric deadline": (
+        {"model": "minilm", "op": "embed", "input": "x", "deadline_ms": "soon"},
+        "bad_input",
+        "deadline_ms",
+    ),
+    "invalid priority": ({"model": "minilm", "op": "embed", "input": "x", "priority": "urgent"}, "bad_input", "priority"),
+    "binary junk": ({"model": "minilm", "op": "embed", "input": b"\xff\xfe\x00junk"}, "bad_input", "UTF-8"),
+    "bad id": ({"model": "minilm", "op": "embed", "input": "x", "id": "no spaces allowed"}, "bad_input", "id"),
+}
+
+
+def test_bad_input_gets_error_results_and_service_continues(
+    redis_url: str, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor
+) -> None:
+    async def scenario() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+        async with running_stack(
+            redis_url, prefix, registry, {"minilm": minilm_executor}, dispatcher={"max_input_chars": 10_000}
+        ) as stack:
+            ids = {name: await stack.xadd(**fields) for name, (fields, _, _) in BAD_TASKS.items()}
+            by_id = await stack.results(list(ids.values()))
+            good = await stack.result(await stack.xadd(model="minilm", op="embed", input="still serving"))
+            return {name: by_id[i] for name, i in ids.items()}, good
+
+    bad, good = asyncio.run(scenario())
+    for name, (_, reason, mentioned) in BAD_TASKS.items():
+        assert bad[name]["status"] == "error", name
+        assert bad[name]["reason"] == reason, (name, bad[name])
+        assert mentioned in bad[name]["error"], (name, bad[name]["error"])
+    assert good["status"] == "ok"
+
+
+def test_task_id_field_keys_the_result(
+    redis_url: str, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor
+) -> None:
+    async def scenario() -> dict[str, str]:
+        async with running_stack(redis_url, prefix, registry, {"minilm": minilm_executor}) as stack:
+            await stack.xadd(model="minilm", op="embed", input="hello", id="job-42", priority="realtime")
+            return await stack.result("job-42")
+
+    record = asyncio.run(scenario())
+    assert record["status"] == "ok" and record["class"] == "realtime" and record["id"] == "job-42"
+
+
+def test_500_tasks_in_flight_each_get_exactly_one_result(
+    redis_url: str, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor
+) -> None:
+    texts = sentences(500, seed=7)
+
+    async def scenario() -> list[str]:
+        async with (
+            running_stack(redis_url, prefix, registry, {"minilm": minilm_executor}) as stack,
+            AsyncClient(redis_url, prefix=prefix) as client,
+        ):
+            results = await client.submit_many("minilm", "embed", texts, timeout=240)
+            # The client saw one record per task; Redis holds exactly one result hash per task.
+            keys = [k async for k in stack.redis.scan_iter(match=f"{prefix}result:*", count=1000)]
+            assert len(keys) == len(texts)
+            return [r.status for r in results]
+
+    statuses = asyncio.run(scenario())
+    assert statuses == ["ok"] * 500
+
+
+def test_client_raises_task_failed_with_reason(
+    redis_url: str, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor
+) -> None:
+    async def scenario() -> None:
+        async with (
+            running_stack(redis_url, prefix, registry, {"minilm": minilm_executor}),
+            AsyncClient(redis_url, prefix=prefix) as client,
+        ):
+            with pytest.raises(TaskFailed) as failure:
+                await client.embed(["ok", ""], timeout=30)
+            assert failure.value.reason == "bad_input"
+
+    asyncio.run(scenario())
+
+
+def test_sync_client(redis_server: RedisServer, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor) -> None:
+    import threading
+
+    from ectrans.client import Client
+
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            async with running_stack(redis_server.url, prefix, registry, {"minilm": minilm_executor}):
+                ready.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        with Client(redis_server.url, prefix=prefix) as client:
+            vectors = client.embed(["a", "b"], priority="realtime", timeout=30)
+        assert vectors.shape == (2, 384)
+    finally:
+        stop.set()
+        thread.join(60)

@@ -1,0 +1,313 @@
+"""The pipelined executor: order, per-input errors, failure isolation, real-time cut-in, shutdown.
+
+Mechanics are driven by small segments that record what ran and can block on an event, so every
+ordering below is forced by synchronisation, never by sleeping; results are checked on a real
+(tiny, random-weight) BERT against the unsplit model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.models.api import Request
+from ectrans.models.encoder import EncoderTokenizer, Pooling, embed_unsplit
+from ectrans.models.loader import load_executor, load_model
+from ectrans.models.noop import NoopExecutor
+from ectrans.models.pipeline import BoundaryEvent, PipelinedExecutor
+from ectrans.models.segments import SegmentState
+from tests.tiny_encoders import SENTENCES, make_tiny_bert
+
+WAIT_S = 20.0
+STEPS_SPEC = ModelSpec(
+    name="steps", path=Path(), kind="encoder", model_type="test", ops=frozenset({"embed", "noop"})
+)
+
+
+class CharTokenize:
+    """One token per character; refuses texts containing 'bad' (to test per-input isolation)."""
+
+    def __call__(self, texts: list[str], params: dict[str, Any]) -> SegmentState:
+        if any("bad" in text for text in texts):
+            raise ValueError("'bad' cannot be tokenised")
+        width = max(len(text) for text in texts)
+        ids = torch.zeros(len(texts), width, dtype=torch.long)
+        mask = torch.zeros(len(texts), width, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids[row, : len(text)] = torch.tensor([ord(c) for c in text])
+            mask[row, : len(text)] = 1
+        return SegmentState(hidden=None, mask=mask, input_ids=ids, params=dict(params), extras={"texts": texts})
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(text) for text in texts]
+
+
+class Step:
+    """A segment that logs (name, first text), adds 1 to the hidden state, may block on `gate`
+    while running a batch whose first text is `block_on`, and fails on a text containing 'boom'."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]], *, last: bool = False) -> None:
+        self.name = name
+        self.layers: tuple[int, ...] = ()
+        self.log = log
+        self.last = last
+        self.block_on: str | None = None
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, state: SegmentState) -> SegmentState:
+        texts: list[str] = state.extras["texts"]
+        self.log.append((self.name, texts[0]))
+        if texts[0] == self.block_on:
+            self.entered.set()
+            assert self.gate.wait(WAIT_S), "test gate never opened"
+        if any("boom" in text for text in texts):
+            raise ValueError("boom")
+        base = state.hidden if state.hidden is not None else torch.zeros(state.input_ids.shape + (4,))
+        state.hidden = base + 1
+        if self.last:
+            state.outputs = [f"{text}:{int(state.hidden[0, 0, 0])}" for text in texts]
+        return state
+
+
+@pytest.fixture
+def log() -> list[tuple[str, str]]:
+    return []
+
+
+def steps_executor(log: list[tuple[str, str]], n: int = 2, **kwargs: Any) -> PipelinedExecutor:
+    steps = [Step(chr(ord("A") + i), log, last=i == n - 1) for i in range(n)]
+    return PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), **kwargs)
+
+
+def step(executor: PipelinedExecutor, index: int) -> Step:
+    segment = executor.segments[index]
+    assert isinstance(segment, Step)
+    return segment
+
+
+# -- real-time cut-in ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("realtime", [True, False])
+def test_waiting_realtime_batch_runs_at_the_next_boundary(log: list[tuple[str, str]], realtime: bool) -> None:
+    events: list[tuple[BoundaryEvent, int]] = []
+    executor = steps_executor(log, between_segments=lambda e: events.append((e, executor.parked_bytes)))
+    first = step(executor, 0)
+    first.block_on = "big"
+    big = executor.submit(Request("embed", ["big", "batch"]))
+    assert first.entered.wait(WAIT_S)  # segment A is running the big batch
+    small = executor.submit(Request("embed", ["rt"], realtime=realtime))
+    first.gate.set()
+    assert small.result(WAIT_S)[0][0].output == "rt:2"
+    assert big.result(WAIT_S)[0][1].output == "batch:2"
+    executor.close()
+    if realtime:
+        # The big batch finished segment A, was parked in front of B; the real-time one overtook it.
+        assert log == [("A", "big"), ("A", "rt"), ("B", "rt"), ("B", "big")]
+        parks = [(e.stage, e.job, held) for e, held in events if e.action == "park"]
+        assert parks == [(1, 0, parks[0][2])] and parks[0][2] > 0
+        assert [e.job for e, _ in events if e.action == "resume"] == [0]
+    else:
+        assert log.index(("B", "big")) < log.index(("B", "rt"))
+        assert not [e for e, _ in events if e.action != "run"]
+    assert executor.parked_bytes == 0 and executor.realtime_in_flight == 0
+
+
+def test_parking_is_bounded_by_bytes(log: list[tuple[str, str]]) -> None:
+    events: list[BoundaryEvent] = []
+    executor = steps_executor(log, park_limit_bytes=0, between_segments=events.append)
+    first = step(executor, 0)
+    first.block_on = "big"
+    big = executor.submit(Request("embed", ["big"]))
+    assert first.entered.wait(WAIT_S)
+    small = executor.submit(Request("embed", ["rt"], realtime=True))
+    first.gate.set()
+    small.result(WAIT_S)
+    big.result(WAIT_S)
+    executor.close()
+    assert log.index(("B", "big")) < log.index(("B", "rt"))  # over the limit: runs instead of parking
+    assert all(e.action == "run" for e in events)
+
+
+def test_parked_batches_resume_from_their_activations(tiny_bert: Path) -> None:
+    """Real-time and batch work interleaved on a real model: every result equals the unsplit one."""
+    spec = build_spec("tiny-bert", {"path": str(tiny_bert)})
+    executor = load_executor(spec, device="cpu", threads=1, segments=4, queue_depth=1)
+    batches = [SENTENCES[i : i + 3] for i in range(len(SENTENCES))] * 3
+    futures = [executor.submit(Request("embed", b, realtime=i % 4 == 1)) for i, b in enumerate(batches)]
+    expected = reference_embeddings(tiny_bert, SENTENCES)
+    for batch, future in zip(batches, futures, strict=True):
+        results, _ = future.result(WAIT_S)
+        for text, result in zip(batch, results, strict=True):
+            np.testing.assert_allclose(result.output, expected[text], atol=1e-5)
+    executor.close()
+
+
+def test_many_mixed_batches_all_complete(log: list[tuple[str, str]]) -> None:
+    """Shallow inboxes and many stages: real-time work overtaking batches in every pattern of a
+    seeded sequence leaves no batch stranded (lost wake-ups would hang here)."""
+    rng = np.random.default_rng(0)
+    executor = steps_executor(log, n=4, queue_depth=1)
+    flags = rng.random(300) < 0.3
+    futures = [executor.submit(Request("embed", [f"t{i}"], realtime=bool(rt))) for i, rt in enumerate(flags)]
+    outputs = [future.result(WAIT_S)[0][0].output for future in futures]
+    executor.close()
+    assert outputs == [f"t{i}:4" for i in range(len(flags))]
+    assert executor.parked_bytes == 0
+
+
+# -- results, errors, isolation ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
+
+
+def reference_embeddings(path: Path, texts: list[str]) -> dict[str, np.ndarray[Any, Any]]:
+    spec = build_spec("tiny-bert", {"path": str(path)})
+    model = load_model(spec, torch.device("cpu"))
+    tokenize = EncoderTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), spec.max_tokens)
+    with torch.inference_mode():
+        rows = embed_unsplit(model, tokenize(texts, {}), Pooling()).numpy()
+    return dict(zip(texts, rows, strict=True))
+
+
+@pytest.fixture(scope="module")
+def bert_executor(tiny_bert: Path) -> Iterator[PipelinedExecutor]:
+    executor = load_executor(build_spec("tiny-bert", {"path": str(tiny_bert)}), device="cpu", threads=1, segments=3)
+    assert isinstance(executor, PipelinedExecutor)
+    yield executor
+    executor.close()
+
+
+def test_results_in_order_and_equal_to_the_unsplit_model(tiny_bert: Path, bert_executor: PipelinedExecutor) -> None:
+    assert [s.name for s in bert_executor.segments] == ["embed+layers0-0", "layers1-1", "layers2-3+pool"]
+    expected = reference_embeddings(tiny_bert, SENTENCES)
+    batches = [SENTENCES[i:] + SENTENCES[:i] for i in range(len(SENTENCES))]
+    futures = [bert_executor.submit(Request("embed", batch)) for batch in batches]
+    for batch, future in zip(batches, futures, strict=True):
+        results, stats = future.result(WAIT_S)
+        assert len(results) == len(batch)
+        for text, result in zip(batch, results, strict=True):
+            assert result.error is None and result.output.dtype == np.float32
+            np.testing.assert_allclose(result.output, expected[text], atol=1e-5)
+        counts = bert_executor.count_tokens(batch)
+        assert (stats.batch_size, stats.tokens, stats.padded_tokens) == (len(batch), sum(counts), len(batch) * max(counts))
+        assert stats.service_ms > 0
+
+
+def test_bad_inputs_fail_alone(tiny_bert: Path, bert_executor: PipelinedExecutor) -> None:
+    inputs: list[Any] = ["", SENTENCES[0], 7, "   ", SENTENCES[2]]
+    results, stats = bert_executor.submit(Request("embed", inputs)).result(WAIT_S)
+    assert [r.error for r in results] == ["empty input", None, "input must be a string, not int", "empty input", None]
+    expected = reference_embeddings(tiny_bert, [SENTENCES[0], SENTENCES[2]])
+    np.testing.assert_allclose(results[1].output, expected[SENTENCES[0]], atol=1e-5)
+    np.testing.assert_allclose(results[4].output, expected[SENTENCES[2]], atol=1e-5)
+    assert stats.batch_size == 5 and stats.tokens == sum(bert_executor.count_tokens([SENTENCES[0], SENTENCES[2]]))
+    only_bad, stats = bert_executor.submit(Request("embed", ["", " "])).result(WAIT_S)
+    assert [r.error for r in only_bad] == ["empty input", "empty input"] and stats.tokens == 0
+
+
+def test_untokenisable_input_fails_alone(log: list[tuple[str, str]]) -> None:
+    executor = steps_executor(log)
+    results, _ = executor.submit(Request("embed", ["fine", "bad one", "also fine"])).result(WAIT_S)
+    executor.close()
+    assert [r.output for r in results] == ["fine:2", None, "also fine:2"]
+    assert results[1].error is not None and "cannot tokenise" in results[1].error
+
+
+def test_a_failing_segment_fails_only_its_batch(log: list[tuple[str, str]]) -> None:
+    executor = steps_executor(log, n=3)
+    futures = [
+        executor.submit(Request("embed", ["one"])),
+        executor.submit(Request("embed", ["boom"], realtime=True)),
+        executor.submit(Request("embed", ["two"])),
+    ]
+    assert futures[0].result(WAIT_S)[0][0].output == "one:3"
+    with pytest.raises(RuntimeError, match="segment 'A' of model 'steps' failed: ValueError"):
+        futures[1].result(WAIT_S)
+    assert futures[2].result(WAIT_S)[0][0].output == "two:3"
+    assert executor.realtime_in_flight == 0  # the failed real-time batch no longer holds batches back
+    executor.close()
+
+
+def test_wrong_op_fails_the_batch_and_noop_needs_no_model(log: list[tuple[str, str]]) -> None:
+    executor = steps_executor(log)
+    with pytest.raises(ValueError, match="does not serve op 'translate'"):
+        executor.submit(Request("translate", ["x"])).result(WAIT_S)
+    results, stats = executor.submit(Request("noop", ["abc", ""])).result(WAIT_S)
+    executor.close()
+    assert [r.output for r in results] == [{"chars": 3}, {"chars": 0}] and stats.batch_size == 2
+    assert log == []
+
+
+def test_cancelled_batch_is_skipped(log: list[tuple[str, str]]) -> None:
+    executor = steps_executor(log)
+    first = step(executor, 0)
+    first.block_on = "hold"
+    held = executor.submit(Request("embed", ["hold"]))
+    assert first.entered.wait(WAIT_S)
+    dropped = executor.submit(Request("embed", ["dropped"]))
+    later = executor.submit(Request("embed", ["later"]))
+    assert dropped.cancel()
+    first.gate.set()
+    assert later.result(WAIT_S)[0][0].output == "later:2"
+    assert held.result(WAIT_S)[0][0].output == "hold:2"
+    executor.close()
+    assert all(text != "dropped" for _, text in log)
+
+
+def test_close_drains_then_refuses(log: list[tuple[str, str]]) -> None:
+    executor = steps_executor(log, n=3, queue_depth=1)
+    futures = [executor.submit(Request("embed", [f"t{i}"], realtime=i == 3)) for i in range(8)]
+    executor.close()
+    assert all(f.done() for f in futures)
+    assert [f.result()[0][0].output for f in futures] == [f"t{i}:3" for i in range(8)]
+    assert not [t for t in threading.enumerate() if t.name.startswith("ectrans-steps-")]
+    with pytest.raises(RuntimeError, match="closed"):
+        executor.submit(Request("embed", ["late"])).result(WAIT_S)
+
+
+# -- the no-op executor ----------------------------------------------------------------------
+
+
+def test_noop_executor() -> None:
+    spec = build_spec("noop", {"kind": "noop"})
+    executor = load_executor(spec)
+    assert isinstance(executor, NoopExecutor)
+    results, stats = executor.submit(Request("noop", ["hello", "", 3])).result(WAIT_S)
+    assert [r.output for r in results] == [{"chars": 5}, {"chars": 0}, None]
+    assert results[2].error is not None
+    assert (stats.batch_size, stats.tokens) == (3, 1)
+    with pytest.raises(ValueError, match="op 'embed'"):
+        executor.submit(Request("embed", ["x"])).result(WAIT_S)
+    executor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        executor.submit(Request("noop", ["x"])).result(WAIT_S)
+
+
+# -- CUDA --------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_streams_give_the_cpu_results(tiny_bert: Path) -> None:
+    spec = build_spec("tiny-bert", {"path": str(tiny_bert)})
+    expected = reference_embeddings(tiny_bert, SENTENCES)
+    executor = load_executor(spec, device="cuda", segments=4)
+    batches = [SENTENCES[i:] + SENTENCES[:i] for i in range(len(SENTENCES))] * 4
+    futures = [executor.submit(Request("embed", b, realtime=i % 5 == 2)) for i, b in enumerate(batches)]
+    for batch, future in zip(batches, futures, strict=True):
+        for text, result in zip(batch, future.result(WAIT_S)[0], strict=True):
+            np.testing.assert_allclose(result.output, expected[text], atol=1e-4)
+    executor.close()
