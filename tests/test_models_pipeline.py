@@ -157,7 +157,7 @@ def test_many_mixed_batches_all_complete(log: list[tuple[str, str]]) -> None:
     seeded sequence leaves no batch stranded (lost wake-ups would hang here)."""
     rng = np.random.default_rng(0)
     executor = steps_executor(log, n=4, queue_depth=1)
-    flags = rng.random(300) < 0.3
+    flags = rng.random(1000) < 0.3
     futures = [executor.submit(Request("embed", [f"t{i}"], realtime=bool(rt))) for i, rt in enumerate(flags)]
     outputs = [future.result(WAIT_S)[0][0].output for future in futures]
     executor.close()

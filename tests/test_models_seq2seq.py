@@ -199,7 +199,10 @@ def test_decoding_parks_between_decode_segments(tiny: Callable[[str], Tiny]) -> 
     greedy = tokenize(SENTENCES, {"max_new_tokens": MAX_NEW})
     beam, greedy = run(segments[:-2], beam), run(segments[:-2], greedy)
     assert beam.outputs is None
-    assert beam.extras[SEARCH].new_tokens == math.ceil(MAX_NEW / 3)
+    parked = beam.extras[SEARCH]
+    assert parked.new_tokens == math.ceil(MAX_NEW / 3)
+    decoder_layers = len(segments[-1].layers)
+    assert len(parked.tensors()) >= 4 * decoder_layers, "self- and cross-attention keys and values per layer"
     greedy = run(segments[-2:], greedy)
     beam = run(segments[-2:], beam)
     assert SEARCH not in beam.extras and SEARCH not in greedy.extras

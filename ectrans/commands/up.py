@@ -38,7 +38,8 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.args, env=self.env)
+        # Own session: a terminal's Ctrl-C reaches only `ectrans up`, which stops children in order.
+        self.process = subprocess.Popen(self.args, env=self.env, start_new_session=True)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -94,14 +95,30 @@ def run(args: argparse.Namespace) -> int:
     try:
         for child in children:
             child.start()
+        started = time.monotonic()
+        announced = False
         while not stopping:
             time.sleep(0.2)
             _supervise(children)
+            if not announced and _all_alive(url, prefix, len(children)):
+                announced = True
+                print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
     finally:
         _stop_all(children)
         if server is not None:
             server.cleanup()
     return 0
+
+
+def _all_alive(url: str, prefix: str, expected: int) -> bool:
+    """True once every started service has written its heartbeat."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=1) as client:
+            return len(list(client.scan_iter(match=f"{prefix}hb:*", count=100))) >= expected
+    except redis.RedisError:
+        return False
 
 
 def _supervise(children: list[Child]) -> None:

@@ -1,5 +1,5 @@
-"""Generation for encoder-decoder models: request parameters, the model's generation settings, and
-greedy search over a KV cache.
+"""Generation for encoder-decoder models: the model's generation settings, the per-batch search
+plan, and greedy search over a KV cache (beam search is in `beam_search`).
 
 The searches here reproduce `model.generate(..., do_sample=False)` token for token: the same
 decoder calls (one new token per step over transformers' `EncoderDecoderCache`), the same logits
@@ -66,7 +66,9 @@ class UnsupportedGenerationError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """A model's generation config, resolved once: deterministic search, special tokens as ids."""
+    """A model's generation config, resolved once: special tokens as ids, settings that change the
+    chosen tokens turned into logits processors. Search is always deterministic (sampling settings
+    are ignored) and always uses a dynamic KV cache, whatever `use_cache`/`cache_implementation` say."""
 
     config: GenerationConfig
     start_token_id: int

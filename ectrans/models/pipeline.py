@@ -231,7 +231,7 @@ class PipelinedExecutor:
         if not stage.batch:
             return None
         job = stage.batch.popleft()
-        pass
+        self._cond.notify_all()  # room in this inbox: wake an upstream stage holding a finished batch
         parks_here = 0 < k <= len(self.segments)
         if parks_here and self._realtime_in_flight and job.state is not None:
             job.nbytes = state_bytes(job.state)

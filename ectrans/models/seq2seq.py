@@ -209,9 +209,9 @@ def build_seq2seq_segments(
     0..L-1 in `layers`; decode segments list the decoder's layers numbered after them (L..L+M-1).
     """
     options = spec.options if spec is not None else {}
-    decode_segments = decode_segments or int(options.get("decode_segments", 1))
-    if decode_segments < 1:
-        raise ValueError(f"{decode_segments=} must be at least 1")
+    decode_segments = decode_segments if decode_segments is not None else options.get("decode_segments", 1)
+    if isinstance(decode_segments, bool) or not isinstance(decode_segments, int) or decode_segments < 1:
+        raise ValueError(f"decode_segments must be an integer of at least 1, not {decode_segments!r}")
     _check_device(model, device)
     model.eval()
     stack = encoder_stack(model)
