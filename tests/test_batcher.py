@@ -1,0 +1,92 @@
+"""Batch forming: real-time first, HRRN anchor, length-aware packing under a token budget."""
+
+from __future__ import annotations
+
+from ectrans.common.schemas import Task
+from ectrans.services.worker.batcher import Batcher, BatchPolicy, Pending, response_ratio
+
+
+def pending(n: int, tokens: int, arrived: float, task_class: str = "batch", deadline_ms: int | None = None) -> Pending:
+    task = Task(
+        id=f"t{n}", model="m", op="embed", input="x", submitted_ms=1_000, deadline_ms=deadline_ms, task_class=task_class
+    )
+    return Pending(f"{n}-0", "stream", task, tokens, arrived)
+
+
+def make(max_batch: int = 4, wait_s: float = 0.01, budget: int = 10_000, fifo: bool = False) -> Batcher:
+    return Batcher(BatchPolicy(2, 0.001, budget), BatchPolicy(max_batch, wait_s, budget), fifo=fifo)
+
+
+def test_realtime_goes_before_batch() -> None:
+    b = make()
+    for i in range(4):
+        b.add(pending(i, 10, 0.0))
+    b.add(pending(9, 10, 0.0, "realtime"))
+    first = b.next_batch(now=1.0)
+    assert first is not None and first.task_class == "realtime" and [p.task.id for p in first.items] == ["t9"]
+    second = b.next_batch(now=1.0)
+    assert second is not None and second.task_class == "batch"
+
+
+def test_batch_waits_for_mates_until_max_wait() -> None:
+    b = make(max_batch=4, wait_s=0.010)
+    b.add(pending(0, 10, arrived=0.0))
+    assert b.next_batch(now=0.005) is None
+    assert b.wait_hint(now=0.005) == 0.005
+    batch = b.next_batch(now=0.011)
+    assert batch is not None and len(batch.items) == 1
+
+
+def test_packing_groups_similar_lengths_to_cut_padding() -> None:
+    b = make(max_batch=2)
+    lengths = [10, 100, 12, 98]
+    for i, tokens in enumerate(lengths):
+        b.add(pending(i, tokens, arrived=0.0))
+    first, second = b.next_batch(now=1.0), b.next_batch(now=1.0)
+    assert first is not None and second is not None
+    groups = sorted(sorted(p.tokens for p in batch.items) for batch in (first, second))
+    assert groups == [[10, 12], [98, 100]]
+    assert first.padded_tokens - first.tokens <= 2 and second.padded_tokens - second.tokens <= 2
+
+
+def test_fifo_mode_keeps_arrival_order_and_ignores_class() -> None:
+    b = make(max_batch=2, fifo=True)
+    for i, tokens in enumerate([10, 100, 12]):
+        b.add(pending(i, tokens, arrived=float(i)))
+    b.add(pending(3, 5, 3.0, "realtime"))
+    batch = b.next_batch(now=10.0)
+    assert batch is not None and batch.task_class == "fifo" and [p.task.id for p in batch.items] == ["t0", "t1"]
+
+
+def test_token_budget_bounds_batch_times_padded_length() -> None:
+    b = make(max_batch=8, budget=300)
+    for i in range(8):
+        b.add(pending(i, 100, arrived=0.0))
+    batch = b.next_batch(now=1.0)
+    assert batch is not None and len(batch.items) == 3 and batch.padded_tokens <= 300
+
+
+def test_hrrn_lets_a_long_waiting_long_task_anchor_the_batch() -> None:
+    b = make(max_batch=1)
+    b.seconds_per_token = 0.001
+    b.add(pending(0, 200, arrived=0.0))  # long job, waiting 10 s: ratio (10 + 0.2) / 0.2 = 51
+    b.add(pending(1, 10, arrived=9.9))  # short job, waiting 0.1 s: ratio (0.1 + 0.01) / 0.01 = 11
+    assert response_ratio(b.queues["batch"][0], 10.0, 0.001) > response_ratio(b.queues["batch"][1], 10.0, 0.001)
+    batch = b.next_batch(now=10.0)
+    assert batch is not None and batch.items[0].task.id == "t0"
+
+
+def test_short_jobs_go_first_when_waits_are_equal() -> None:
+    b = make(max_batch=1)
+    b.add(pending(0, 200, arrived=0.0))
+    b.add(pending(1, 10, arrived=0.0))
+    batch = b.next_batch(now=0.5)
+    assert batch is not None and batch.items[0].task.id == "t1"
+
+
+def test_expired_tasks_are_taken_out() -> None:
+    b = make()
+    b.add(pending(0, 10, 0.0, deadline_ms=50))  # submitted at 1000 ms, due at 1050 ms
+    b.add(pending(1, 10, 0.0))
+    expired = b.take_expired(now_ms=1_051)
+    assert [p.task.id for p in expired] == ["t0"] and len(b) == 1
