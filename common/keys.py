@@ -60,9 +60,23 @@ class Keys:
     def heartbeat_pattern(self) -> str:
         return f"{self.prefix}hb:*"
 
+    def forwarded(self, model: str, task_id: str) -> str:
+        """Marks a task as forwarded to its model's queues (cluster only: the forward step's dedupe
+        key, in the queues' slot, so forwarding stays exactly-once without a MULTI across slots)."""
+        return f"{self.prefix}fwd:{{{model}}}:{task_id}"
+
+    @property
+    def live(self) -> str:
+        """Sorted set of heartbeat keys scored by their expiry (ms): who is alive, without a SCAN."""
+        return f"{self.prefix}live"
+
     def claim_lock(self, stream: str) -> str:
         """Short-lived lock so that one consumer at a time runs XAUTOCLAIM on a stream."""
         return f"{stream}:claim-lock"
+
+    def cost(self, model: str) -> str:
+        """Hash with a model's fitted batch cost (written by workers, read for admission)."""
+        return f"{self.prefix}cost:{{{model}}}"
 
     def profile(self, model: str) -> str:
         """Per-layer latency profile of a model, for the scheduler's cost model."""

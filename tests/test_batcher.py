@@ -90,3 +90,12 @@ def test_expired_tasks_are_taken_out() -> None:
     b.add(pending(1, 10, 0.0))
     expired = b.take_expired(now_ms=1_051)
     assert [p.task.id for p in expired] == ["t0"] and len(b) == 1
+
+
+def test_a_class_without_a_free_slot_is_skipped() -> None:
+    b = make()
+    b.add(pending(0, 10, 0.0))
+    b.add(pending(1, 10, 0.0, "realtime"))
+    assert b.next_batch(now=1.0, free={"batch"}) is not None  # real-time is full: bulk may still go
+    assert b.next_batch(now=1.0, free=set()) is None
+    assert b.wait_hint(now=1.0, free=set()) is None  # nothing to wake up for until a slot frees

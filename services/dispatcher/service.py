@@ -6,16 +6,18 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from ectrans.common.heartbeat import Heartbeat, default_instance
-from ectrans.common.keys import DISPATCHER_GROUP, Keys
+from ectrans.common.cost import CostModel, estimate_tokens, predict_realtime_ms
+from ectrans.common.heartbeat import METRICS_MAXLEN, Heartbeat, default_instance
+from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, Keys
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
-from ectrans.common.redis_conn import BLOCK_MS, connect
+from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Finish, ResultWriter, error_record, now_ms
 from ectrans.common.schemas import Reason, Task, TaskError, entry_ms, parse_task, reply_to_of, task_id_of
@@ -41,7 +43,7 @@ class Dispatcher:
         self,
         settings: DispatcherSettings,
         registry: dict[str, ModelSpec],
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -174,7 +176,7 @@ class Dispatcher:
         if not entries:
             return
         decisions = [self.decide(eid, raw) for eid, raw in entries]
-        decisions = await self._apply_backpressure(decisions)
+        decisions = await self._admit(decisions)
         # Forward + ack (and error results) in one MULTI: a crash leaves all or nothing done.
         pipe = self.redis.pipeline(transaction=True)
         for decision in decisions:
@@ -184,34 +186,78 @@ class Dispatcher:
                 pipe.xdel(self.keys.tasks, decision.entry_id)
             else:
                 await self.writer.queue(pipe, decision)
+        self._queue_rejection_metrics(pipe, [d for d in decisions if isinstance(d, Finish)])
         await asyncio.shield(pipe.execute())
         rejected = sum(isinstance(d, Finish) for d in decisions)
         self.rejected += rejected
         self.forwarded += len(decisions) - rejected
 
-    async def _apply_backpressure(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
-        """A task bound for a full queue gets an immediate `overloaded` error instead of waiting."""
-        queues = sorted({d.queue for d in decisions if isinstance(d, Forward)})
-        if not queues:
+    def _queue_rejection_metrics(self, pipe: Any, rejected: list[Finish]) -> None:
+        """One `kind=errors` metrics entry per (model, class), in the same MULTI as the error results,
+        so the monitor counts each rejection exactly once."""
+        by_class: Counter[tuple[str, str, str]] = Counter()
+        for finish in rejected:
+            record = {k: v.decode() if isinstance(v, bytes) else v for k, v in finish.record.items()}
+            by_class[(record.get("model", ""), record.get("class", ""), record.get("reason", ""))] += 1
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for (model, task_class, reason), count in by_class.items():
+            grouped.setdefault((model, task_class), []).append(f"{reason}:{count}")
+        for (model, task_class), reasons in grouped.items():
+            fields = {"kind": "errors", "model": model, "class": task_class, "reasons": ",".join(reasons)}
+            pipe.xadd(self.keys.metrics, {**fields, "dispatcher": self.consumer}, maxlen=METRICS_MAXLEN, approximate=True)
+
+    async def _admit(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
+        """Admission: a real-time task predicted to miss its deadline is rejected (or downgraded to
+        batch when it asked `on_miss=batch`); a task bound for a full queue gets `overloaded` at once."""
+        forwards = [d for d in decisions if isinstance(d, Forward)]
+        if not forwards:
             return decisions
+        models = sorted({d.task.model for d in forwards})
+        queues = sorted({self.keys.queue(m, c) for m in models for c in TASK_CLASSES})
         pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
             pipe.xlen(queue)
-        lengths = dict(zip(queues, await pipe.execute(), strict=True))
-        limit = self.settings.max_queue_len
+        for model in models:
+            pipe.hgetall(self.keys.cost(model))
+        replies = await pipe.execute()
+        lengths: dict[str, int] = dict(zip(queues, replies[: len(queues)], strict=True))
+        costs = {
+            m: CostModel.from_fields({k.decode(): v.decode() for k, v in raw.items()})
+            for m, raw in zip(models, replies[len(queues) :], strict=True)
+        }
         result: list[Forward | Finish] = []
         for decided in decisions:
             decision = decided
             if isinstance(decision, Forward):
-                if lengths[decision.queue] >= limit:
-                    task = decision.task
-                    message = f"queue {decision.queue} is full ({limit} tasks); retry later"
-                    record = error_record(
-                        task.id, Reason.OVERLOADED, message, submitted_ms=task.submitted_ms, task_class=task.task_class,
-                        model=task.model, op=task.op,
-                    )  # fmt: skip
-                    decision = Finish(task.id, record, self.keys.tasks, decision.entry_id, task.reply_to)
-                else:
-                    lengths[decision.queue] += 1
+                decision = self._admit_one(decision, costs.get(decision.task.model), lengths)
+            if isinstance(decision, Forward):
+                lengths[decision.queue] += 1
             result.append(decision)
         return result
+
+    def _admit_one(self, forward: Forward, cost: CostModel | None, lengths: dict[str, int]) -> Forward | Finish:
+        task = forward.task
+        deadline = task.deadline_at_ms
+        if task.task_class == "realtime" and deadline is not None and cost is not None:
+            predicted = predict_realtime_ms(cost, estimate_tokens(task.input), lengths[forward.queue])
+            remaining = deadline - now_ms()
+            if predicted > remaining:
+                if task.on_miss != "batch":
+                    message = f"predicted latency {predicted:.0f} ms exceeds the {remaining} ms left to the deadline"
+                    return self._reject(forward, Reason.DEADLINE, message)
+                task = task.classified("batch", downgraded=True)
+                forward = Forward(task, self.keys.queue(task.model, "batch"), forward.entry_id)
+        limit = self.settings.max_queue_len
+        if lengths[forward.queue] >= limit:
+            return self._reject(
+                forward, Reason.OVERLOADED, f"queue {forward.queue} is full ({limit} tasks); retry later"
+            )
+        return forward
+
+    def _reject(self, forward: Forward, reason: str, message: str) -> Finish:
+        task = forward.task
+        record = error_record(
+            task.id, reason, message, submitted_ms=task.submitted_ms, task_class=task.task_class, model=task.model,
+            op=task.op,
+        )  # fmt: skip
+        return Finish(task.id, record, self.keys.tasks, forward.entry_id, task.reply_to)

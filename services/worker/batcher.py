@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from ectrans.common.schemas import Task
 
+ALL_CLASSES = frozenset({"realtime", "batch"})
+
 
 @dataclass
 class Pending:
@@ -93,24 +95,22 @@ class Batcher:
             return True
         return sum(p.tokens for p in queue) >= policy.token_budget
 
-    def wait_hint(self, now: float) -> float | None:
-        """Seconds until some queue becomes ready by age; None when all are empty."""
+    def wait_hint(self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES) -> float | None:
+        """Seconds until a queue of a class in `free` becomes ready by age; None when there is none."""
         hints = [
             max(0.0, queue[0].arrived + policy.max_wait_s - now)
-            for queue, policy in (
-                (self.queues["realtime"], self.realtime),
-                (self.queues["batch"], self.batch),
-            )
-            if queue
+            for name, policy in (("realtime", self.realtime), ("batch", self.batch))
+            if (queue := self.queues[name]) and name in free
         ]
         return min(hints) if hints else None
 
-    def next_batch(self, now: float) -> Batch | None:
+    def next_batch(self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES) -> Batch | None:
+        """The next batch to run, among classes with a free in-flight slot (`free`)."""
         rt = self.queues["realtime"]
-        if self._ready(rt, self.realtime, now):
+        if "realtime" in free and self._ready(rt, self.realtime, now):
             return Batch("realtime", self._take_fifo(rt, self.realtime))
         queue = self.queues["batch"]
-        if not self._ready(queue, self.batch, now):
+        if "batch" not in free or not self._ready(queue, self.batch, now):
             return None
         if self.fifo:
             return Batch("fifo", self._take_fifo(queue, self.batch))

@@ -15,15 +15,16 @@ import time
 from collections import Counter
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ectrans.common.cost import OnlineCost
 from ectrans.common.heartbeat import Heartbeat, default_instance
 from ectrans.common.keys import TASK_CLASSES, WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
-from ectrans.common.redis_conn import BLOCK_MS, connect
+from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
 from ectrans.common.schemas import Reason, Task, TaskError
@@ -34,6 +35,7 @@ from ectrans.services.worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 METRICS_MAXLEN = 10_000
+REALTIME_INFLIGHT = 2
 
 
 def _text_field(record: Fields, name: str) -> str:
@@ -52,8 +54,19 @@ class ModelLane:
             batch=BatchPolicy(settings.batch_max_batch, settings.batch_max_wait_ms / 1000, settings.token_budget),
             fifo=settings.fifo,
         )
-        self.slots = asyncio.Semaphore(settings.max_inflight_batches)
+        # Each class has its own in-flight limit, so bulk batches filling the executor never keep a
+        # real-time batch from being submitted (it then cuts in at the next segment boundary).
+        self.limits = {"realtime": REALTIME_INFLIGHT, "batch": settings.max_inflight_batches}
+        self.inflight = {"realtime": 0, "batch": 0}
         self.wakeup = asyncio.Event()
+        self.cost = OnlineCost(segments=len(getattr(executor, "segments", [None])))
+        self.cost_published = 0.0
+
+    def free_classes(self) -> set[str]:
+        return {c for c, n in self.inflight.items() if n < self.limits[c]}
+
+    def slot_class(self, batch: Batch) -> str:
+        return "realtime" if batch.task_class == "realtime" else "batch"
 
 
 def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str, Executor]:
@@ -76,7 +89,7 @@ class Worker:
         self,
         settings: WorkerSettings,
         registry: dict[str, ModelSpec],
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
         executors: dict[str, Executor] | None = None,
     ) -> None:
         self.settings = settings
@@ -100,6 +113,11 @@ class Worker:
         )
         self.counts: Counter[str] = Counter()
         self._inflight: set[asyncio.Task[None]] = set()
+        # Cursors over our own pending entries left by an earlier run under this name, per stream,
+        # until read through: each history read counts as a delivery, so every entry is read once.
+        self._history: dict[str, str] = {}
+        # (stream, entry id) of every task this process holds (queued or running): never admitted twice.
+        self._held: set[tuple[str, str]] = set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -124,6 +142,7 @@ class Worker:
             for task_class in TASK_CLASSES:
                 stream = self.keys.queue(spec.name, task_class)
                 self.streams[stream] = spec.name
+                self._history[stream] = "0"
                 await ensure_group(self.redis, stream, WORKER_GROUP)
         logger.info(
             "[start] worker %s ready in %.1fs serving %s",
@@ -182,25 +201,30 @@ class Worker:
         return sum(len(lane.batcher) for lane in self.lanes.values())
 
     async def _read_loop(self) -> None:
-        start_id = "0"  # first our own pending entries (after a restart), then new ones
         while not self._stopping.is_set():
             room = self.settings.prefetch - self._local_backlog()
             if room <= 0:
                 await asyncio.sleep(0.002)
                 continue
-            streams = {stream: start_id for stream in self.streams}
-            got = 0
-            block = None if start_id == "0" else BLOCK_MS
+            if self._history:  # first our own pending entries (after a restart), then new ones
+                await self._read_history(room)
+                continue
+            streams = {stream: ">" for stream in self.streams}
             for stream, entries in await read_group(
-                self.redis, WORKER_GROUP, self.consumer, streams, count=room, block=block
+                self.redis, WORKER_GROUP, self.consumer, streams, count=room, block=BLOCK_MS
             ):
-                got += len(entries)
-                if start_id == "0":
-                    await self._admit_recovered(stream, entries)
-                else:
-                    await self._admit(stream, entries)
-            if start_id == "0" and got == 0:
-                start_id = ">"
+                await self._admit(stream, entries)
+
+    async def _read_history(self, room: int) -> None:
+        streams = dict(self._history)
+        got = dict(await read_group(self.redis, WORKER_GROUP, self.consumer, streams, count=room, block=None))
+        for stream in list(self._history):
+            entries = got.get(stream, [])
+            if entries:
+                self._history[stream] = entries[-1][0]
+                await self._admit_recovered(stream, entries)
+            else:
+                del self._history[stream]
 
     async def _admit_recovered(self, stream: str, entries: list[Entry]) -> None:
         """Own pending entries after a restart: past the delivery limit they are dead-lettered."""
@@ -213,12 +237,18 @@ class Worker:
         lane = self.lanes[self.streams[stream]]
         tasks: list[tuple[str, Task]] = []
         broken: list[Finish] = []
+        if self._stopping.is_set():  # read while stopping: straight back to the group
+            await self._give_back(stream, [entry_id for entry_id, _ in entries])
+            return
         for entry_id, raw in entries:
+            if (stream, entry_id) in self._held:  # e.g. claimed back from ourselves after the idle time
+                continue
             if not raw:  # deleted while pending: nothing to answer, just clear it
                 broken.append(Finish(entry_id, {}, stream, entry_id))
                 continue
             try:
                 tasks.append((entry_id, Task.from_fields(raw)))
+                self._held.add((stream, entry_id))
             except TaskError as err:
                 record = error_record(entry_id, err.reason, err.message, submitted_ms=int(entry_id.split("-")[0]))
                 broken.append(Finish(entry_id, record, stream, entry_id))
@@ -240,11 +270,10 @@ class Worker:
     async def _schedule_loop(self, lane: ModelLane, tg: asyncio.TaskGroup) -> None:
         while not self._stopping.is_set():
             await self._expire(lane)
-            await lane.slots.acquire()  # wait for device capacity; meanwhile tasks accumulate
-            batch = await self._next_batch(lane)
+            batch = await self._next_batch(lane)  # waits for a ready batch of a class with a free slot
             if batch is None:
-                lane.slots.release()
                 continue
+            lane.inflight[lane.slot_class(batch)] += 1
             task = tg.create_task(self._run_batch(lane, batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -253,11 +282,12 @@ class Worker:
     async def _next_batch(self, lane: ModelLane) -> Batch | None:
         while not self._stopping.is_set():
             now = time.monotonic()
-            batch = lane.batcher.next_batch(now)
+            free = lane.free_classes()
+            batch = lane.batcher.next_batch(now, free)
             if batch is not None:
                 return batch
             lane.wakeup.clear()
-            hint = lane.batcher.wait_hint(now)
+            hint = lane.batcher.wait_hint(now, free)  # a finished batch or a new task sets `wakeup`
             await wait_or_timeout(lane.wakeup, 0.25 if hint is None else max(hint, 0.0005))
             await self._expire(lane)
         return None
@@ -267,6 +297,7 @@ class Worker:
         if expired:
             self.counts["deadline"] += len(expired)
             await self._finish_errors(expired, Reason.DEADLINE, "deadline passed while the task was queued")
+            self._release(expired)
 
     async def _run_batch(self, lane: ModelLane, batch: Batch) -> None:
         try:
@@ -274,8 +305,12 @@ class Worker:
             # Tasks with different op params (e.g. num_beams) cannot share one request.
             for group in self._split_by_params(batch):
                 await self._run_group(lane, Batch(batch.task_class, group), started)
+        except RedisError as exc:  # not written: the tasks stay pending, and are taken over after the idle time
+            logger.warning("[batch] results of %d %s tasks not written: %s", len(batch.items), lane.spec.name, exc)
         finally:
-            lane.slots.release()
+            self._release(batch.items)
+            lane.inflight[lane.slot_class(batch)] -= 1
+            lane.wakeup.set()
 
     async def _run_group(self, lane: ModelLane, batch: Batch, started: int) -> None:
         first = batch.items[0].task
@@ -313,11 +348,11 @@ class Worker:
                     task_class=task.task_class, model=task.model, op=task.op,
                 )  # fmt: skip
             finishes.append(Finish(task.id, record, pending.stream, pending.entry_id, task.reply_to))
-        # Shielded: a shutdown must not cut a result write in half (the script is atomic anyway).
-        await asyncio.shield(self.writer.write(finishes))
+        await self._write(finishes)
         self.counts["ok"] += len(finishes) - sum(reasons.values())
         self.counts["error"] += sum(reasons.values())
         await self._publish_metrics(lane, batch, stats, finishes, reasons)
+        await self._publish_cost(lane, stats)
 
     async def _finish_errors(self, items: list[Pending], reason: str, message: str) -> None:
         finishes = [
@@ -338,24 +373,47 @@ class Worker:
             )
             for p in items
         ]
-        await asyncio.shield(self.writer.write(finishes))
+        await self._write(finishes)
         self.counts["error"] += len(finishes)
-        if items:
-            model = items[0].task.model
+        by_class = Counter((p.task.model, p.task.task_class) for p in items)
+        for (model, task_class), count in by_class.items():
             await self._xadd_metrics(
                 {
                     "kind": "errors",
                     "model": model,
+                    "class": task_class,
                     "worker": self.consumer,
-                    "reasons": f"{reason}:{len(items)}",
+                    "reasons": f"{reason}:{count}",
                 }
             )
+
+    async def _write(self, finishes: list[Finish]) -> None:
+        """Write terminal records, riding out a Redis restart with jittered backoff: the finish
+        script is idempotent, so a retry after an unanswered attempt writes nothing twice. Shielded:
+        a shutdown must not cut a write in half (the script is atomic anyway)."""
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.shield(self.writer.write(finishes))
+                return
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("[redis] %d results wait for Redis (%s)", len(finishes), exc)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 2.0)
+
+    def _release(self, items: list[Pending]) -> None:
+        self._held.difference_update((p.stream, p.entry_id) for p in items)
 
     async def _publish_metrics(
         self, lane: ModelLane, batch: Batch, stats: BatchStats, finishes: list[Finish], reasons: Counter[str]
     ) -> None:
         latencies = ",".join(_text_field(f.record, "latency_ms") for f in finishes)
         queues = ",".join(_text_field(f.record, "queue_ms") for f in finishes)
+        late = sum(
+            1
+            for p, f in zip(batch.items, finishes, strict=True)
+            if p.task.deadline_at_ms is not None and int(_text_field(f.record, "finished_ms")) > p.task.deadline_at_ms
+        )
         await self._xadd_metrics(
             {
                 "kind": "batch",
@@ -369,8 +427,21 @@ class Worker:
                 "latency_ms": latencies,
                 "queue_ms": queues,
                 "reasons": ",".join(f"{k}:{v}" for k, v in reasons.items()),
+                "late": str(late),  # finished after their deadline
             }
         )
+
+    async def _publish_cost(self, lane: ModelLane, stats: BatchStats) -> None:
+        """Refresh the model's fitted batch cost (at most once a second) for the dispatcher's admission."""
+        lane.cost.observe(stats.padded_tokens, stats.service_ms)
+        model = lane.cost.model()
+        if model is None or time.monotonic() - lane.cost_published < 1.0:
+            return
+        lane.cost_published = time.monotonic()
+        try:
+            await self.redis.hset(self.keys.cost(lane.spec.name), mapping=model.to_fields())  # type: ignore[arg-type]
+        except RedisError as exc:
+            logger.debug("cost not published: %s", exc)
 
     async def _xadd_metrics(self, fields: dict[str, str]) -> None:
         try:
@@ -419,17 +490,22 @@ class Worker:
     async def _hand_back(self, lane: ModelLane) -> None:
         """On stop, tasks not yet started go back to the group at once, claimable by live peers."""
         items = lane.batcher.take_all()
+        self._release(items)
         by_stream: dict[str, list[str]] = {}
         for p in items:
             by_stream.setdefault(p.stream, []).append(p.entry_id)
         for stream, ids in by_stream.items():
-            idle = self.settings.claim_idle_ms * 10
-            try:
-                claim_ids: list[Any] = list(ids)
-                await self.redis.xclaim(stream, WORKER_GROUP, self.consumer, 0, claim_ids, idle=idle, justid=True)
-            except RedisError as exc:
-                logger.warning(
-                    "[shutdown] could not hand back %d tasks (%s); peers take them after idle", len(ids), exc
-                )
+            await self._give_back(stream, ids)
         if items:
             logger.info("[shutdown] handed back %d queued tasks of %s", len(items), lane.spec.name)
+
+    async def _give_back(self, stream: str, ids: list[str]) -> None:
+        """Mark entries long idle (XCLAIM JUSTID: no extra delivery counted) so that peers claim them now."""
+        if not ids:
+            return
+        try:
+            claim_ids: list[Any] = list(ids)
+            idle = self.settings.claim_idle_ms * 10
+            await self.redis.xclaim(stream, WORKER_GROUP, self.consumer, 0, claim_ids, idle=idle, justid=True)
+        except RedisError as exc:
+            logger.warning("[shutdown] could not hand back %d tasks (%s); peers take them after idle", len(ids), exc)
