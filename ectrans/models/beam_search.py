@@ -17,6 +17,8 @@ _FAR_BELOW = -1.0e9  # transformers' score for "cannot be chosen"
 
 
 class BeamSearch:
+    """One batch's beam search; every tensor of its state is an attribute, nothing lives elsewhere."""
+
     def __init__(self, plan: SearchPlan, inputs: DecoderInputs, batch_size: int) -> None:
         self.plan = plan
         self.inputs = inputs
@@ -53,10 +55,10 @@ class BeamSearch:
         logits = self.inputs.next_token_logits(model, flat_running[:, -1:])
         log_probs = self.plan.processors(as_ids(flat_running), nn.functional.log_softmax(logits, dim=-1))
         vocab = log_probs.shape[-1]
-        log_probs = log_probs.view(batch, beams, vocab) + self.running_scores[:, :, None]
-        top_scores, top_sequences, top_indices = self._top_continuations(log_probs.view(batch, beams * vocab))
+        log_probs = log_probs.reshape(batch, beams, vocab) + self.running_scores[:, :, None]
+        top_scores, top_sequences, top_indices = self._top_continuations(log_probs.reshape(batch, beams * vocab))
         ended = self.plan.stopping(top_sequences[:, :, : cur_len + 1].reshape(batch * self.keep, -1), None)
-        ended = ended.view(batch, self.keep)
+        ended = ended.reshape(batch, self.keep)
         self._continue_best_open(top_scores, top_sequences, top_indices, ended)
         self._keep_best_finished(top_scores, top_sequences, top_indices, ended)
         self.inputs.cache.reorder_cache(as_ids(self.running_indices[..., cur_len - 1].reshape(batch * beams)))

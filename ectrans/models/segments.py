@@ -26,8 +26,12 @@ class SegmentState:
     outputs: list[Any] | None = None  # set by the last segment
 
     def nbytes(self) -> int:
-        """Activation memory held by this state (for bounding parked batches)."""
-        tensors = [self.hidden, self.mask, self.input_ids, *self.extras.values()]
+        """Activation memory held by this state (for bounding parked batches), including what
+        extras hold inside objects that list their tensors (a generation search's KV cache)."""
+        tensors: list[object] = [self.hidden, self.mask, self.input_ids]
+        for value in self.extras.values():
+            holds = getattr(value, "tensors", None)
+            tensors.extend(holds() if callable(holds) else [value])
         return sum(t.element_size() * t.nelement() for t in tensors if isinstance(t, torch.Tensor))
 
 
