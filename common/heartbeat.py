@@ -1,4 +1,7 @@
-"""Heartbeats: a hash per service instance with a TTL; a missing key means a gone instance."""
+"""Heartbeats: a hash per service instance with a TTL; a missing key means a gone instance.
+
+A clean stop writes a `kind=stopped` entry to the metrics stream, then deletes the key, so that the
+monitor can tell a stop from a death (whose key just expires)."""
 
 from __future__ import annotations
 
@@ -12,13 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ectrans.common.keys import Keys
 from ectrans.common.lifecycle import wait_or_timeout
+from ectrans.common.presence import announce, withdraw
+from ectrans.common.redis_conn import RedisClient, same_slot_pipeline
 
 logger = logging.getLogger(__name__)
+
+METRICS_MAXLEN = 10_000  # entries kept in the metrics stream (the monitor reads far faster)
 
 
 def host_name() -> str:
@@ -46,7 +52,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         keys: Keys,
         service: str,
         instance: str,
@@ -55,12 +61,19 @@ class Heartbeat:
         extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.redis = redis
+        self.keys = keys
         self.key = keys.heartbeat(service, instance)
         self.interval_s = interval_s
         self.ttl_ms = int(max(3 * interval_s, 1.0) * 1000)
         self.extra = extra
         self.started = time.time()
-        self.static = {"service": service, "instance": instance, "host": host_name(), "pid": os.getpid()}
+        self.static = {
+            "service": service,
+            "instance": instance,
+            "host": host_name(),
+            "pid": os.getpid(),
+            "interval_s": interval_s,  # lets the monitor judge staleness per instance
+        }
 
     async def beat(self) -> None:
         fields: dict[str, Any] = {
@@ -71,10 +84,11 @@ class Heartbeat:
         fields.update({f"mem_{k}": v for k, v in process_memory().items()})
         if self.extra is not None:
             fields.update(self.extra())
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = same_slot_pipeline(self.redis)
         pipe.hset(self.key, mapping={k: str(v) for k, v in fields.items()})
         pipe.pexpire(self.key, self.ttl_ms)
         await pipe.execute()
+        await announce(self.redis, self.keys, self.key, self.ttl_ms)  # the index the dispatcher reads
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -84,4 +98,12 @@ class Heartbeat:
                 logger.warning("[heartbeat] cannot reach Redis: %s", exc)
             await wait_or_timeout(stop, self.interval_s)
         with contextlib.suppress(RedisError):
-            await self.redis.delete(self.key)  # a clean stop is not a stale instance
+            await self.stopped()
+
+    async def stopped(self) -> None:
+        """A clean stop is not a stale instance: the monitor hears why before the key goes (two steps
+        in this order, as the two keys may live on different cluster nodes)."""
+        event = {"kind": "stopped", **{k: str(self.static[k]) for k in ("service", "instance", "host", "pid")}}
+        await self.redis.xadd(self.keys.metrics, event, maxlen=METRICS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+        await withdraw(self.redis, self.keys, self.key)
+        await self.redis.delete(self.key)

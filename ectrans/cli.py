@@ -14,6 +14,7 @@ COMMANDS = {
     "up": "start Redis, dispatcher, worker and monitor on this machine",
     "submit": "send one task and print its result",
     "health": "exit 0 if a service on this host is alive (for healthchecks)",
+    "top": "a live view of the node: devices, tasks, streams, instances",
     "profile": "measure a model's per-layer latency and store its profile",
 }
 

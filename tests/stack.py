@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from ectrans.common.keys import Keys
-from ectrans.common.redis_conn import connect
+from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import Executor
 from ectrans.services.dispatcher.service import Dispatcher
@@ -26,15 +25,16 @@ from ectrans.services.worker.settings import WorkerSettings
 
 @dataclass
 class Stack:
-    redis: aioredis.Redis
+    redis: RedisClient
     keys: Keys
     dispatcher: Dispatcher
     worker: Worker
     monitor: Monitor | None
 
     async def xadd(self, **fields: Any) -> str:
-        entry_id = await self.redis.xadd(self.keys.tasks, fields)
-        return str(entry_id.decode())
+        entry: dict[Any, Any] = fields
+        entry_id = await self.redis.xadd(self.keys.tasks, entry)
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def result(self, task_id: str, timeout: float = 30.0) -> dict[str, str]:
         return (await self.results([task_id], timeout))[task_id]
@@ -69,12 +69,14 @@ async def running_stack(
     worker: dict[str, Any] | None = None,
     monitor: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
-    common = {"redis_url": url, "prefix": prefix, "heartbeat_s": 0.5}
+    common: dict[str, Any] = {"redis_url": url, "prefix": prefix, "heartbeat_s": 0.5}
     d = Dispatcher(DispatcherSettings(**common, **(dispatcher or {})), registry)
     w_settings = WorkerSettings(**common, serve_models=",".join(executors), **(worker or {}))
     w = Worker(w_settings, registry, executors=executors)
     m = Monitor(MonitorSettings(**common, **monitor), sorted(registry)) if monitor is not None else None
-    services: list[Dispatcher | Worker | Monitor] = [d, w] + ([m] if m else [])
+    services: list[Dispatcher | Worker | Monitor] = [d, w]
+    if m is not None:
+        services.append(m)
     tasks = [asyncio.create_task(s.run()) for s in services]
     redis = connect(url)
     try:

@@ -72,7 +72,7 @@ def test_client_embed_equals_reference(
     assert np.abs(vectors - reference_embeddings(str(registry["minilm"].path), texts)).max() <= 1e-5
 
 
-BAD_TASKS = {
+BAD_TASKS: dict[str, tuple[dict[str, str | bytes], str, str]] = {
     "unknown model": ({"model": "nope", "op": "embed", "input": "x"}, "unknown_model", "nope"),
     "unknown op": ({"model": "minilm", "op": "fly", "input": "x"}, "unknown_op", "fly"),
     "missing input": ({"model": "minilm", "op": "embed"}, "bad_input", "input"),
@@ -83,7 +83,11 @@ BAD_TASKS = {
         "bad_input",
         "deadline_ms",
     ),
-    "invalid priority": ({"model": "minilm", "op": "embed", "input": "x", "priority": "urgent"}, "bad_input", "priority"),
+    "invalid priority": (
+        {"model": "minilm", "op": "embed", "input": "x", "priority": "urgent"},
+        "bad_input",
+        "priority",
+    ),
     "binary junk": ({"model": "minilm", "op": "embed", "input": b"\xff\xfe\x00junk"}, "bad_input", "UTF-8"),
     "bad id": ({"model": "minilm", "op": "embed", "input": "x", "id": "no spaces allowed"}, "bad_input", "id"),
 }
@@ -156,7 +160,9 @@ def test_client_raises_task_failed_with_reason(
     asyncio.run(scenario())
 
 
-def test_sync_client(redis_server: RedisServer, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor) -> None:
+def test_sync_client(
+    redis_server: RedisServer, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor
+) -> None:
     import threading
 
     from ectrans.client import Client
@@ -168,8 +174,7 @@ def test_sync_client(redis_server: RedisServer, prefix: str, registry: dict[str,
         async def main() -> None:
             async with running_stack(redis_server.url, prefix, registry, {"minilm": minilm_executor}):
                 ready.set()
-                while not stop.is_set():
-                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(stop.wait)
 
         asyncio.run(main())
 

@@ -1,4 +1,4 @@
-"""Reading the node's state from Redis (queues, heartbeats) and the devices (NVML)."""
+"""Reading the node's state: streams (XLEN, XINFO GROUPS, XPENDING), heartbeats, devices (NVML, host)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
+import psutil
 
+from ectrans.common import presence
 from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, WORKER_GROUP, Keys
+from ectrans.common.redis_conn import RedisClient
 
 logger = logging.getLogger(__name__)
 
@@ -17,86 +19,124 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StreamState:
     length: int
-    pending: int
-    oldest_pending_ms: int | None = None
+    pending: int  # delivered to a consumer, not yet acknowledged
+    lag: int  # not yet delivered to the group
+    consumers: int = 0
+    oldest_pending_s: float | None = None  # age of the oldest pending entry, from its ID
 
 
 @dataclass
-class Instance:
+class Beat:
+    """One heartbeat hash as read from Redis."""
+
     service: str
     instance: str
     host: str
     pid: int
-    age_s: float  # seconds since its last heartbeat
-    uptime_s: float
-    memory: dict[str, int] = field(default_factory=dict)
+    started: float
+    updated: float
+    interval_s: float | None
+    memory: dict[str, int] = field(default_factory=dict)  # rss, pss, uss
     fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.service, self.instance)
+
+    def age_s(self, now: float) -> float:
+        return max(0.0, now - self.updated)
 
 
 @dataclass
 class DeviceState:
-    index: int
+    """A device of the node: `cuda:N` from NVML, or `cpu` (the host) from /proc."""
+
+    device: str
     name: str
     used_bytes: int
     total_bytes: int
-    utilisation: int
-    processes: dict[int, int] = field(default_factory=dict)  # pid → used bytes
+    utilisation_pct: float
+    processes: dict[int, int] = field(default_factory=dict)  # pid → device memory it holds
+    weights_bytes: int | None = None  # the shared weights, counted once (reported by a weight holder)
 
 
-def _s(value: Any) -> str:
+def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def stream_states(redis: aioredis.Redis, keys: Keys, models: list[str]) -> dict[str, StreamState]:
+def watched_streams(keys: Keys, models: list[str]) -> dict[str, str]:
+    """stream → the consumer group that reads it."""
     streams = {keys.tasks: DISPATCHER_GROUP}
     for model in models:
         for task_class in TASK_CLASSES:
             streams[keys.queue(model, task_class)] = WORKER_GROUP
+    return streams
+
+
+def _group_figures(groups: Any, group: str, length: int) -> tuple[int, int, int]:
+    """(pending, lag, consumers) of `group` from an XINFO GROUPS reply."""
+    if not isinstance(groups, list):
+        return 0, length, 0
+    for info in groups:
+        if text(info.get("name", "")) == group:
+            pending = int(info.get("pending") or 0)
+            lag = info.get("lag")  # Redis >= 7; nil there when deletions make it unknowable
+            if not isinstance(lag, int):
+                # ECTrans deletes every entry it acknowledges, so what is in the stream and not
+                # pending has not been delivered yet (exact on 6.2 too).
+                lag = max(0, length - pending)
+            return pending, lag, int(info.get("consumers") or 0)
+    return 0, length, 0
+
+
+async def stream_states(redis: RedisClient, streams: dict[str, str]) -> dict[str, StreamState]:
     pipe = redis.pipeline(transaction=False)
     for stream, group in streams.items():
         pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
         pipe.xpending_range(stream, group, min="-", max="+", count=1)
-        pipe.xpending(stream, group)
     replies = await pipe.execute(raise_on_error=False)
-    now_ms = int(time.time() * 1000)
+    now_ms = time.time() * 1000
     states = {}
-    for i, stream in enumerate(streams):
-        length, oldest, summary = replies[3 * i : 3 * i + 3]
-        pending = summary.get("pending", 0) if isinstance(summary, dict) else 0
-        oldest_ms = None
+    for i, (stream, group) in enumerate(streams.items()):
+        raw_length, groups, oldest = replies[3 * i : 3 * i + 3]
+        length = raw_length if isinstance(raw_length, int) else 0
+        pending, lag, consumers = _group_figures(groups, group, length)
+        oldest_s = None
         if isinstance(oldest, list) and oldest:
-            oldest_ms = max(0, now_ms - int(_s(oldest[0]["message_id"]).split("-")[0]))
-        states[stream] = StreamState(length if isinstance(length, int) else 0, int(pending), oldest_ms)
+            oldest_s = max(0.0, now_ms - int(text(oldest[0]["message_id"]).split("-")[0])) / 1000
+        states[stream] = StreamState(length, pending, lag, consumers, oldest_s)
     return states
 
 
-async def instances(redis: aioredis.Redis, keys: Keys) -> list[Instance]:
-    names = [k async for k in redis.scan_iter(match=keys.heartbeat_pattern, count=500)]
-    if not names:
-        return []
-    pipe = redis.pipeline(transaction=False)
-    for name in names:
-        pipe.hgetall(name)
-    now = time.time()
-    found = []
-    for raw in await pipe.execute():
-        f = {_s(k): _s(v) for k, v in raw.items()}
-        if "service" not in f:
-            continue
-        memory = {k[4:]: int(v) for k, v in f.items() if k.startswith("mem_") and v.isdigit()}
-        found.append(
-            Instance(
-                service=f["service"],
-                instance=f.get("instance", "?"),
-                host=f.get("host", "?"),
-                pid=int(f.get("pid", 0)),
-                age_s=now - float(f.get("updated", now)),
-                uptime_s=now - float(f.get("started", now)),
-                memory=memory,
-                fields=f,
-            )
+def _beat(f: dict[str, str]) -> Beat | None:
+    try:
+        return Beat(
+            service=f["service"],
+            instance=f.get("instance", "?"),
+            host=f.get("host", "?"),
+            pid=int(f.get("pid", 0)),
+            started=float(f["started"]),
+            updated=float(f["updated"]),
+            interval_s=float(f["interval_s"]) if "interval_s" in f else None,
+            memory={k[4:]: int(v) for k, v in f.items() if k.startswith("mem_") and v.isdigit()},
+            fields=f,
         )
-    return sorted(found, key=lambda i: (i.service, i.instance))
+    except (KeyError, ValueError):
+        return None  # not a heartbeat ECTrans wrote
+
+
+async def heartbeats(redis: RedisClient, keys: Keys) -> list[Beat]:
+    """Every heartbeat key that still exists (stale ones too), found through the presence index."""
+    beats = [_beat(p.fields) for p in await presence.live(redis, keys)]
+    return sorted((b for b in beats if b is not None), key=lambda b: b.key)
+
+
+def host_device() -> DeviceState:
+    """The host as the `cpu` device: memory in use (total less available) and CPU utilisation."""
+    memory = psutil.virtual_memory()
+    busy = psutil.cpu_percent(interval=None)  # since the previous call (the previous interval)
+    return DeviceState("cpu", "host", int(memory.total - memory.available), int(memory.total), float(busy))
 
 
 class Nvml:
@@ -110,24 +150,36 @@ class Nvml:
             pynvml.nvmlInit()
             self._nvml: Any = pynvml
             self.available = True
-        except Exception as exc:  # no driver, no library: CPU host
+        except Exception as exc:  # no driver, no library: a CPU host
             logger.debug("NVML unavailable: %s", exc)
 
     def devices(self) -> list[DeviceState]:
         if not self.available:
             return []
+        try:
+            return [self._device(index) for index in range(self._nvml.nvmlDeviceGetCount())]
+        except self._nvml.NVMLError as exc:  # a driver reset or a lost GPU must not stop the monitor
+            logger.warning("[nvml] cannot read the GPUs: %s", exc)
+            return []
+
+    def _device(self, index: int) -> DeviceState:
         nv = self._nvml
-        states = []
-        for index in range(nv.nvmlDeviceGetCount()):
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            memory = nv.nvmlDeviceGetMemoryInfo(handle)
-            util = nv.nvmlDeviceGetUtilizationRates(handle)
-            procs = {}
+        handle = nv.nvmlDeviceGetHandleByIndex(index)
+        memory = nv.nvmlDeviceGetMemoryInfo(handle)
+        util = nv.nvmlDeviceGetUtilizationRates(handle)
+        procs = {}
+        try:
+            for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
+                procs[int(proc.pid)] = int(proc.usedGpuMemory or 0)
+        except nv.NVMLError:
+            pass  # per-process figures need permissions some containers lack
+        name = text(nv.nvmlDeviceGetName(handle))
+        return DeviceState(f"cuda:{index}", name, int(memory.used), int(memory.total), float(util.gpu), procs)
+
+    def close(self) -> None:
+        if self.available:
+            self.available = False
             try:
-                for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
-                    procs[int(proc.pid)] = int(proc.usedGpuMemory or 0)
-            except nv.NVMLError:
-                pass  # per-process figures need permissions some containers lack
-            name = nv.nvmlDeviceGetName(handle)
-            states.append(DeviceState(index, _s(name), int(memory.used), int(memory.total), int(util.gpu), procs))
-        return states
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError as exc:
+                logger.debug("nvmlShutdown: %s", exc)

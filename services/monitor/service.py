@@ -1,5 +1,10 @@
-"""The monitor service: one readable line per interval, warnings when something is wrong,
-and the same figures in `HGETALL ectrans:stats`."""
+"""The monitor service: every interval, one readable line, warning lines when something is wrong,
+the same figures in `HGETALL ectrans:stats` (and JSON lines when asked), and `/metrics` always current.
+
+Each interval it (1) reads the metrics and dead-letter streams until the interval ends, folding
+every entry into the interval's window, the running totals and the Prometheus counters; then (2)
+reads heartbeats, streams and devices; (3) judges instances and what is wrong; (4) publishes.
+"""
 
 from __future__ import annotations
 
@@ -7,194 +12,216 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from ectrans.common.heartbeat import Heartbeat, default_instance
-from ectrans.common.keys import Keys
-from ectrans.common.redis_conn import connect
-from ectrans.services.monitor.collect import DeviceState, Instance, Nvml, StreamState, instances, stream_states
+from ectrans.common.heartbeat import Heartbeat, default_instance, host_name
+from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, same_slot_pipeline
+from ectrans.services.monitor import alerts
+from ectrans.services.monitor.collect import (
+    Beat,
+    DeviceState,
+    Nvml,
+    heartbeats,
+    host_device,
+    stream_states,
+    text,
+    watched_streams,
+)
+from ectrans.services.monitor.instances import Tracker
+from ectrans.services.monitor.jsonlog import JsonLines
+from ectrans.services.monitor.prometheus import Exporter
+from ectrans.services.monitor.report import Snapshot, build_report, flatten, report_line
 from ectrans.services.monitor.settings import MonitorSettings
-from ectrans.services.monitor.stats import ClassWindow, Window
+from ectrans.services.monitor.stats import Stopped, TaskEntry, Totals, Window, parse_dead_letter, parse_metrics
 
 logger = logging.getLogger(__name__)
-MiB = 1024 * 1024
 
-
-@dataclass
-class Snapshot:
-    """What the monitor knows at the end of one interval."""
-
-    at: float
-    elapsed_s: float
-    window: Window
-    streams: dict[str, StreamState]
-    instances: list[Instance]
-    devices: list[DeviceState]
-    dead_letters: int
-    totals: dict[str, int] = field(default_factory=dict)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}ms"
-
-
-def class_summary(name: str, w: ClassWindow, elapsed_s: float) -> str:
-    rate = w.tasks / elapsed_s if elapsed_s > 0 else 0.0
-    return f"{name} {rate:.1f}/s p50 {_ms(w.percentile(50))} p99 {_ms(w.percentile(99))}"
-
-
-def report_line(snap: Snapshot, keys: Keys) -> str:
-    """The compact line an operator reads in `docker compose logs -f monitor`."""
-    classes = snap.window.by_class()
-    parts = [class_summary(c, classes[c], snap.elapsed_s) for c in ("realtime", "batch", "fifo") if c in classes]
-    if not parts:
-        parts = ["idle"]
-    errors = sum(sum(w.errors.values()) for w in classes.values())
-    queued = sum(s.length for s in snap.streams.values())
-    pending = sum(s.pending for s in snap.streams.values())
-    workers = [i for i in snap.instances if i.service == "worker"]
-    rss = sum(i.memory.get("pss", i.memory.get("rss", 0)) for i in workers)
-    line = " | ".join(parts) + f" | errors {errors} | queued {queued} pending {pending}"
-    line += f" | workers {len(workers)} mem {rss / MiB:.0f}MiB"
-    for dev in snap.devices:
-        line += f" | gpu{dev.index} {dev.used_bytes / MiB:.0f}/{dev.total_bytes / MiB:.0f}MiB {dev.utilisation}%"
-    if snap.dead_letters:
-        line += f" | dead {snap.dead_letters}"
-    return line
-
-
-def warnings(snap: Snapshot, previous: Snapshot | None, settings: MonitorSettings) -> list[str]:
-    found = []
-    stale_after = 3 * settings.heartbeat_s
-    for inst in snap.instances:
-        if inst.age_s > stale_after:
-            found.append(f"{inst.service} {inst.instance} is stale: no heartbeat for {inst.age_s:.0f}s")
-    if not any(i.service == "worker" for i in snap.instances):
-        found.append("no live worker: queued tasks will wait")
-    if previous is not None:
-        for stream, state in snap.streams.items():
-            before = previous.streams.get(stream)
-            if before is not None and state.length > before.length and state.length >= 100:
-                found.append(f"queue {stream} is growing: {before.length} → {state.length}")
-        if snap.dead_letters > previous.dead_letters:
-            found.append(
-                f"{snap.dead_letters - previous.dead_letters} new dead letters in {settings.keys.dead_letters}"
-            )
-    for dev in snap.devices:
-        if dev.total_bytes and dev.used_bytes / dev.total_bytes > settings.memory_warn_fraction:
-            found.append(f"gpu{dev.index} memory at {100 * dev.used_bytes / dev.total_bytes:.0f}%")
-    return found
-
-
-def stats_fields(snap: Snapshot) -> dict[str, str]:
-    """Flat figures for `HGETALL ectrans:stats` (no secrets: only counts and timings)."""
-    out: dict[str, str] = {"updated": f"{snap.at:.3f}", "interval_s": f"{snap.elapsed_s:.2f}"}
-    for name, w in snap.window.by_class().items():
-        out[f"{name}.tasks_per_s"] = f"{w.tasks / snap.elapsed_s:.2f}" if snap.elapsed_s else "0"
-        for q in (50, 95, 99):
-            value = w.percentile(q)
-            if value is not None:
-                out[f"{name}.latency_p{q}_ms"] = f"{value:.1f}"
-        out[f"{name}.errors"] = str(sum(w.errors.values()))
-    for stream, state in snap.streams.items():
-        out[f"stream.{stream}.length"] = str(state.length)
-        out[f"stream.{stream}.pending"] = str(state.pending)
-    for inst in snap.instances:
-        prefix = f"{inst.service}.{inst.instance}"
-        out[f"{prefix}.age_s"] = f"{inst.age_s:.1f}"
-        for kind, value in inst.memory.items():
-            out[f"{prefix}.mem_{kind}"] = str(value)
-    for dev in snap.devices:
-        out[f"gpu{dev.index}.used_bytes"] = str(dev.used_bytes)
-        out[f"gpu{dev.index}.total_bytes"] = str(dev.total_bytes)
-    out["dead_letters"] = str(snap.dead_letters)
-    out.update({f"total.{k}": str(v) for k, v in snap.totals.items()})
-    return out
+READ_COUNT = 1000
 
 
 class Monitor:
     name = "monitor"
 
-    def __init__(self, settings: MonitorSettings, models: list[str], redis: aioredis.Redis | None = None) -> None:
+    def __init__(self, settings: MonitorSettings, models: list[str], redis: RedisClient | None = None) -> None:
         self.settings = settings
         self.keys = settings.keys
-        self.models = models
+        self.models = set(models)  # served models: label values and queues to watch
         self.instance = settings.instance or default_instance()
+        self.host = host_name()
         self._own_redis = redis is None
         self.redis = redis or connect(settings.redis_url, client_name=f"ectrans-monitor-{self.instance}")
         self.heartbeat = Heartbeat(self.redis, self.keys, self.name, self.instance, interval_s=settings.heartbeat_s)
         self.nvml = Nvml()
-        self._stopping = asyncio.Event()
+        self.tracker = Tracker(settings.heartbeat_s, settings.stale_beats, settings.forget_after_s)
+        self.totals = Totals()
+        self.exporter = Exporter(self.host)
+        self.metrics_port: int | None = None  # the bound port once serving
+        self.json_lines = JsonLines(settings.monitor_json) if settings.monitor_json else None
         self.last: Snapshot | None = None
-        self.totals: dict[str, int] = {"tasks": 0, "errors": 0}
-        self._cursor = "$"
+        self.ready = asyncio.Event()  # set once the stream cursors are placed: later entries all count
+        self._stopping = asyncio.Event()
+        self._cursors: dict[str, str] = {}
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
-        logger.info("[start] monitor %s, a line every %.0fs", self.instance, self.settings.interval_s)
+        self._serve_metrics()
+        if self.settings.stale_after_s >= self.settings.interval_s:
+            logger.warning(
+                "[start] heartbeats go stale after %.1fs, longer than the %.1fs interval: a dead instance "
+                "shows up one or more lines late",
+                self.settings.stale_after_s,
+                self.settings.interval_s,
+            )
+        logger.info("[start] monitor %s, a line every %gs", self.instance, self.settings.interval_s)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.heartbeat.run(self._stopping))
                 tg.create_task(self._loop())
         finally:
+            self.exporter.close()
+            self.nvml.close()
+            if self.json_lines is not None:
+                self.json_lines.close()
             if self._own_redis:
                 await self.redis.aclose()
+        logger.info("[shutdown] monitor %s stopped", self.instance)
+
+    def _serve_metrics(self) -> None:
+        if not self.settings.metrics_port:
+            return
+        try:
+            self.metrics_port = self.exporter.serve(self.settings.metrics_port, self.settings.metrics_host)
+            logger.info(
+                "[start] Prometheus metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port
+            )
+        except OSError as exc:  # the line and the stats hash are still worth having
+            logger.error("[start] cannot serve /metrics on port %d: %s", self.settings.metrics_port, exc)
 
     async def _loop(self) -> None:
-        started = time.monotonic()
-        window = Window()
         while not self._stopping.is_set():
+            started = time.monotonic()
+            window = Window()
             try:
-                await self._read_metrics(window, until=started + self.settings.interval_s)
-                if time.monotonic() < started + self.settings.interval_s:
-                    continue
-                snap = await self.snapshot(window, time.monotonic() - started)
-                self.publish(snap)
-                await self.redis.hset(self.keys.stats, mapping=stats_fields(snap))  # type: ignore[arg-type]
+                if not self.ready.is_set():
+                    await self._place_cursors()
+                await self._read(window, until=started + self.settings.interval_s)
+                if self._stopping.is_set():
+                    return
+                await self.publish(await self.snapshot(window, time.monotonic() - started))
             except RedisConnectionError as exc:
                 logger.warning("[redis] monitor cannot reach Redis: %s", exc)
                 await asyncio.sleep(random.uniform(0.5, 1.5))
             except RedisError:
                 logger.exception("[monitor] Redis refused a command")
                 await asyncio.sleep(1.0)
-            started, window = time.monotonic(), Window()
 
-    async def _read_metrics(self, window: Window, until: float) -> None:
-        """Fold metrics entries into `window` until the interval ends (or a stop)."""
+    # 1. Reading the streams -------------------------------------------------------------------
+
+    async def _place_cursors(self) -> None:
+        """Start after the newest entry of each stream: what comes later is counted, once."""
+        for stream in (self.keys.metrics, self.keys.dead_letters):
+            newest: Any = await self.redis.xrevrange(stream, count=1)
+            self._cursors[stream] = text(newest[0][0]) if newest else "0-0"
+        self.ready.set()
+
+    async def _read(self, window: Window, until: float) -> None:
+        """Fold entries into `window` until `until` (monotonic) or a stop."""
         while not self._stopping.is_set():
             remaining_ms = int((until - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 return
-            reply: Any = await self.redis.xread({self.keys.metrics: self._cursor}, count=1000, block=remaining_ms)
+            got = await self._read_once(window, block_ms=min(remaining_ms, BLOCK_MS))
+            if got == READ_COUNT:
+                await asyncio.sleep(0)  # a backlog: keep reading without starving the loop
+
+    async def _read_once(self, window: Window, block_ms: int | None) -> int:
+        """One read of the metrics stream (blocking up to `block_ms`), then of the dead letters (not
+        blocking): two calls, as the two streams may live on different cluster nodes."""
+        got = 0
+        for stream, block in ((self.keys.metrics, block_ms), (self.keys.dead_letters, None)):
+            reply: Any = await self.redis.xread({stream: self._cursors[stream]}, count=READ_COUNT, block=block)
             for _, entries in reply or []:
                 for entry_id, raw in entries:
-                    self._cursor = entry_id.decode()
-                    window.add({k.decode(): v.decode() for k, v in raw.items()})
+                    self._cursors[stream] = text(entry_id)
+                    self._fold(window, self._parse(stream, {text(k): text(v) for k, v in raw.items()}))
+                got = max(got, len(entries))
+        return got
+
+    def _parse(self, stream: str, fields: dict[str, str]) -> TaskEntry | Stopped | None:
+        if stream == self.keys.dead_letters:
+            return parse_dead_letter(fields, self.models)
+        return parse_metrics(fields, self.models)
+
+    def _fold(self, window: Window, entry: TaskEntry | Stopped | None) -> None:
+        if isinstance(entry, Stopped):
+            self.tracker.stopped(entry)
+        elif entry is not None:
+            window.add(entry)
+            self.totals.add(entry)
+            self.exporter.add(entry)
+
+    # 2. The node's state ----------------------------------------------------------------------
 
     async def snapshot(self, window: Window, elapsed_s: float) -> Snapshot:
-        classes = window.by_class()
-        self.totals["tasks"] += sum(w.tasks for w in classes.values())
-        self.totals["errors"] += sum(sum(w.errors.values()) for w in classes.values())
-        return Snapshot(
-            at=time.time(),
+        beats = await heartbeats(self.redis, self.keys)
+        # A clean stop deletes its key and writes its event atomically: read events that raced the scan.
+        while await self._read_once(window, block_ms=None) == READ_COUNT:
+            pass
+        self.models |= served_models(beats)
+        streams = await stream_states(self.redis, watched_streams(self.keys, sorted(self.models)))
+        dead_letters = int(await self.redis.xlen(self.keys.dead_letters))
+        now = time.time()
+        changes = self.tracker.update(beats, now)
+        snap = Snapshot(
+            at=now,
             elapsed_s=elapsed_s,
+            monitor=self.instance,
             window=window,
-            streams=await stream_states(self.redis, self.keys, self.models),
-            instances=await instances(self.redis, self.keys),
-            devices=self.nvml.devices(),
-            dead_letters=int(await self.redis.xlen(self.keys.dead_letters)),
-            totals=dict(self.totals),
+            totals=self.totals.copy(),
+            streams=streams,
+            dead_letters=dead_letters,
+            instances=self.tracker.instances(),
+            devices=with_weights([host_device(), *self.nvml.devices()], beats),
         )
+        snap.warnings = alerts.warnings(snap, self.last, changes, self.settings)
+        return snap
 
-    def publish(self, snap: Snapshot) -> None:
-        logger.info("%s", report_line(snap, self.keys))
-        for warning in warnings(snap, self.last, self.settings):
+    # 3. Publishing ----------------------------------------------------------------------------
+
+    async def publish(self, snap: Snapshot) -> None:
+        logger.info("%s", report_line(snap))
+        for warning in snap.warnings:
             logger.warning("[health] %s", warning)
+        self.exporter.update(snap)
+        report = build_report(snap, self.host, self.last)
+        if self.json_lines is not None:
+            self.json_lines.write(report)
+        pipe = same_slot_pipeline(self.redis)  # readers never see a half-written hash (one key)
+        pipe.delete(self.keys.stats)
+        pipe.hset(self.keys.stats, mapping=flatten(report))  # type: ignore[arg-type]
+        await pipe.execute()
         self.last = snap
+
+
+def served_models(beats: list[Beat]) -> set[str]:
+    """Models that live workers say they serve (a worker may be configured apart from the monitor)."""
+    return {m for b in beats if b.service == "worker" for m in b.fields.get("models", "").split(",") if m}
+
+
+def with_weights(devices: list[DeviceState], beats: list[Beat]) -> list[DeviceState]:
+    """Attach the shared weights a weight holder reports (`weights_bytes`, `device`) to their device, once."""
+    by_name = {d.device: d for d in devices}
+    for beat in beats:
+        size = beat.fields.get("weights_bytes", "")
+        if not size.isdigit():
+            continue
+        name = beat.fields.get("device", "cpu")
+        device = by_name.get("cuda:0" if name == "cuda" else name)
+        if device is not None:
+            device.weights_bytes = (device.weights_bytes or 0) + int(size)
+    return devices
