@@ -12,17 +12,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ectrans.common.keys import Keys
+from ectrans.common.redis_conn import RedisClient
 from ectrans.common.results import Finish, ResultWriter, error_record
 from ectrans.common.schemas import Reason, as_str_dict, entry_ms, reply_to_of, task_id_of
 
 Entry = tuple[str, dict[bytes, bytes]]
 
 
-async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+async def ensure_group(redis: RedisClient, stream: str, group: str) -> None:
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
@@ -31,8 +31,11 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
 
 
 def decode_entries(raw: Any) -> list[Entry]:
-    """Stream entries as (id, fields); a deleted-but-pending entry comes back with empty fields."""
-    return [(_text(eid), fields or {}) for eid, fields in raw]
+    """Stream entries as (id, fields); a deleted-but-pending entry comes back with empty fields.
+
+    Redis 6.2's XAUTOCLAIM answers such an entry with a bare null (no id): it is left out here.
+    """
+    return [(_text(eid), fields or {}) for eid, fields in raw if eid is not None]
 
 
 def _text(value: Any) -> str:
@@ -40,7 +43,7 @@ def _text(value: Any) -> str:
 
 
 async def read_group(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     group: str,
     consumer: str,
     streams: dict[str, str],
@@ -71,7 +74,7 @@ class Reclaimer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         keys: Keys,
         stream: str,
         group: str,
@@ -93,14 +96,38 @@ class Reclaimer:
         lock = self.keys.claim_lock(self.stream)
         if not await self.redis.set(lock, self.consumer, nx=True, px=max(self.min_idle_ms, 1000)):
             return Claimed()
+        start = self.cursor
         try:
             reply = await self.redis.xautoclaim(
-                self.stream, self.group, self.consumer, self.min_idle_ms, start_id=self.cursor, count=count
+                self.stream, self.group, self.consumer, self.min_idle_ms, start_id=start, count=count
             )
         finally:
             await self.redis.delete(lock)
         self.cursor = _text(reply[0])
-        return await self.split_by_deliveries(decode_entries(reply[1]))
+        entries = decode_entries(reply[1])
+        if len(entries) < len(reply[1]):
+            await self._ack_deleted(start, self.cursor, count)
+        return await self.split_by_deliveries(entries)
+
+    async def _ack_deleted(self, start: str, end: str, count: int) -> None:
+        """Acknowledge our pending entries in [start, end) whose data is gone (deleted by hand).
+
+        Redis 7 drops such entries from the PEL during XAUTOCLAIM; 6.2 keeps them, claims them and
+        answers nulls, so without this they would cycle between consumers forever.
+        """
+        upper = "+" if end == "0-0" else f"({end}"
+        rows = await self.redis.xpending_range(
+            self.stream, self.group, min=start, max=upper, count=count * 4, consumername=self.consumer
+        )
+        ids = [_text(row["message_id"]) for row in rows]
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+        gone = [entry_id for entry_id, found in zip(ids, await pipe.execute(), strict=True) if not found]
+        if gone:
+            await self.redis.xack(self.stream, self.group, *gone)
 
     async def split_by_deliveries(self, entries: list[Entry]) -> Claimed:
         """Separate entries still worth running from those past the delivery limit."""
@@ -117,20 +144,20 @@ class Reclaimer:
         return claimed
 
     async def delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
-        rows = await self.redis.xpending_range(
-            self.stream, self.group, min=min(entry_ids), max=max(entry_ids), count=len(entry_ids) * 4
-        )
-        wanted = set(entry_ids)
+        """Times each entry was delivered, one exact XPENDING per id (ids do not sort as strings:
+        `5-10` < `5-9`, and a range query would also count other consumers' entries in between)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
         counts = {}
-        for row in rows:
-            eid = _text(row["message_id"])
-            if eid in wanted:
-                counts[eid] = int(row["times_delivered"])
+        for entry_id, rows in zip(entry_ids, await pipe.execute(), strict=True):
+            if rows:
+                counts[entry_id] = int(rows[0]["times_delivered"])
         return counts
 
 
 async def dead_letter(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     keys: Keys,
     writer: ResultWriter,
     stream: str,
@@ -138,10 +165,15 @@ async def dead_letter(
     *,
     consumer: str,
 ) -> None:
-    """Move entries past the delivery limit to the dead-letter stream and answer their clients."""
+    """Move entries past the delivery limit to the dead-letter stream and answer their clients.
+
+    One MULTI on a single Redis. On a cluster the dead-letter stream and the result live in other
+    slots: the dead letters are written first, then the results (idempotent, acking the entries);
+    a crash in between can repeat a dead-letter record, never a result."""
     if not entries:
         return
-    pipe = redis.pipeline(transaction=True)
+    finishes: list[Finish] = []
+    pipe = redis.pipeline(transaction=not writer.cluster)
     for (entry_id, fields), deliveries in entries:
         readable = as_str_dict(fields)
         task_id = readable.get("id") if "submitted_ms" in readable else task_id_of(entry_id, fields)
@@ -162,5 +194,10 @@ async def dead_letter(
             model=readable.get("model", ""),
             op=readable.get("op", ""),
         )
-        await writer.queue(pipe, Finish(str(task_id), record, stream, entry_id, reply_to_of(fields)))
+        finish = Finish(str(task_id), record, stream, entry_id, reply_to_of(fields))
+        if writer.cluster:
+            finishes.append(finish)
+        else:
+            await writer.queue(pipe, finish)
     await pipe.execute()
+    await writer.write(finishes)

@@ -8,10 +8,13 @@ crash a service. Forwarded and result records are flat string fields too.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, which would let "job\n" through.
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
+# Plain ASCII decimal integers only: `int()` alone also takes "1_000", "١٢٣" and 4000-digit strings.
+INT_RE = re.compile(r"^[+-]?[0-9]{1,18}\Z")
 PRIORITIES = ("realtime", "batch")
 ENCODINGS = ("json", "msgpack")
 ON_MISS = ("error", "batch")
@@ -32,6 +35,7 @@ class Reason:
     DEADLINE = "deadline"
     OVERLOADED = "overloaded"
     DEAD_LETTER = "dead_letter"
+    UNAVAILABLE = "unavailable"  # no live worker serves the model (past a grace period)
     INTERNAL = "internal"
 
 
@@ -74,7 +78,11 @@ class Task:
         return None if self.deadline_ms is None else self.submitted_ms + self.deadline_ms
 
     def classified(self, task_class: str, *, downgraded: bool = False) -> Task:
-        return replace(self, task_class=task_class, downgraded=downgraded)
+        # `dataclasses.replace` re-runs the frozen __init__ over every field (about 15 us a task in
+        # the dispatcher's profile); a copy of the instance dict is the same shallow copy, faster.
+        task = object.__new__(Task)
+        task.__dict__.update(self.__dict__, task_class=task_class, downgraded=downgraded)
+        return task
 
     def to_fields(self) -> dict[str, str]:
         """Fields of the forwarded entry in a model queue."""
@@ -99,8 +107,8 @@ class Task:
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes]) -> Task:
         """Read a forwarded entry (written by the dispatcher, so only re-checked for shape)."""
-        f = {k.decode(): v.decode() for k, v in raw.items()}
         try:
+            f = {k.decode(): v.decode() for k, v in raw.items()}
             return cls(
                 id=f["id"],
                 model=f["model"],
@@ -144,10 +152,10 @@ def _int(raw: dict[bytes, bytes], name: str, low: int, high: int) -> int | None:
     value = _text(raw, name)
     if value is None:
         return None
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise TaskError(Reason.BAD_INPUT, f"field '{name}' must be an integer, got {value!r:.40}") from None
+    text = value.strip()
+    if not INT_RE.match(text):
+        raise TaskError(Reason.BAD_INPUT, f"field '{name}' must be an integer, got {value!r:.40}")
+    number = int(text)
     if not low <= number <= high:
         raise TaskError(Reason.BAD_INPUT, f"field '{name}' must be between {low} and {high}, got {number}")
     return number
@@ -182,9 +190,11 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
     total = sum(len(k) + len(v) for k, v in raw.items())
     if total > limits.max_task_bytes:
         raise TaskError(Reason.BAD_INPUT, f"task is {total} bytes, over the limit of {limits.max_task_bytes}")
-    unknown = sorted(k.decode("utf-8", "replace") for k in raw if k.decode("utf-8", "replace") not in KNOWN_FIELDS)
-    if unknown and limits.reject_unknown_fields:
-        raise TaskError(Reason.BAD_INPUT, f"unknown fields: {', '.join(unknown)[:200]}")
+    if limits.reject_unknown_fields:
+        names = (k.decode("utf-8", "replace") for k in raw)
+        unknown = sorted(name for name in names if name not in KNOWN_FIELDS)
+        if unknown:
+            raise TaskError(Reason.BAD_INPUT, f"unknown fields: {', '.join(unknown)[:200]}")
     raw_id = _text(raw, "id")
     if raw_id is not None and not TASK_ID_RE.match(raw_id):
         raise TaskError(Reason.BAD_INPUT, "field 'id' must be 1-128 of letters, digits, '.', '_', ':', '-'")

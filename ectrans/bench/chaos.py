@@ -1,0 +1,531 @@
+"""`ectrans bench chaos`: faults under a steady load, and what each does to the tasks in flight.
+
+A private Redis (AOF on, its files in a fixed directory so that a restart keeps them) and the trio as
+real processes (`python -m ectrans.services.<name>`). A steady stream of tasks with known ids goes in
+with raw XADDs, as redis-cli would send them; one fault per phase; then the phase's tasks are counted
+from their result hashes and the reply stream:
+
+    submitted   XADDs that Redis acknowledged (an entry id came back)
+    ok, error   tasks whose result hash says so (`reasons` breaks errors down)
+    duplicates  terminal records beyond the first per task: the result hash is written once by
+                construction, so a second record would show as a second reply-stream entry
+    lost        acknowledged tasks still without a result when the phase's deadline passed
+    refused     XADDs that failed while Redis was down: the client saw the error, nothing is lost
+
+Faults (`noop` model unless named): SIGKILL a worker holding tasks (its peer takes them over after
+the claim idle time; the killed one restarts under its old name); SIGTERM a worker holding queued
+tasks (it exits 0 and hands them back at once); SIGKILL the dispatcher (restarted under its name);
+restart Redis (SIGTERM, AOF everysec); SIGKILL Redis (AOF everysec, then always); stop the monitor;
+and on MiniLM: SIGKILL a worker mid-batch, then SIGTERM the other with a batch in flight.
+
+`duplicates` and `lost` must be 0 for every fault (and `error` too: no fault here is the task's
+fault). Progress lines go to stderr; `run` returns the JSON that `ectrans bench chaos` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
+from ectrans.common.redis_conn import RedisClient, connect
+from ectrans.common.redis_server import RedisServer, free_port
+
+NOOP_MODELS = json.dumps({"noop": {"kind": "noop"}})
+READY_TIMEOUT_S = 180.0
+CLAIM_IDLE_MS = 1000
+GRACE_S = 10.0
+_WORDS = (
+    "edge server model task batch queue worker latency token vector network camera sensor city traffic "
+    "signal frame video stream power budget memory device cache reply result error deadline realtime "
+    "the a of to and in on for with from by at as is was are were be been will can may must"
+)
+
+
+WORDS = tuple(_WORDS.split())
+
+
+def note(message: str) -> None:
+    print(f"[chaos] {message}", file=sys.stderr, flush=True)
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """Seeded English-like inputs of 8 to 40 words: real work for MiniLM, no data files needed."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))).capitalize() + "." for _ in range(n)]
+
+
+# 1. The stack as processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    name: str  # also the consumer/instance name
+    module: str
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env=self.env,
+                cwd=self.log.parent,  # no developer's .env file is read by accident
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int | None:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class ChaosStack:
+    """Redis with AOF in a fixed directory and port, plus named service processes."""
+
+    def __init__(self, work_dir: Path, *, serve_models: str, models_json: str | None, settings: dict[str, str]):
+        self.work_dir = work_dir
+        self.prefix = "chaos:"
+        self.keys = Keys(self.prefix)
+        self.redis_server = RedisServer(free_port(), appendonly=True, data_dir=work_dir / "redis")
+        (work_dir / "redis").mkdir(parents=True, exist_ok=True)
+        self.serve_models = serve_models
+        self.models_json = models_json
+        self.settings = settings
+        self.services: dict[str, Service] = {}
+
+    @property
+    def url(self) -> str:
+        return self.redis_server.url
+
+    def env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ECTRANS_")}
+        env |= {
+            "ECTRANS_REDIS_URL": self.url,
+            "ECTRANS_PREFIX": self.prefix,
+            "ECTRANS_SERVE_MODELS": self.serve_models,
+            "ECTRANS_LOG_LEVEL": "INFO",
+            "ECTRANS_METRICS_PORT": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+        if self.models_json:
+            env["ECTRANS_MODELS_JSON"] = self.models_json
+        env |= {f"ECTRANS_{k.upper()}": v for k, v in {**self.settings, **extra}.items()}
+        return env
+
+    def start_service(self, name: str, kind: str, extra: dict[str, str] | None = None) -> Service:
+        env = self.env({"INSTANCE": name, **(extra or {})})
+        service = Service(name, f"ectrans.services.{kind}", env, self.work_dir / f"{name}.log")
+        service.start()
+        self.services[name] = service
+        return service
+
+    async def wait_ready(self, names: list[str], redis: RedisClient, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Each named process has beaten its heartbeat: the pid field tells a restart from its predecessor."""
+        deadline = time.monotonic() + timeout_s
+        waiting = set(names)
+        while waiting:
+            for name in list(waiting):
+                service = self.services[name]
+                if not service.alive():
+                    raise RuntimeError(f"{name} exited with {service.process and service.process.returncode}; "
+                                       f"see {service.log}")  # fmt: skip
+                kind = service.module.rsplit(".", 1)[-1]
+                pid = await redis.hget(self.keys.heartbeat(kind, name), "pid")
+                if pid is not None and int(pid) == service.pid:
+                    waiting.discard(name)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout_s:.0f}s: {sorted(waiting)}; logs in {self.work_dir}")
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.signal(signal.SIGTERM)
+        for service in self.services.values():
+            if service.process is not None and service.wait(GRACE_S + 10) is None:
+                service.signal(signal.SIGKILL)
+                service.wait(10)
+        self.redis_server.stop()
+
+
+async def pending_of(redis: RedisClient, streams: list[str], group: str, consumer: str) -> int:
+    total = 0
+    for stream in streams:
+        rows = await redis.xpending_range(stream, group, min="-", max="+", count=10_000, consumername=consumer)
+        total += len(rows)
+    return total
+
+
+async def wait_holding(
+    redis: RedisClient, streams: list[str], group: str, consumer: str, *, at_least: int, timeout_s: float
+) -> int:
+    """Poll until `consumer` holds `at_least` pending entries (or the timeout); how many it holds."""
+    deadline = time.monotonic() + timeout_s
+    held = await pending_of(redis, streams, group, consumer)
+    while held < at_least and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        held = await pending_of(redis, streams, group, consumer)
+    return held
+
+
+# 2. Load and counting --------------------------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    submitted: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+async def steady_load(
+    url: str, keys: Keys, phase: str, texts: list[str], *, model: str, op: str, rate: float, chunk: int
+) -> Submission:
+    """Submit `texts` at `rate` tasks/s, `chunk` per round trip; a failed XADD counts as refused."""
+    redis = connect(url, client_name=f"chaos-load-{phase}")
+    out = Submission()
+    started = time.monotonic()
+    try:
+        for first in range(0, len(texts), chunk):
+            delay = started + first / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            ids = [f"{phase}-{i:05d}" for i in range(first, min(first + chunk, len(texts)))]
+            pipe = redis.pipeline(transaction=False)
+            for n, (task_id, text) in enumerate(zip(ids, texts[first : first + chunk], strict=True)):
+                fields: dict[Any, Any] = {"model": model, "op": op, "input": text, "id": task_id, "reply_to": phase}
+                fields["priority"] = "realtime" if (first + n) % 2 else "batch"  # both classes, half each
+                pipe.xadd(keys.tasks, fields)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except Exception:  # Redis down past the client's retries
+                out.refused += ids
+                continue
+            for task_id, reply in zip(ids, replies, strict=True):
+                (out.refused if isinstance(reply, Exception) else out.submitted).append(task_id)
+    finally:
+        await redis.aclose()
+    return out
+
+
+async def answered(redis: RedisClient, keys: Keys, ids: list[str]) -> dict[str, dict[str, str]]:
+    pipe = redis.pipeline(transaction=False)
+    for task_id in ids:
+        pipe.hmget(keys.result(task_id), ["status", "reason"])
+    found = {}
+    for task_id, (status, reason) in zip(ids, await pipe.execute(), strict=True):
+        if status is not None:
+            found[task_id] = {"status": status.decode(), "reason": (reason or b"").decode()}
+    return found
+
+
+async def _entries(reply: Awaitable[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Stream entries of a reply (redis-py types them loosely; this client returns bytes)."""
+    return list(await reply or [])
+
+
+async def count(
+    redis: RedisClient, keys: Keys, phase: str, load: Submission, timeout_s: float
+) -> tuple[dict[str, Any], float]:
+    """Wait for a record per submitted task (or the timeout), then count; also the seconds waited."""
+    started = time.monotonic()
+    results: dict[str, dict[str, str]] = {}
+    missing = list(load.submitted)
+    while missing and time.monotonic() - started < timeout_s:
+        results |= await answered(redis, keys, missing)
+        missing = [t for t in load.submitted if t not in results]
+        if missing:
+            await asyncio.sleep(0.1)
+    waited = time.monotonic() - started
+    replies = Counter[str]()
+    last = "-"
+    while batch := await _entries(redis.xrange(keys.reply(phase), min=last, max="+", count=10_000)):
+        replies.update(fields[b"id"].decode() for _, fields in batch)
+        last = "(" + batch[-1][0].decode()
+    refused_answered = await answered(redis, keys, load.refused) if load.refused else {}
+    reasons = Counter(r["reason"] for r in results.values() if r["status"] != "ok")
+    counts: dict[str, Any] = {
+        "submitted": len(load.submitted),
+        "ok": sum(r["status"] == "ok" for r in results.values()),
+        "error": sum(r["status"] != "ok" for r in results.values()),
+        "duplicates": sum(n - 1 for n in replies.values() if n > 1),
+        "lost": len(missing),
+        "refused": len(load.refused),
+        # A refused XADD that Redis did execute (its reply was lost): answered once, not a duplicate.
+        "refused_but_answered": len(refused_answered),
+        "records_without_reply": sum(1 for t in results if replies[t] == 0),
+    }
+    if reasons:
+        counts["reasons"] = dict(reasons)
+    return counts, waited
+
+
+# 3. Faults -------------------------------------------------------------------------------------------
+
+Fault = Callable[["Phase"], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Phase:
+    stack: ChaosStack
+    redis: RedisClient
+    queues: list[str]
+    stopped: set[str] = field(default_factory=set)  # services a fault stopped on purpose
+
+
+def _logged(log: Path, pattern: str) -> int:
+    """Sum of the numbers a service logged in lines matching `pattern` (one group)."""
+    return sum(int(m) for m in re.findall(pattern, log.read_text(errors="replace")))
+
+
+def kill_worker(victim: str, *, restart: bool, at_least: int = 1) -> Fault:
+    """SIGKILL `victim` while it holds tasks; peers take them over, or its restart under the same name."""
+
+    async def fault(p: Phase) -> dict[str, Any]:
+        held = await wait_holding(p.redis, p.queues, WORKER_GROUP, victim, at_least=at_least, timeout_s=5.0)
+        p.stack.services[victim].signal(signal.SIGKILL)
+        await asyncio.to_thread(p.stack.services[victim].wait, 10)
+        abandoned = await pending_of(p.redis, p.queues, WORKER_GROUP, victim)
+        if restart:
+            p.stack.start_service(victim, "worker")
+        else:
+            p.stopped.add(victim)
+        return {"held_at_kill": held, "abandoned": abandoned, "restarted": restart}
+
+    return fault
+
+
+def term_worker(victim: str, *, at_least: int = 1) -> Fault:
+    """SIGTERM `victim` while it holds tasks: it must exit 0 after finishing what runs (within the
+    grace period) and handing back what waits."""
+
+    async def fault(p: Phase) -> dict[str, Any]:
+        held = await wait_holding(p.redis, p.queues, WORKER_GROUP, victim, at_least=at_least, timeout_s=5.0)
+        service = p.stack.services[victim]
+        sent = time.monotonic()
+        p.stopped.add(victim)
+        service.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(service.wait, GRACE_S + 10)
+        return {
+            "held_at_signal": held,
+            "exit_code": code,
+            "exit_s": round(time.monotonic() - sent, 2),
+            "in_flight_batches": _logged(service.log, r"draining (\d+) in-flight batches"),
+            "handed_back": _logged(service.log, r"handed back (\d+) queued tasks"),
+        }
+
+    return fault
+
+
+async def kill_dispatcher(p: Phase) -> dict[str, Any]:
+    held = await wait_holding(p.redis, [p.stack.keys.tasks], DISPATCHER_GROUP, "d0", at_least=1, timeout_s=1.0)
+    p.stack.services["d0"].signal(signal.SIGKILL)
+    await asyncio.to_thread(p.stack.services["d0"].wait, 10)
+    abandoned = await pending_of(p.redis, [p.stack.keys.tasks], DISPATCHER_GROUP, "d0")
+    p.stack.start_service("d0", "dispatcher")
+    return {"held_at_kill": held, "abandoned": abandoned}
+
+
+async def restart_redis(p: Phase) -> dict[str, Any]:
+    """SIGTERM (Redis writes out its AOF), one second down, start again on the same port and files."""
+    server = p.stack.redis_server
+    stopped = time.monotonic()
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(server.start)
+    return {"down_s": round(time.monotonic() - stopped, 2), "appendfsync": "everysec"}
+
+
+def kill_redis(appendfsync: str) -> Fault:
+    """SIGKILL Redis: no shutdown, no final write. With `always` every acknowledged write was fsynced
+    before its reply; with `everysec` it was at least written to the file (the page cache survives a
+    process crash, not a machine crash)."""
+
+    async def fault(p: Phase) -> dict[str, Any]:
+        server = p.stack.redis_server
+        await p.redis.config_set("appendfsync", appendfsync)
+        stopped = time.monotonic()
+        await asyncio.to_thread(server.stop, kill=True)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.start)  # back to the command line's everysec
+        return {"down_s": round(time.monotonic() - stopped, 2), "appendfsync": appendfsync, "signal": "SIGKILL"}
+
+    return fault
+
+
+async def stop_monitor(p: Phase) -> dict[str, Any]:
+    service = p.stack.services["m0"]
+    p.stopped.add("m0")
+    service.signal(signal.SIGTERM)
+    return {"exit_code": await asyncio.to_thread(service.wait, 15)}
+
+
+async def run_phase(
+    p: Phase, name: str, fault: Fault, texts: list[str], *, model: str, op: str, rate: float, chunk: int,
+    fault_at_s: float, answer_timeout_s: float = 60.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Steady load for the phase; the fault at `fault_at_s`; then count the phase's tasks."""
+    load = asyncio.create_task(
+        steady_load(p.stack.url, p.stack.keys, name, texts, model=model, op=op, rate=rate, chunk=chunk)
+    )
+    await asyncio.sleep(fault_at_s)
+    info = await fault(p)
+    submission = await load
+    counts, waited = await count(p.redis, p.stack.keys, name, submission, answer_timeout_s)
+    crashed = sorted(n for n, s in p.stack.services.items() if not s.alive() and n not in p.stopped)
+    result = {**counts, **info, "drain_s": round(waited, 2), "crashed": crashed}
+    note(f"{name}: " + json.dumps(result))
+    return result
+
+
+# 4. Scenarios ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Size:
+    rate: float
+    seconds: float
+    chunk: int
+
+    def count(self) -> int:
+        return int(self.rate * self.seconds)
+
+
+NOOP_SIZE = {True: Size(rate=150, seconds=4, chunk=5), False: Size(rate=400, seconds=10, chunk=10)}
+MINILM_SIZE = {True: Size(rate=24, seconds=6, chunk=8), False: Size(rate=40, seconds=12, chunk=10)}
+
+
+async def _with_stack(stack: ChaosStack, body: Callable[[Phase], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    await asyncio.to_thread(stack.redis_server.start)
+    redis = connect(stack.url, client_name="chaos-observer")
+    try:
+        return await body(Phase(stack, redis, []))
+    finally:
+        await redis.aclose()
+        await asyncio.to_thread(stack.stop)
+
+
+async def noop_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
+    """Every fault but the MiniLM ones, one after another on one stack serving the `noop` model."""
+    size = NOOP_SIZE[quick]
+    settings = {"CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "HEARTBEAT_S": "0.5", "INTERVAL_S": "1", "GRACE_S": str(GRACE_S),
+                "BATCH_MAX_WAIT_MS": "200"}  # fmt: skip
+    stack = ChaosStack(work_dir, serve_models="noop", models_json=NOOP_MODELS, settings=settings)
+    texts = [f"task number {i} of the steady load" for i in range(size.count())]
+    # The SIGTERM victim holds what it reads for up to 3 s before running it: queued, not started.
+    holder = {"BATCH_MAX_WAIT_MS": "3000", "BATCH_MAX_BATCH": "256", "RT_MAX_WAIT_MS": "3000", "RT_MAX_BATCH": "256"}
+
+    async def body(p: Phase) -> dict[str, Any]:
+        p.queues = [stack.keys.queue("noop", c) for c in ("realtime", "batch")]
+        for name, kind in (("d0", "dispatcher"), ("w0", "worker"), ("w2", "worker"), ("m0", "monitor")):
+            stack.start_service(name, kind)
+        stack.start_service("w1", "worker", holder)
+        await stack.wait_ready(["d0", "w0", "w1", "w2", "m0"], p.redis)
+        note("noop stack ready")
+        faults: list[tuple[str, Fault]] = [
+            ("worker_sigkill", kill_worker("w0", restart=False)),
+            ("worker_sigterm", term_worker("w1")),
+            ("dispatcher_sigkill", kill_dispatcher),
+            ("redis_restart_aof_everysec", restart_redis),
+            ("redis_sigkill_aof_everysec", kill_redis("everysec")),
+            ("redis_sigkill_aof_always", kill_redis("always")),
+            ("monitor_stop", stop_monitor),
+        ]
+        out: dict[str, Any] = {}
+        for name, fault in faults:
+            out[name] = await run_phase(
+                p, name, fault, texts, model="noop", op="noop", rate=size.rate, chunk=size.chunk,
+                fault_at_s=size.seconds / 3,
+            )  # fmt: skip
+        return out
+
+    return await _with_stack(stack, body)
+
+
+async def minilm_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
+    """The real model: SIGKILL a worker mid-batch (it restarts under its name), then at once SIGTERM
+    the other with a batch in flight: what it hands back waits in Redis for the restarted one."""
+    size = MINILM_SIZE[quick]
+    settings = {"CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "HEARTBEAT_S": "0.5", "INTERVAL_S": "1", "GRACE_S": str(GRACE_S),
+                "THREADS": "1"}  # fmt: skip
+    stack = ChaosStack(work_dir, serve_models="minilm", models_json=None, settings=settings)
+
+    async def body(p: Phase) -> dict[str, Any]:
+        p.queues = [stack.keys.queue("minilm", c) for c in ("realtime", "batch")]
+        for name, kind in (("d0", "dispatcher"), ("w0", "worker"), ("w1", "worker")):
+            stack.start_service(name, kind)
+        await stack.wait_ready(["d0", "w0", "w1"], p.redis)
+        note("minilm stack ready")
+        half = size.chunk // 2
+
+        async def phase(name: str, fault: Fault, seed: int) -> dict[str, Any]:
+            texts = sentences(size.count(), seed=seed)
+            return await run_phase(
+                p, name, fault, texts, model="minilm", op="embed", rate=size.rate, chunk=size.chunk,
+                fault_at_s=size.seconds / 3,
+            )  # fmt: skip
+
+        out: dict[str, Any] = {}
+        name = "minilm_worker_sigkill_mid_batch"
+        out[name] = await phase(name, kill_worker("w0", restart=True, at_least=half), seed=0)
+        name = "minilm_worker_sigterm_in_flight"
+        out[name] = await phase(name, term_worker("w1", at_least=half), seed=1)
+        return out
+
+    return await _with_stack(stack, body)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Both scenarios; per-fault counts go to stderr as they come and into the returned JSON."""
+    work_dir = Path(tempfile.mkdtemp(prefix="ectrans-chaos-"))
+    started = time.monotonic()
+    try:
+        faults = asyncio.run(noop_faults(work_dir / "noop", quick))
+        faults |= asyncio.run(minilm_faults(work_dir / "minilm", quick))
+    except BaseException:
+        note(f"logs kept in {work_dir}")
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
+    clean = all(f["duplicates"] == 0 and f["lost"] == 0 and not f["crashed"] for f in faults.values())
+    return {
+        "scenario": "chaos",
+        "quick": quick,
+        "claim_idle_ms": CLAIM_IDLE_MS,
+        "grace_s": GRACE_S,
+        "faults": faults,
+        "no_duplicates_no_loss": clean,
+        "seconds": round(time.monotonic() - started, 1),
+    }
