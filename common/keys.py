@@ -34,8 +34,14 @@ class Keys:
         return f"{self.prefix}result:{task_id}"
 
     def reply(self, client_id: str) -> str:
-        """Per-client stream where terminal records are pushed for the client library."""
-        return f"{self.prefix}reply:{client_id}"
+        """Per-client stream where terminal records are pushed for the client library (hash-tagged
+        by the client, so that its `replied` marks share its slot)."""
+        return f"{self.prefix}reply:{{{client_id}}}"
+
+    def replied(self, client_id: str, task_id: str) -> str:
+        """Cluster only: marks a task's record as pushed to its client's reply stream (same slot),
+        so a finish repeated after a crash never pushes it twice."""
+        return f"{self.prefix}replied:{{{client_id}}}:{task_id}"
 
     @property
     def metrics(self) -> str:

@@ -1,23 +1,37 @@
 """Terminal records: build them, and write them exactly once.
 
-`FINISH_LUA` writes a task's result hash only if none exists (idempotent by task id), pushes it to
-the client's reply stream, and acknowledges + deletes the source entry — all in one atomic step,
-so a crash leaves either everything or nothing done.
+On a single Redis, `FINISH_LUA` writes a task's result hash only if none exists (idempotent by task
+id), pushes it to the client's reply stream, and acknowledges + deletes the source entry — all in
+one atomic step, so a crash leaves either everything or nothing done. `FINISH_MANY_LUA` does the
+same for up to `FINISH_CHUNK` tasks per call, their records packed in one msgpack argument: the
+per-argument encoding in redis-py cost a worker more than everything else per task (see
+docs/benchmarks.md, "Redis path").
+
+On a Redis Cluster those keys live in different slots, where no script or MULTI can span them, so
+finishing is three idempotent steps, each on one slot and each only after the previous one is
+written: (1) `RESULT_LUA` on the result key's slot creates the hash only if absent (else returns
+the stored record); (2) `REPLY_LUA` on the reply stream's slot pushes that stored record unless a
+`replied` mark (same hash tag as the stream) says it was pushed already; (3) XACK + XDEL on the
+source stream. A crash between steps leaves the entry pending; whoever finishes it again finds the
+result and the mark and only completes what is missing — one result, one reply, as on one Redis.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from ectrans.common import codec
 from ectrans.common.keys import Keys
+from ectrans.common.lua import Arg, Lua
+from ectrans.common.redis_conn import RedisClient, is_cluster
 from ectrans.common.schemas import Task
 
 Fields = dict[str, str | bytes]
@@ -41,6 +55,62 @@ if ARGV[2] ~= '' then
   redis.call('XDEL', KEYS[2], ARGV[2])
 end
 return fresh and 1 or 0
+"""
+
+# Tasks finished per FINISH_MANY call: the script blocks Redis while it runs (about 20 us a task),
+# so a worker's batch of 256 goes in several calls, all in one round trip.
+FINISH_CHUNK = 64
+
+FINISH_MANY_LUA = """
+-- FINISH_LUA for many tasks at once (single Redis only: the keys live in many slots).
+-- KEYS: for each task its result hash, source stream and (if it has one) client reply stream.
+-- ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen,
+-- ARGV[4] msgpack [[key count, entry id, [field, value, ...]], ...] in KEYS order.
+-- Returns one 1/0 per task: 1 where this call created the result.
+local items = cmsgpack.unpack(ARGV[4])
+local created = {}
+local k = 1
+for i = 1, #items do
+  local nkeys, entry, fields = items[i][1], items[i][2], items[i][3]
+  local fresh = redis.call('EXISTS', KEYS[k]) == 0
+  if fresh then
+    redis.call('HSET', KEYS[k], unpack(fields))
+    redis.call('EXPIRE', KEYS[k], ARGV[2])
+    if nkeys >= 3 then
+      redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
+      redis.call('EXPIRE', KEYS[k + 2], ARGV[2])
+    end
+  end
+  if entry ~= '' then
+    redis.call('XACK', KEYS[k + 1], ARGV[1], entry)
+    redis.call('XDEL', KEYS[k + 1], entry)
+  end
+  created[i] = fresh and 1 or 0
+  k = k + nkeys
+end
+return created
+"""
+
+RESULT_LUA = """
+-- Cluster step 1, on the result key's own slot. KEYS[1] result hash; ARGV: ttl s, field, value, ...
+-- Returns 1 when this call created the result, else the stored record (field, value, ...).
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+REPLY_LUA = """
+-- Cluster step 2, on the reply stream's slot. KEYS[1] replied mark, KEYS[2] reply stream (same tag)
+-- ARGV: ttl s, reply maxlen, field, value, ...  Returns 1 when pushed now, 0 when pushed before.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
 """
 
 
@@ -119,31 +189,117 @@ class Finish:
 
 
 class ResultWriter:
-    """Writes terminal records through the idempotent FINISH script, many per round trip."""
+    """Writes terminal records, many per round trip: one atomic FINISH script per record on a single
+    Redis, three idempotent per-slot steps on a cluster (see the module docstring)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, group: str, ttl_s: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, group: str, ttl_s: int) -> None:
         self.redis = redis
         self.keys = keys
         self.group = group
         self.ttl_s = ttl_s
+        self.cluster = is_cluster(redis)
         self.script: AsyncScript = redis.register_script(FINISH_LUA)
+        self._finish = Lua(FINISH_LUA)
+        self._finish_many = Lua(FINISH_MANY_LUA)
+        self._result = Lua(RESULT_LUA)
+        self._reply = Lua(REPLY_LUA)
 
-    async def queue(self, pipe: Any, item: Finish) -> None:
+    def _finish_call(self, item: Finish) -> tuple[list[str], list[Arg]]:
         keys = [self.keys.result(item.task_id), item.stream]
         if item.reply_to:
             keys.append(self.keys.reply(item.reply_to))
-        args: list[str | bytes | int] = [self.group, item.entry_id, self.ttl_s, REPLY_MAXLEN]
+        args: list[Arg] = [self.group, item.entry_id, self.ttl_s, REPLY_MAXLEN]
         for name, value in item.record.items():
             args += [name, value]
+        return keys, args
+
+    def _finish_many_calls(self, items: Sequence[Finish]) -> list[tuple[list[str], list[Arg]]]:
+        """FINISH_MANY calls of at most FINISH_CHUNK tasks each. The records travel as one msgpack
+        string (str and bytes alike as raw strings, which Lua's cmsgpack reads byte for byte)."""
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for start in range(0, len(items), FINISH_CHUNK):
+            keys: list[str] = []
+            packed: list[list[Any]] = []
+            for item in items[start : start + FINISH_CHUNK]:
+                own = [self.keys.result(item.task_id), item.stream]
+                if item.reply_to:
+                    own.append(self.keys.reply(item.reply_to))
+                keys += own
+                packed.append([len(own), item.entry_id, [x for pair in item.record.items() for x in pair]])
+            body = msgpack.packb(packed, use_bin_type=False)
+            calls.append((keys, [self.group, self.ttl_s, REPLY_MAXLEN, body]))
+        return calls
+
+    async def queue(self, pipe: Any, item: Finish) -> None:
+        """Queue one atomic finish in a MULTI `pipe` beside other commands (single Redis only: on a
+        cluster the keys of one finish live apart, so callers use `write` there)."""
+        if self.cluster:
+            raise TypeError("a Redis Cluster cannot finish a task inside a MULTI; use ResultWriter.write")
+        keys, args = self._finish_call(item)
         # With a pipeline as client this only queues EVALSHA; the pipeline loads the script if needed.
         await self.script(keys=keys, args=args, client=pipe)
 
-    async def write(self, items: list[Finish]) -> list[bool]:
-        """Write all records in one pipeline; True where this call created the result."""
+    async def write(self, items: Sequence[Finish]) -> list[bool]:
+        """Write all records; True where this call created the result. An item with an empty record
+        only acknowledges its entry (one deleted while pending: nothing to answer)."""
         if not items:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        with_record = [item for item in items if item.record]
+        if self.cluster:
+            stored = await self.store(with_record)
+            await self.push(with_record, stored)
+            await self.acknowledge(items)  # only now, after the result and the reply are written
+            created = [record is None for record in stored]
+        else:
+            replies = await self._finish_many.run_many(self.redis, self._finish_many_calls(with_record))
+            created = [bool(r) for reply in replies for r in reply]
+            await self.acknowledge([item for item in items if not item.record])
+        fresh = {id(item): c for item, c in zip(with_record, created, strict=True)}
+        return [fresh.get(id(item), False) for item in items]
+
+    # The cluster's three steps, public so that a test can stop between them as a crash would.
+
+    async def store(self, items: Sequence[Finish]) -> list[dict[Any, Any] | None]:
+        """Step 1: create each result hash where absent. None where this call created it, else the
+        record an earlier attempt stored (which the reply must then carry)."""
+        calls: list[tuple[list[str], list[Arg]]] = []
         for item in items:
-            await self.queue(pipe, item)
-        replies = await pipe.execute()
-        return [bool(r) for r in replies]
+            args: list[Arg] = [self.ttl_s]
+            for name, value in item.record.items():
+                args += [name, value]
+            calls.append(([self.keys.result(item.task_id)], args))
+        replies = await self._result.run_many(self.redis, calls)
+        return [None if reply == 1 else _pairs(reply) for reply in replies]
+
+    async def push(self, items: Sequence[Finish], stored: Sequence[dict[Any, Any] | None]) -> None:
+        """Step 2: push each result to its client's reply stream, once per task."""
+        pushes: list[tuple[list[str], list[Arg]]] = []
+        for item, earlier in zip(items, stored, strict=True):
+            if item.reply_to:
+                record: dict[Any, Any] = item.record if earlier is None else earlier
+                args: list[Arg] = [self.ttl_s, REPLY_MAXLEN]
+                for name, value in record.items():
+                    args += [name, value]
+                keys = [self.keys.replied(item.reply_to, item.task_id), self.keys.reply(item.reply_to)]
+                pushes.append((keys, args))
+        await self._reply.run_many(self.redis, pushes)
+
+    async def acknowledge(self, items: Sequence[Finish]) -> None:
+        """Step 3 (and entries with nothing to answer): XACK + XDEL the source entries, per stream."""
+        by_stream: dict[str, list[str]] = {}
+        for item in items:
+            if item.entry_id:
+                by_stream.setdefault(item.stream, []).append(item.entry_id)
+        if not by_stream:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, entry_ids in by_stream.items():
+            pipe.xack(stream, self.group, *entry_ids)
+            pipe.xdel(stream, *entry_ids)
+        await pipe.execute()
+
+
+def _pairs(flat: Any) -> dict[bytes, bytes]:
+    """HGETALL as a script returns it (field, value, ...) → a mapping."""
+    values = list(flat) if isinstance(flat, list) else []
+    return dict(zip(values[::2], values[1::2], strict=True))

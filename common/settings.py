@@ -23,7 +23,10 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis to use; `redis://`, `rediss://` (TLS), user:password for ACL auth.",
+        description=(
+            "Redis to use; `redis://`, `rediss://` (TLS), user:password for ACL auth; `redis+cluster://h1:p1,h2:p2`"
+            " for a Redis Cluster; `redis+sentinel://s1:p1/master-name` for Sentinel (docs/scaling.md)."
+        ),
     )
     prefix: str = Field("ectrans:", description="Prefix of every Redis key ECTrans writes.")
     models_file: Path | None = Field(

@@ -23,12 +23,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ectrans.common import codec
 from ectrans.common.keys import Keys
-from ectrans.common.redis_conn import BLOCK_MS, connect
+from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 
 T = TypeVar("T")
 
@@ -100,8 +99,8 @@ class AsyncClient:
         self.keys = Keys(prefix)
         self.client_id = client_id or uuid.uuid4().hex
         self.reply_stream = self.keys.reply(self.client_id)
-        self._redis: aioredis.Redis | None = None
-        self._reader_redis: aioredis.Redis | None = None
+        self._redis: RedisClient | None = None
+        self._reader_redis: RedisClient | None = None
         self._waiting: dict[str, asyncio.Future[TaskResult]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -129,7 +128,7 @@ class AsyncClient:
             # cooperatively: the flag ends its loop, dropping its connection ends the wait.
             self._closing = True
             if self._reader_redis is not None:
-                await self._reader_redis.connection_pool.disconnect()
+                await disconnect(self._reader_redis)
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, RedisConnectionError):
                 await asyncio.wait_for(self._reader, BLOCK_MS / 1000 + 2)
             self._reader = None

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from ectrans.common.redis_server import RedisServer
+from ectrans.common.redis_topology import LocalCluster
 from ectrans.common.registry import ModelSpec, load_registry
 from ectrans.models.api import Executor
 
@@ -21,9 +22,22 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A 3-master Redis Cluster on free ports, started once per session by whoever needs it."""
+    with LocalCluster(3) as cluster:
+        yield cluster
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The Redis every test talks to: one server, or with `ECTRANS_TEST_REDIS=cluster` the
+    3-master cluster, so the whole suite runs unchanged against a cluster."""
+    if os.environ.get("ECTRANS_TEST_REDIS", "single") == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture

@@ -114,8 +114,10 @@ def _all_alive(url: str, prefix: str, expected: int) -> bool:
     """True once every started service has written its heartbeat."""
     import redis
 
+    from ectrans.common.redis_conn import connect_sync
+
     try:
-        with redis.Redis.from_url(url, socket_timeout=1) as client:
+        with connect_sync(url, socket_timeout=1) as client:  # any URL the services take (cluster, Sentinel)
             return len(list(client.scan_iter(match=f"{prefix}hb:*", count=100))) >= expected
     except redis.RedisError:
         return False

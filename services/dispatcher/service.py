@@ -14,8 +14,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from ectrans.common.cost import CostModel, estimate_tokens, predict_realtime_ms
+from ectrans.common.forwarding import Forwarder, Forwarding
 from ectrans.common.heartbeat import METRICS_MAXLEN, Heartbeat, default_instance
 from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, Keys
+from ectrans.common.placement import Placement
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
@@ -53,6 +55,16 @@ class Dispatcher:
         self._own_redis = redis is None
         self.redis = redis or connect(settings.redis_url, client_name=f"ectrans-dispatcher-{self.consumer}")
         self.writer = ResultWriter(self.redis, self.keys, DISPATCHER_GROUP, settings.result_ttl_s)
+        # On a Redis Cluster forward + ack cannot share a MULTI: idempotent steps per slot instead.
+        self.forwarder = Forwarder(self.redis, self.keys, self.keys.tasks, DISPATCHER_GROUP, settings.result_ttl_s)
+        self.placement = Placement(
+            self.redis,
+            self.keys,
+            sorted(registry),
+            consumer=f"dispatcher-{self.consumer}",  # never a worker's name in the workers' group
+            grace_s=settings.unavailable_after_s,
+            result_ttl_s=settings.result_ttl_s,
+        )
         self.reclaimer = Reclaimer(
             self.redis,
             self.keys,
@@ -86,6 +98,7 @@ class Dispatcher:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.heartbeat.run(self._stopping))
                 tg.create_task(self._serve())
+                tg.create_task(self.placement.run(self._stopping))
         finally:
             if self._own_redis:
                 await self.redis.aclose()
@@ -111,6 +124,7 @@ class Dispatcher:
                 if outage_since is None:
                     outage_since = time.monotonic()
                     logger.warning("[redis] connection lost (%s); retrying with backoff", exc)
+                backlog = True  # what was read but not forwarded is taken back now, not after the claim idle time
                 await asyncio.sleep(random.uniform(0.1, 1.0))
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis restarted without our group
@@ -162,6 +176,8 @@ class Dispatcher:
             if not spec.supports(task.op):
                 ops = ", ".join(sorted(spec.ops))
                 raise TaskError(Reason.UNKNOWN_OP, f"model {task.model!r} has no op {task.op!r:.40}; ops: {ops}")
+            if self.placement.unavailable(task.model):
+                raise TaskError(Reason.UNAVAILABLE, self.placement.message(task.model))
             deadline = task.deadline_at_ms
             if deadline is not None and now_ms() >= deadline:
                 raise TaskError(Reason.DEADLINE, "deadline passed before the task was dispatched")
@@ -177,6 +193,9 @@ class Dispatcher:
             return
         decisions = [self.decide(eid, raw) for eid, raw in entries]
         decisions = await self._admit(decisions)
+        if self.writer.cluster:
+            await asyncio.shield(self._commit_per_slot(decisions))
+            return
         # Forward + ack (and error results) in one MULTI: a crash leaves all or nothing done.
         pipe = self.redis.pipeline(transaction=True)
         for decision in decisions:
@@ -192,6 +211,24 @@ class Dispatcher:
         self.rejected += rejected
         self.forwarded += len(decisions) - rejected
 
+    async def _commit_per_slot(self, decisions: list[Forward | Finish]) -> None:
+        """The cluster's dispatch: forwards (deduped in the queue's slot, then acked), error results
+        (idempotent, then acked), then the rejection metrics (best effort, after the results)."""
+        forwards = [
+            Forwarding(d.queue, d.task.model, d.task.id, d.entry_id, d.task.to_fields())
+            for d in decisions
+            if isinstance(d, Forward)
+        ]
+        finishes = [d for d in decisions if isinstance(d, Finish)]
+        await self.forwarder.forward(forwards)
+        await self.writer.write(finishes)
+        if finishes:
+            pipe = self.redis.pipeline(transaction=False)
+            self._queue_rejection_metrics(pipe, finishes)
+            await pipe.execute()
+        self.rejected += len(finishes)
+        self.forwarded += len(forwards)
+
     def _queue_rejection_metrics(self, pipe: Any, rejected: list[Finish]) -> None:
         """One `kind=errors` metrics entry per (model, class), in the same MULTI as the error results,
         so the monitor counts each rejection exactly once."""
@@ -204,7 +241,8 @@ class Dispatcher:
             grouped.setdefault((model, task_class), []).append(f"{reason}:{count}")
         for (model, task_class), reasons in grouped.items():
             fields = {"kind": "errors", "model": model, "class": task_class, "reasons": ",".join(reasons)}
-            pipe.xadd(self.keys.metrics, {**fields, "dispatcher": self.consumer}, maxlen=METRICS_MAXLEN, approximate=True)
+            fields["dispatcher"] = self.consumer
+            pipe.xadd(self.keys.metrics, fields, maxlen=METRICS_MAXLEN, approximate=True)
 
     async def _admit(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
         """Admission: a real-time task predicted to miss its deadline is rejected (or downgraded to

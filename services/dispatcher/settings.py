@@ -29,6 +29,11 @@ class DispatcherSettings(CommonSettings):
     claim_idle_ms: int = Field(30_000, ge=100, description="Idle time after which a dead peer's entries are taken.")
     max_deliveries: int = Field(5, ge=1, description="Deliveries after which an entry is dead-lettered.")
     heartbeat_s: float = Field(2.0, gt=0)
+    unavailable_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="A model with no live worker this long gets `unavailable` errors, for new and queued tasks.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DispatcherSettings:
