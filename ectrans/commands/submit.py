@@ -35,4 +35,3 @@ def run(args: argparse.Namespace) -> int:
     output = result.output.tolist() if hasattr(result.output, "tolist") else result.output
     print(json.dumps({**result.fields, "output": output} if result.ok else result.fields))
     return 0 if result.ok else 1
-
