@@ -24,7 +24,7 @@ from ectrans.common.heartbeat import Heartbeat, default_instance
 from ectrans.common.keys import TASK_CLASSES, WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
-from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
+from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
 from ectrans.common.schemas import Reason, Task, TaskError
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_MAXLEN = 10_000
 REALTIME_INFLIGHT = 2
+TOUCH_LIMIT = 10  # claim idle times after which a held task is left to peers (see `_touch_loop`)
 
 
 def _text_field(record: Fields, name: str) -> str:
@@ -56,7 +57,9 @@ class ModelLane:
         )
         # Each class has its own in-flight limit, so bulk batches filling the executor never keep a
         # real-time batch from being submitted (it then cuts in at the next segment boundary).
-        self.limits = {"realtime": REALTIME_INFLIGHT, "batch": settings.max_inflight_batches}
+        # An executor of several processes (shared weights) gets the in-flight limit for each.
+        processes = getattr(executor, "processes", 1)
+        self.limits = {"realtime": REALTIME_INFLIGHT, "batch": settings.max_inflight_batches * processes}
         self.inflight = {"realtime": 0, "batch": 0}
         self.wakeup = asyncio.Event()
         self.cost = OnlineCost(segments=len(getattr(executor, "segments", [None])))
@@ -70,16 +73,29 @@ class ModelLane:
 
 
 def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str, Executor]:
-    """Load every served model (slow: call from a thread)."""
+    """Load every served model (slow: call from a thread). With shared weights, a model runs in
+    `executors_per_device` processes attached to one weight holder, behind the same interface."""
     from ectrans.models.loader import load_executor
 
     threads = settings.torch_threads()
-    return {
-        spec.name: load_executor(
-            spec, device=settings.device or spec.device, threads=threads, segments=settings.segments
-        )
-        for spec in specs
-    }
+    executors: dict[str, Executor] = {}
+    for spec in specs:
+        device = settings.device or spec.device
+        if settings.shares_weights() and spec.kind != "noop":
+            from ectrans.models.process_pool import SharedExecutorPool
+
+            processes = settings.executors_per_device
+            executors[spec.name] = SharedExecutorPool(
+                spec,
+                processes,
+                device=device,
+                threads_per_process=max(1, threads // processes),
+                segments=settings.segments,
+                log_format=settings.log_format,
+            )
+        else:
+            executors[spec.name] = load_executor(spec, device=device, threads=threads, segments=settings.segments)
+    return executors
 
 
 class Worker:
@@ -116,8 +132,9 @@ class Worker:
         # Cursors over our own pending entries left by an earlier run under this name, per stream,
         # until read through: each history read counts as a delivery, so every entry is read once.
         self._history: dict[str, str] = {}
-        # (stream, entry id) of every task this process holds (queued or running): never admitted twice.
-        self._held: set[tuple[str, str]] = set()
+        # (stream, entry id) → monotonic time admitted, of every task this process holds (queued or
+        # running): never admitted twice, and kept from looking abandoned (see `_touch_loop`).
+        self._held: dict[tuple[str, str], float] = {}
 
     def stop(self) -> None:
         self._stopping.set()
@@ -129,7 +146,16 @@ class Worker:
             "models": ",".join(spec.name for spec in self.specs),
             "queued": sum(len(lane.batcher) for lane in self.lanes.values()),
             **{f"n_{k}": v for k, v in self.counts.items()},
+            **self._weight_fields(),
         }
+
+    def _weight_fields(self) -> dict[str, object]:
+        """Shared weights and executor processes' memory, for the monitor (with shared weights only)."""
+        if not self.settings.shares_weights():
+            return {}
+        from ectrans.models.process_pool import heartbeat_fields
+
+        return heartbeat_fields([lane.executor for lane in self.lanes.values()])
 
     async def start(self) -> None:
         """Load models and join the consumer groups."""
@@ -156,8 +182,10 @@ class Worker:
             await self.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.heartbeat.run(self._stopping))
-                tg.create_task(self._guard(self._read_loop, "reader"))
+                for streams in self._read_sets():
+                    tg.create_task(self._guard(lambda streams=streams: self._read_loop(streams), "reader"))
                 tg.create_task(self._guard(self._claim_loop, "claimer"))
+                tg.create_task(self._guard(self._touch_loop, "toucher"))
                 tg.create_task(self._grace_watchdog())
                 for lane in self.lanes.values():
                     tg.create_task(self._guard(lambda lane=lane: self._schedule_loop(lane, tg), "scheduler"))
@@ -200,31 +228,41 @@ class Worker:
     def _local_backlog(self) -> int:
         return sum(len(lane.batcher) for lane in self.lanes.values())
 
-    async def _read_loop(self) -> None:
+    def _read_sets(self) -> list[list[str]]:
+        """Streams read by one XREADGROUP each, real-time first: all at once on a single Redis; one
+        model's pair per reader on a cluster, where one call cannot span slots (a model's streams
+        share its hash tag)."""
+        if not is_cluster(self.redis):
+            return [list(self.streams)]
+        by_model: dict[str, list[str]] = {}
+        for stream, model in self.streams.items():
+            by_model.setdefault(model, []).append(stream)
+        return list(by_model.values())
+
+    async def _read_loop(self, streams: list[str]) -> None:
         while not self._stopping.is_set():
             room = self.settings.prefetch - self._local_backlog()
             if room <= 0:
                 await asyncio.sleep(0.002)
                 continue
-            if self._history:  # first our own pending entries (after a restart), then new ones
-                await self._read_history(room)
+            history = {s: cursor for s, cursor in self._history.items() if s in streams}
+            if history:  # first our own pending entries (after a restart), then new ones
+                await self._read_history(room, history)
                 continue
-            streams = {stream: ">" for stream in self.streams}
             for stream, entries in await read_group(
-                self.redis, WORKER_GROUP, self.consumer, streams, count=room, block=BLOCK_MS
+                self.redis, WORKER_GROUP, self.consumer, {s: ">" for s in streams}, count=room, block=BLOCK_MS
             ):
                 await self._admit(stream, entries)
 
-    async def _read_history(self, room: int) -> None:
-        streams = dict(self._history)
+    async def _read_history(self, room: int, streams: dict[str, str]) -> None:
         got = dict(await read_group(self.redis, WORKER_GROUP, self.consumer, streams, count=room, block=None))
-        for stream in list(self._history):
+        for stream in streams:
             entries = got.get(stream, [])
             if entries:
                 self._history[stream] = entries[-1][0]
                 await self._admit_recovered(stream, entries)
             else:
-                del self._history[stream]
+                self._history.pop(stream, None)
 
     async def _admit_recovered(self, stream: str, entries: list[Entry]) -> None:
         """Own pending entries after a restart: past the delivery limit they are dead-lettered."""
@@ -248,7 +286,7 @@ class Worker:
                 continue
             try:
                 tasks.append((entry_id, Task.from_fields(raw)))
-                self._held.add((stream, entry_id))
+                self._held[(stream, entry_id)] = time.monotonic()
             except TaskError as err:
                 record = error_record(entry_id, err.reason, err.message, submitted_ms=int(entry_id.split("-")[0]))
                 broken.append(Finish(entry_id, record, stream, entry_id))
@@ -336,22 +374,25 @@ class Worker:
         self, lane: ModelLane, batch: Batch, results: list[ItemResult], stats: BatchStats, started: int
     ) -> None:
         finishes: list[Finish] = []
-        reasons: Counter[str] = Counter()
         for pending, result in zip(batch.items, results, strict=True):
             task = pending.task
             if result.error is None:
                 record = ok_record(task, result.output, service_ms=stats.service_ms, started_ms=started)
             else:
-                reasons[Reason.BAD_INPUT] += 1
                 record = error_record(
                     task.id, Reason.BAD_INPUT, result.error, submitted_ms=task.submitted_ms,
                     task_class=task.task_class, model=task.model, op=task.op,
                 )  # fmt: skip
             finishes.append(Finish(task.id, record, pending.stream, pending.entry_id, task.reply_to))
-        await self._write(finishes)
-        self.counts["ok"] += len(finishes) - sum(reasons.values())
+        fresh = await self._write(finishes)
+        # A task run again after a takeover is answered once and must be counted once: metrics
+        # cover only the results this write created (the device work is still real cost).
+        counted = [i for i, created in enumerate(fresh) if created]
+        reasons = Counter(Reason.BAD_INPUT for i in counted if _text_field(finishes[i].record, "status") == "error")
+        self.counts["ok"] += len(counted) - sum(reasons.values())
         self.counts["error"] += sum(reasons.values())
-        await self._publish_metrics(lane, batch, stats, finishes, reasons)
+        shown = Batch(batch.task_class, [batch.items[i] for i in counted])
+        await self._publish_metrics(lane, shown, stats, [finishes[i] for i in counted], reasons)
         await self._publish_cost(lane, stats)
 
     async def _finish_errors(self, items: list[Pending], reason: str, message: str) -> None:
@@ -373,9 +414,11 @@ class Worker:
             )
             for p in items
         ]
-        await self._write(finishes)
-        self.counts["error"] += len(finishes)
-        by_class = Counter((p.task.model, p.task.task_class) for p in items)
+        fresh = await self._write(finishes)
+        self.counts["error"] += sum(fresh)
+        by_class = Counter(
+            (p.task.model, p.task.task_class) for p, created in zip(items, fresh, strict=True) if created
+        )
         for (model, task_class), count in by_class.items():
             await self._xadd_metrics(
                 {
@@ -387,22 +430,22 @@ class Worker:
                 }
             )
 
-    async def _write(self, finishes: list[Finish]) -> None:
+    async def _write(self, finishes: list[Finish]) -> list[bool]:
         """Write terminal records, riding out a Redis restart with jittered backoff: the finish
         script is idempotent, so a retry after an unanswered attempt writes nothing twice. Shielded:
         a shutdown must not cut a write in half (the script is atomic anyway)."""
         delay = 0.1
         while True:
             try:
-                await asyncio.shield(self.writer.write(finishes))
-                return
+                return await asyncio.shield(self.writer.write(finishes))
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("[redis] %d results wait for Redis (%s)", len(finishes), exc)
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 2.0)
 
     def _release(self, items: list[Pending]) -> None:
-        self._held.difference_update((p.stream, p.entry_id) for p in items)
+        for p in items:
+            self._held.pop((p.stream, p.entry_id), None)
 
     async def _publish_metrics(
         self, lane: ModelLane, batch: Batch, stats: BatchStats, finishes: list[Finish], reasons: Counter[str]
@@ -474,6 +517,32 @@ class Worker:
                 claimed = await reclaimer.claim(room)
                 await dead_letter(self.redis, self.keys, self.writer, stream, claimed.dead, consumer=self.consumer)
                 await self._admit(stream, claimed.live)
+
+    async def _touch_loop(self) -> None:
+        """Peers take over entries idle for `claim_idle_ms`, so every half of that a live worker resets
+        the idle time of what it holds, queued or running (XCLAIM JUSTID to itself: no delivery is
+        counted) — also while it drains on a stop. Without this, a backlog that takes longer than the
+        idle time is claimed by peers while it waits here, runs twice, and its delivery counts climb
+        to the dead-letter limit. A task held for `TOUCH_LIMIT` idle times is no longer touched, so a
+        stuck executor cannot keep it from peers forever."""
+        period = self.settings.claim_idle_ms / 2000
+        while True:
+            if not self._stopping.is_set():
+                await wait_or_timeout(self._stopping, period)
+            elif self._inflight:
+                await asyncio.wait(set(self._inflight), timeout=period)
+            else:
+                return
+            await self._touch()
+
+    async def _touch(self) -> None:
+        oldest = time.monotonic() - TOUCH_LIMIT * self.settings.claim_idle_ms / 1000
+        by_stream: dict[str, list[Any]] = {}
+        for (stream, entry_id), admitted in list(self._held.items()):
+            if admitted >= oldest:
+                by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            await self.redis.xclaim(stream, WORKER_GROUP, self.consumer, 0, ids, justid=True)
 
     async def _grace_watchdog(self) -> None:
         """After a stop, in-flight batches get `grace_s` to finish; then they are cancelled and
