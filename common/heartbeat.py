@@ -96,6 +96,8 @@ class Heartbeat:
                 await self.beat()
             except RedisError as exc:
                 logger.warning("[heartbeat] cannot reach Redis: %s", exc)
+            except Exception:  # e.g. a client-library error mid-reconnect: never fatal to the service
+                logger.exception("[heartbeat] unexpected error; retrying")
             await wait_or_timeout(stop, self.interval_s)
         with contextlib.suppress(RedisError):
             await self.stopped()

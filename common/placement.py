@@ -117,6 +117,10 @@ class Placement:
                 logger.debug("[placement] Redis unreachable: %s", exc)
             except RedisError:
                 logger.exception("[placement] Redis refused a command")
+            except Exception:
+                # The client library can raise other errors mid-reconnect (seen on a cluster node
+                # failover); a background loop must never take the dispatcher down with it.
+                logger.exception("[placement] unexpected error; retrying")
             await wait_or_timeout(stop, self.refresh_s)
 
     # Answering what waits for a model nobody serves -------------------------------------------------

@@ -58,11 +58,17 @@ def _info(port: int) -> dict[str, str]:
 class LocalCluster:
     """`masters` redis-server processes with cluster mode on, joined by `redis-cli --cluster create`."""
 
-    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 2000) -> None:
+    def __init__(
+        self, masters: int = 3, *, node_timeout_ms: int = 2000, appendonly: bool = False, data_dir: Path | None = None
+    ) -> None:
+        """`appendonly` with a `data_dir` (one sub-directory per node, kept by `stop`): a node stopped
+        and started again on its port reloads its data and its cluster config (see `restart_node`)."""
         if masters < 3:
             raise ValueError(f"{masters=} must be >= 3 (redis-cli --cluster create needs three masters)")
         self.masters = masters
         self.node_timeout_ms = node_timeout_ms
+        self.appendonly = appendonly
+        self.data_dir = data_dir
         self.nodes: list[RedisServer] = []
 
     @property
@@ -79,8 +85,13 @@ class LocalCluster:
             for _ in range(self.masters):
                 port = free_cluster_port(taken)
                 taken.add(port)
+                node_dir = None if self.data_dir is None else self.data_dir / f"node-{port}"
+                if node_dir is not None:
+                    node_dir.mkdir(parents=True, exist_ok=True)
                 node = RedisServer(
                     port,
+                    appendonly=self.appendonly,
+                    data_dir=node_dir,
                     extra_args=[
                         "--cluster-enabled", "yes",
                         "--cluster-config-file", f"nodes-{port}.conf",
@@ -104,11 +115,34 @@ class LocalCluster:
         """Until every node reports `cluster_state:ok` and knows all the others."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            infos = [str(command(port, "CLUSTER", "INFO")) for port in self.ports]
+            try:
+                infos = [str(command(port, "CLUSTER", "INFO")) for port in self.ports]
+            except (OSError, redis.RedisError):  # a node still starting or loading its AOF
+                infos = []
+            if not infos:
+                time.sleep(0.05)
+                continue
             if all("cluster_state:ok" in info and f"cluster_known_nodes:{self.masters}" in info for info in infos):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"the cluster on ports {self.ports} did not reach cluster_state:ok in {timeout_s}s")
+
+    def master_of(self, key: str) -> int:
+        """The index in `nodes` of the master that serves `key`'s slot."""
+        slot = int(str(command(self.ports[0], "CLUSTER", "KEYSLOT", key)))
+        for start, end, master, *_ in command(self.ports[0], "CLUSTER", "SLOTS"):  # type: ignore[attr-defined]
+            if int(start) <= slot <= int(end):
+                return self.ports.index(int(master[1]))
+        raise RuntimeError(f"no master serves slot {slot} of {key!r}")
+
+    def restart_node(self, index: int, *, kill: bool = True, down_s: float = 1.0, timeout_s: float = 30.0) -> None:
+        """Stop node `index` (SIGKILL unless `kill` is false), start it again on the same port and
+        files, and wait until the cluster is whole again."""
+        node = self.nodes[index]
+        node.stop(kill=kill)
+        time.sleep(down_s)
+        node.start()
+        self.wait_ok(timeout_s)
 
     def stop(self) -> None:
         for node in self.nodes:

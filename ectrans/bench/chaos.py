@@ -18,6 +18,10 @@ tasks (it exits 0 and hands them back at once); SIGKILL the dispatcher (restarte
 restart Redis (SIGTERM, AOF everysec); SIGKILL Redis (AOF everysec, then always); stop the monitor;
 and on MiniLM: SIGKILL a worker mid-batch, then SIGTERM the other with a batch in flight.
 
+On a 3-master Redis Cluster (`ECTRANS_BENCH_REDIS=cluster`, AOF on every node) the same process
+faults run, and instead of the single-Redis restarts: SIGKILL the master that serves the ingress
+stream and start it again on its port and files.
+
 `duplicates` and `lost` must be 0 for every fault (and `error` too: no fault here is the task's
 fault). Progress lines go to stderr; `run` returns the JSON that `ectrans bench chaos` prints.
 """
@@ -44,7 +48,9 @@ from typing import Any
 from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.redis_server import RedisServer, free_port
+from ectrans.common.redis_topology import LocalCluster
 
+SINGLE, CLUSTER = "single", "cluster"  # `topology`: one Redis, or a 3-master Redis Cluster
 NOOP_MODELS = json.dumps({"noop": {"kind": "noop"}})
 READY_TIMEOUT_S = 180.0
 CLAIM_IDLE_MS = 1000
@@ -114,22 +120,56 @@ class Service:
 
 
 class ChaosStack:
-    """Redis with AOF in a fixed directory and port, plus named service processes."""
+    """Redis with AOF in a fixed directory and port (or a 3-master cluster, each node so), plus named
+    service processes."""
 
-    def __init__(self, work_dir: Path, *, serve_models: str, models_json: str | None, settings: dict[str, str]):
+    def __init__(
+        self, work_dir: Path, *, serve_models: str, models_json: str | None, settings: dict[str, str],
+        topology: str = SINGLE,
+    ):  # fmt: skip
+        if topology not in (SINGLE, CLUSTER):
+            raise ValueError(f"topology {topology!r}: {SINGLE} or {CLUSTER}")
         self.work_dir = work_dir
         self.prefix = "chaos:"
         self.keys = Keys(self.prefix)
-        self.redis_server = RedisServer(free_port(), appendonly=True, data_dir=work_dir / "redis")
+        self.topology = topology
         (work_dir / "redis").mkdir(parents=True, exist_ok=True)
+        self._server: RedisServer | None = None
+        self._cluster: LocalCluster | None = None
+        if topology == CLUSTER:
+            self._cluster = LocalCluster(3, appendonly=True, data_dir=work_dir / "redis")
+        else:
+            self._server = RedisServer(free_port(), appendonly=True, data_dir=work_dir / "redis")
         self.serve_models = serve_models
         self.models_json = models_json
         self.settings = settings
         self.services: dict[str, Service] = {}
 
     @property
+    def redis_server(self) -> RedisServer:
+        assert self._server is not None, "a single-Redis fault on a cluster stack"
+        return self._server
+
+    @property
+    def cluster(self) -> LocalCluster:
+        assert self._cluster is not None, "a cluster fault on a single-Redis stack"
+        return self._cluster
+
+    @property
     def url(self) -> str:
-        return self.redis_server.url
+        return self.cluster.url if self._cluster is not None else self.redis_server.url
+
+    def start_redis(self) -> None:
+        if self._cluster is not None:
+            self._cluster.start()
+        else:
+            self.redis_server.start()
+
+    def stop_redis(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+        else:
+            self.redis_server.stop()
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECTRANS_")}
@@ -179,7 +219,7 @@ class ChaosStack:
             if service.process is not None and service.wait(GRACE_S + 10) is None:
                 service.signal(signal.SIGKILL)
                 service.wait(10)
-        self.redis_server.stop()
+        self.stop_redis()
 
 
 async def pending_of(redis: RedisClient, streams: list[str], group: str, consumer: str) -> int:
@@ -386,6 +426,17 @@ def kill_redis(appendfsync: str) -> Fault:
     return fault
 
 
+async def kill_cluster_master(p: Phase) -> dict[str, Any]:
+    """SIGKILL the cluster master that serves the ingress stream (AOF everysec); start it again on the
+    same port and files one second later, and wait for `cluster_state:ok` on every node."""
+    cluster = p.stack.cluster
+    index = cluster.master_of(p.stack.keys.tasks)
+    stopped = time.monotonic()
+    await asyncio.to_thread(cluster.restart_node, index, kill=True, down_s=1.0)
+    return {"down_s": round(time.monotonic() - stopped, 2), "port": cluster.ports[index], "appendfsync": "everysec",
+            "signal": "SIGKILL"}  # fmt: skip
+
+
 async def stop_monitor(p: Phase) -> dict[str, Any]:
     service = p.stack.services["m0"]
     p.stopped.add("m0")
@@ -429,7 +480,7 @@ MINILM_SIZE = {True: Size(rate=24, seconds=6, chunk=8), False: Size(rate=40, sec
 
 
 async def _with_stack(stack: ChaosStack, body: Callable[[Phase], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    await asyncio.to_thread(stack.redis_server.start)
+    await asyncio.to_thread(stack.start_redis)
     redis = connect(stack.url, client_name="chaos-observer")
     try:
         return await body(Phase(stack, redis, []))
@@ -438,12 +489,16 @@ async def _with_stack(stack: ChaosStack, body: Callable[[Phase], Awaitable[dict[
         await asyncio.to_thread(stack.stop)
 
 
-async def noop_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
-    """Every fault but the MiniLM ones, one after another on one stack serving the `noop` model."""
+async def noop_faults(
+    work_dir: Path, quick: bool, topology: str = SINGLE, *, redis_faults: bool = True
+) -> dict[str, Any]:
+    """Every fault but the MiniLM ones, one after another on one stack serving the `noop` model; on a
+    cluster the master SIGKILL takes the place of the single-Redis restarts. `redis_faults=False`:
+    the process faults only."""
     size = NOOP_SIZE[quick]
     settings = {"CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "HEARTBEAT_S": "0.5", "INTERVAL_S": "1", "GRACE_S": str(GRACE_S),
                 "BATCH_MAX_WAIT_MS": "200"}  # fmt: skip
-    stack = ChaosStack(work_dir, serve_models="noop", models_json=NOOP_MODELS, settings=settings)
+    stack = ChaosStack(work_dir, serve_models="noop", models_json=NOOP_MODELS, settings=settings, topology=topology)
     texts = [f"task number {i} of the steady load" for i in range(size.count())]
     # The SIGTERM victim holds what it reads for up to 3 s before running it: queued, not started.
     holder = {"BATCH_MAX_WAIT_MS": "3000", "BATCH_MAX_BATCH": "256", "RT_MAX_WAIT_MS": "3000", "RT_MAX_BATCH": "256"}
@@ -455,13 +510,20 @@ async def noop_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
         stack.start_service("w1", "worker", holder)
         await stack.wait_ready(["d0", "w0", "w1", "w2", "m0"], p.redis)
         note("noop stack ready")
+        store_faults: list[tuple[str, Fault]] = [
+            ("redis_restart_aof_everysec", restart_redis),
+            ("redis_sigkill_aof_everysec", kill_redis("everysec")),
+            ("redis_sigkill_aof_always", kill_redis("always")),
+        ]
+        if topology == CLUSTER:
+            store_faults = [("cluster_master_sigkill_aof_everysec", kill_cluster_master)]
+        if not redis_faults:
+            store_faults = []
         faults: list[tuple[str, Fault]] = [
             ("worker_sigkill", kill_worker("w0", restart=False)),
             ("worker_sigterm", term_worker("w1")),
             ("dispatcher_sigkill", kill_dispatcher),
-            ("redis_restart_aof_everysec", restart_redis),
-            ("redis_sigkill_aof_everysec", kill_redis("everysec")),
-            ("redis_sigkill_aof_always", kill_redis("always")),
+            *store_faults,
             ("monitor_stop", stop_monitor),
         ]
         out: dict[str, Any] = {}
@@ -475,13 +537,13 @@ async def noop_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
     return await _with_stack(stack, body)
 
 
-async def minilm_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
+async def minilm_faults(work_dir: Path, quick: bool, topology: str = SINGLE) -> dict[str, Any]:
     """The real model: SIGKILL a worker mid-batch (it restarts under its name), then at once SIGTERM
     the other with a batch in flight: what it hands back waits in Redis for the restarted one."""
     size = MINILM_SIZE[quick]
     settings = {"CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "HEARTBEAT_S": "0.5", "INTERVAL_S": "1", "GRACE_S": str(GRACE_S),
                 "THREADS": "1"}  # fmt: skip
-    stack = ChaosStack(work_dir, serve_models="minilm", models_json=None, settings=settings)
+    stack = ChaosStack(work_dir, serve_models="minilm", models_json=None, settings=settings, topology=topology)
 
     async def body(p: Phase) -> dict[str, Any]:
         p.queues = [stack.keys.queue("minilm", c) for c in ("realtime", "batch")]
@@ -508,20 +570,28 @@ async def minilm_faults(work_dir: Path, quick: bool) -> dict[str, Any]:
     return await _with_stack(stack, body)
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Both scenarios; per-fault counts go to stderr as they come and into the returned JSON."""
+def run(quick: bool, topology: str | None = None) -> dict[str, Any]:
+    """Both scenarios; per-fault counts go to stderr as they come and into the returned JSON.
+
+    `topology` (default: env `ECTRANS_BENCH_REDIS`, else `single`) is `single` or `cluster` (a local
+    3-master Redis Cluster); the JSON names it only for a cluster, so the single-Redis JSON is as before."""
+    topology = topology or os.environ.get("ECTRANS_BENCH_REDIS", SINGLE)
+    if topology not in (SINGLE, CLUSTER):
+        raise ValueError(f"ECTRANS_BENCH_REDIS={topology!r}: {SINGLE} or {CLUSTER}")
     work_dir = Path(tempfile.mkdtemp(prefix="ectrans-chaos-"))
     started = time.monotonic()
     try:
-        faults = asyncio.run(noop_faults(work_dir / "noop", quick))
-        faults |= asyncio.run(minilm_faults(work_dir / "minilm", quick))
+        faults = asyncio.run(noop_faults(work_dir / "noop", quick, topology))
+        faults |= asyncio.run(minilm_faults(work_dir / "minilm", quick, topology))
     except BaseException:
         note(f"logs kept in {work_dir}")
         raise
     shutil.rmtree(work_dir, ignore_errors=True)
     clean = all(f["duplicates"] == 0 and f["lost"] == 0 and not f["crashed"] for f in faults.values())
+    topology_field = {"topology": topology} if topology == CLUSTER else {}
     return {
         "scenario": "chaos",
+        **topology_field,
         "quick": quick,
         "claim_idle_ms": CLAIM_IDLE_MS,
         "grace_s": GRACE_S,

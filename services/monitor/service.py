@@ -119,6 +119,9 @@ class Monitor:
             except RedisError:
                 logger.exception("[monitor] Redis refused a command")
                 await asyncio.sleep(1.0)
+            except Exception:  # a client-library error mid-reconnect must not end the monitor
+                logger.exception("[monitor] unexpected error; retrying")
+                await asyncio.sleep(1.0)
 
     # 1. Reading the streams -------------------------------------------------------------------
 
