@@ -24,12 +24,18 @@ from ectrans.models.loader import load_executor, load_model
 from ectrans.models.noop import NoopExecutor
 from ectrans.models.pipeline import BoundaryEvent, PipelinedExecutor
 from ectrans.models.segments import SegmentState
-from tests.tiny_encoders import SENTENCES, make_tiny_bert
+from tests.tiny_encoders import SENTENCES, make_tiny_bert, one_torch_thread
 
 WAIT_S = 20.0
-STEPS_SPEC = ModelSpec(
-    name="steps", path=Path(), kind="encoder", model_type="test", ops=frozenset({"embed", "noop"})
-)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+STEPS_SPEC = ModelSpec(name="steps", path=Path(), kind="encoder", model_type="test", ops=frozenset({"embed", "noop"}))
 
 
 class CharTokenize:
@@ -71,7 +77,7 @@ class Step:
             assert self.gate.wait(WAIT_S), "test gate never opened"
         if any("boom" in text for text in texts):
             raise ValueError("boom")
-        base = state.hidden if state.hidden is not None else torch.zeros(state.input_ids.shape + (4,))
+        base = state.hidden if state.hidden is not None else torch.zeros((*state.input_ids.shape, 4))
         state.hidden = base + 1
         if self.last:
             state.outputs = [f"{text}:{int(state.hidden[0, 0, 0])}" for text in texts]
@@ -100,7 +106,9 @@ def step(executor: PipelinedExecutor, index: int) -> Step:
 @pytest.mark.parametrize("realtime", [True, False])
 def test_waiting_realtime_batch_runs_at_the_next_boundary(log: list[tuple[str, str]], realtime: bool) -> None:
     events: list[tuple[BoundaryEvent, int]] = []
-    executor = steps_executor(log, between_segments=lambda e: events.append((e, executor.parked_bytes)))
+    made: list[PipelinedExecutor] = []
+    executor = steps_executor(log, between_segments=lambda e: events.append((e, made[0].parked_bytes)))
+    made.append(executor)
     first = step(executor, 0)
     first.block_on = "big"
     big = executor.submit(Request("embed", ["big", "batch"]))
@@ -202,7 +210,11 @@ def test_results_in_order_and_equal_to_the_unsplit_model(tiny_bert: Path, bert_e
             assert result.error is None and result.output.dtype == np.float32
             np.testing.assert_allclose(result.output, expected[text], atol=1e-5)
         counts = bert_executor.count_tokens(batch)
-        assert (stats.batch_size, stats.tokens, stats.padded_tokens) == (len(batch), sum(counts), len(batch) * max(counts))
+        assert (stats.batch_size, stats.tokens, stats.padded_tokens) == (
+            len(batch),
+            sum(counts),
+            len(batch) * max(counts),
+        )
         assert stats.service_ms > 0
 
 
@@ -223,7 +235,7 @@ def test_untokenisable_input_fails_alone(log: list[tuple[str, str]]) -> None:
     results, _ = executor.submit(Request("embed", ["fine", "bad one", "also fine"])).result(WAIT_S)
     executor.close()
     assert [r.output for r in results] == ["fine:2", None, "also fine:2"]
-    assert results[1].error is not None and "cannot tokenise" in results[1].error
+    assert results[1].error is not None and "cannot prepare input: 'bad' cannot be tokenised" in results[1].error
 
 
 def test_a_failing_segment_fails_only_its_batch(log: list[tuple[str, str]]) -> None:
@@ -285,7 +297,8 @@ def test_noop_executor() -> None:
     spec = build_spec("noop", {"kind": "noop"})
     executor = load_executor(spec)
     assert isinstance(executor, NoopExecutor)
-    results, stats = executor.submit(Request("noop", ["hello", "", 3])).result(WAIT_S)
+    inputs: list[Any] = ["hello", "", 3]
+    results, stats = executor.submit(Request("noop", inputs)).result(WAIT_S)
     assert [r.output for r in results] == [{"chars": 5}, {"chars": 0}, None]
     assert results[2].error is not None
     assert (stats.batch_size, stats.tokens) == (3, 1)

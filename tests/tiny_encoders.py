@@ -7,7 +7,8 @@ Each `make_*` function writes a Hugging Face model directory (config, weights, t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,14 +26,15 @@ from transformers import (
     XLMRobertaModel,
 )
 
-WORDS = (
+_WORD_TEXT = (
     "the a an and or but of to in on at for with from by as is are was were be been has have had "
     "it its he she they we you i my your our their this that not no yes "
     "cat dog bird fish house car tree road city river sea sky sun moon day night time year "
     "good bad big small new old red blue green fast slow happy sad "
     "go went see saw make made take run eat read write hello world thanks please "
     "model server edge batch queue token segment pipeline"
-).split()
+)
+WORDS = _WORD_TEXT.split()
 PUNCTUATION = [".", ",", "!", "?", "'", "-", ":", ";"]
 
 # Different lengths, so every batch carries padding; the last one is longer than MAX_TOKENS words.
@@ -72,7 +74,7 @@ def _tokenizer(
     input_names = ["input_ids", "token_type_ids", "attention_mask"]
     if not with_token_types:
         input_names.remove("token_type_ids")
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         model_max_length=MAX_TOKENS,
         model_input_names=input_names,
@@ -99,7 +101,8 @@ def _seeded(model: PreTrainedModel, seed: int) -> PreTrainedModel:
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, parameter.shape[-1] ** -0.5)
-    return model.eval()
+    model.train(False)
+    return model
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path) -> Path:
@@ -109,21 +112,20 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path
     return path
 
 
-def make_tiny_bert(path: Path, *, layers: int = LAYERS, seed: int = 0, attn: str = "sdpa") -> Path:
+def make_tiny_bert(path: Path, *, layers: int = LAYERS, hidden: int = HIDDEN, seed: int = 0) -> Path:
     config = BertConfig(
         vocab_size=len(_vocabulary(BERT_SPECIALS)),
-        hidden_size=HIDDEN,
+        hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        intermediate_size=2 * HIDDEN,
+        intermediate_size=2 * hidden,
         max_position_embeddings=MAX_TOKENS,
         pad_token_id=0,
-        attn_implementation=attn,
     )
     return _save(_seeded(BertModel(config), seed), _bert_tokenizer(), path)
 
 
-def make_tiny_roberta(path: Path, *, layers: int = LAYERS, seed: int = 0, attn: str = "sdpa") -> Path:
+def make_tiny_roberta(path: Path, *, layers: int = LAYERS, seed: int = 0) -> Path:
     config = RobertaConfig(
         vocab_size=len(_vocabulary(ROBERTA_SPECIALS)),
         hidden_size=HIDDEN,
@@ -135,12 +137,11 @@ def make_tiny_roberta(path: Path, *, layers: int = LAYERS, seed: int = 0, attn: 
         bos_token_id=0,
         eos_token_id=2,
         type_vocab_size=1,
-        attn_implementation=attn,
     )
     return _save(_seeded(RobertaModel(config), seed), _roberta_tokenizer(), path)
 
 
-def make_tiny_xlm_roberta(path: Path, *, layers: int = LAYERS, seed: int = 0, attn: str = "sdpa") -> Path:
+def make_tiny_xlm_roberta(path: Path, *, layers: int = LAYERS, seed: int = 0) -> Path:
     config = XLMRobertaConfig(
         vocab_size=len(_vocabulary(ROBERTA_SPECIALS)),
         hidden_size=HIDDEN,
@@ -152,12 +153,11 @@ def make_tiny_xlm_roberta(path: Path, *, layers: int = LAYERS, seed: int = 0, at
         bos_token_id=0,
         eos_token_id=2,
         type_vocab_size=1,
-        attn_implementation=attn,
     )
     return _save(_seeded(XLMRobertaModel(config), seed), _roberta_tokenizer(), path)
 
 
-def make_tiny_distilbert(path: Path, *, layers: int = LAYERS, seed: int = 0, attn: str = "sdpa") -> Path:
+def make_tiny_distilbert(path: Path, *, layers: int = LAYERS, seed: int = 0) -> Path:
     config = DistilBertConfig(
         vocab_size=len(_vocabulary(BERT_SPECIALS)),
         dim=HIDDEN,
@@ -166,9 +166,20 @@ def make_tiny_distilbert(path: Path, *, layers: int = LAYERS, seed: int = 0, att
         hidden_dim=2 * HIDDEN,
         max_position_embeddings=MAX_TOKENS,
         pad_token_id=0,
-        attn_implementation=attn,
     )
     return _save(_seeded(DistilBertModel(config), seed), _bert_tokenizer(with_token_types=False), path)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the block. OpenMP teams spin at barriers, so on a busy shared host
+    two threads can run a small model several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 MAKERS: dict[str, Callable[..., Path]] = {

@@ -7,7 +7,6 @@ Executors started later on this device split the model at the stored balanced po
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -25,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds instead of a minute)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
-    parser.add_argument("--cache-dir", default=None, help="cache root (default: $ECTRANS_CACHE_DIR or ~/.cache/ectrans)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="cache root (default: $ECTRANS_CACHE_DIR or ~/.cache/ectrans)"
+    )
     parser.add_argument("--json", action="store_true", help="print the whole profile as JSON")
 
 

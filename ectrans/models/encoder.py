@@ -10,6 +10,7 @@ segmented output equals the unsplit one bit for bit.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import threading
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ class EncoderParts:
 
 
 def encoder_parts(model: nn.Module) -> EncoderParts:
-    base = getattr(model, "base_model", model)
+    base: Any = getattr(model, "base_model", model)
     config = base.config
     if config.model_type not in SUPPORTED_TYPES:
         raise UnsupportedModelError(
@@ -159,7 +160,7 @@ def build_encoder_segments(
     parts = encoder_parts(model)
     points = even_splits(parts.num_layers, splits) if isinstance(splits, int) else list(splits)
     bounds = [0, *points, parts.num_layers]
-    if any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"split points {points} must increase strictly within 1..{parts.num_layers - 1}")
     last = len(bounds) - 2
     return [

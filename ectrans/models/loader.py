@@ -2,59 +2,69 @@
 
 Loading and segmenting are separate steps so that a model built elsewhere (for example on the
 meta device with weights shared by another process) can be handed in as `model`.
+
+torch and transformers are imported only when a real model is loaded, so a worker that serves
+the no-op model starts in a fraction of a second and stays small.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-import torch
-import transformers
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import Executor
-from ectrans.models.device import DeviceError, device_label, resolve_device, resolve_dtype, set_cpu_threads
-from ectrans.models.encoder import EncoderTokenizer, build_encoder_segments, encoder_parts, read_pooling
 from ectrans.models.noop import NoopExecutor
-from ectrans.models.pipeline import DEFAULT_PARK_LIMIT_BYTES, BoundaryHook, PipelinedExecutor
-from ectrans.models.profile import balance_splits, load_profile
-from ectrans.models.segments import Segment
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ectrans.models.pipeline import BoundaryHook
+    from ectrans.models.segments import Segment
 
 logger = logging.getLogger(__name__)
 
-# Measured on a 2-core CPU (see the benchmark `ectrans.bench.pipeline`): one segment stage, with
-# tokenisation and result encoding overlapping it, is as fast as any split there; a GPU profits
-# from overlapping host work and kernels of neighbouring batches.
-DEFAULT_SEGMENTS = {"cpu": 1, "cuda": 2}
+# Segment stages when the caller does not say. Two give real-time work a boundary halfway through
+# a batch. On a 2-core CPU, 1 to 4 stages ran MiniLM and a small Marian within noise of the unsplit
+# loop (`ectrans bench pipeline`), so the boundary costs no throughput there; on a GPU the two
+# stages run on two streams, overlapping one batch's kernels with the next one's host work.
+DEFAULT_SEGMENTS = {"cpu": 2, "cuda": 2}
+DEFAULT_PARK_LIMIT_BYTES = 512 * 2**20
 
 
 def choose_device(requested: str, spec: ModelSpec) -> torch.device:
     """The call's device wins over the spec's unless it is `auto`."""
+    from ectrans.models.device import resolve_device
+
     return resolve_device(spec.device if requested == "auto" else requested)
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> nn.Module:
     """The model in the spec's dtype, in eval mode, with no gradients, on `device`."""
-    transformers.utils.logging.disable_progress_bar()  # a server's log is no place for progress bars
+    import transformers
+
+    from ectrans.models.device import resolve_dtype
+
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bars in server logs
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": resolve_dtype(spec.dtype)}
     if "attn_implementation" in spec.options:
         kwargs["attn_implementation"] = str(spec.options["attn_implementation"])
-    if spec.kind == "seq2seq":
-        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(spec.path, **kwargs)
-    else:
-        model = transformers.AutoModel.from_pretrained(spec.path, **kwargs)
-    return _ready(model, device)
+    auto = transformers.AutoModelForSeq2SeqLM if spec.kind == "seq2seq" else transformers.AutoModel
+    return _ready(auto.from_pretrained(spec.path, **kwargs), device)
 
 
 def _ready(model: nn.Module, device: torch.device) -> nn.Module:
     model.eval().requires_grad_(False)
-    return model.to(device)  # a no-op (no copy) for tensors already there, shared ones included
+    return model.to(device)  # no copy for tensors already there, shared ones included
 
 
 def encoder_splits(spec: ModelSpec, model: nn.Module, device: torch.device, n_segments: int) -> list[int]:
-    """Balanced by the stored profile for this model, revision and device; else equal layer counts."""
+    """Balanced by the stored profile for this model, revision, device and dtype; else equal layer counts."""
+    from ectrans.models.device import device_label
+    from ectrans.models.encoder import encoder_parts
+    from ectrans.models.profile import balance_splits, load_profile
+
     layers = encoder_parts(model).num_layers
     profile = load_profile(spec.name, spec.revision, device_label(device))
     if profile is not None and len(profile.units) == layers and profile.dtype == spec.dtype:
@@ -73,23 +83,27 @@ def load_executor(
     park_limit_bytes: int = DEFAULT_PARK_LIMIT_BYTES,
     between_segments: BoundaryHook | None = None,
 ) -> Executor:
-    """An executor for `spec`. `threads` is this executor's share of the CPU cores (intra-op
-    threads); `segments` defaults per device kind and is capped at the model's layer count."""
+    """An executor for `spec`.
+
+    `threads`: this executor's share of the CPU cores (torch intra-op threads, split between the
+    segment stages). `segments`: segment stages (encoder segments for seq2seq, whose decode
+    segments come from the registry option `decode_segments`); default per device kind, capped
+    at the layer count. `model`: a prebuilt model to use instead of loading `spec.path`.
+    """
     if spec.kind == "noop":
         return NoopExecutor(spec)
+    from ectrans.models.device import set_cpu_threads
+    from ectrans.models.pipeline import PipelinedExecutor
+
     torch_device = choose_device(device, spec)
     set_cpu_threads(threads)
-    if model is None:
-        model = load_model(spec, torch_device)
-    else:
-        model = _ready(model, torch_device)
+    model = load_model(spec, torch_device) if model is None else _ready(model, torch_device)
     wanted = segments if segments is not None else DEFAULT_SEGMENTS.get(torch_device.type, 1)
     if wanted < 1:
         raise ValueError(f"{segments=} must be at least 1")
     segment_list, tokenize = _build_segments(spec, model, torch_device, wanted)
-    logger.info(
-        "[models] %s on %s: %d segment(s) %s", spec.name, torch_device, len(segment_list), [s.name for s in segment_list]
-    )
+    names = [segment.name for segment in segment_list]
+    logger.info("[models] %s on %s: %d segment(s) %s", spec.name, torch_device, len(names), names)
     return PipelinedExecutor(
         spec,
         segment_list,
@@ -102,9 +116,11 @@ def load_executor(
     )
 
 
-def _build_segments(
-    spec: ModelSpec, model: nn.Module, device: torch.device, wanted: int
-) -> tuple[list[Segment], Any]:
+def _build_segments(spec: ModelSpec, model: nn.Module, device: torch.device, wanted: int) -> tuple[list[Segment], Any]:
+    import transformers
+
+    from ectrans.models.encoder import EncoderTokenizer, build_encoder_segments, encoder_parts, read_pooling
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     if spec.kind == "encoder":
         n_segments = min(wanted, encoder_parts(model).num_layers)

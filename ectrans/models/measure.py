@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,31 +55,37 @@ def _sync(device: torch.device) -> None:
 def measure_units(
     segments: Sequence[Segment], make_state: StateFactory, grid: Grid, device: torch.device
 ) -> list[GridPoint]:
-    """Median latency of each segment (one unit each) at every grid point."""
-    points = []
+    """Median latency of each segment (one unit each) at every grid point.
+
+    Each repeat sweeps the whole grid, so background load that comes and goes on a shared host
+    touches every point alike instead of skewing the points measured while it lasted.
+    """
+    points = [(batch, tokens) for batch in grid.batches for tokens in grid.lengths]
+    samples: dict[tuple[int, int], list[list[float]]] = {point: [[] for _ in segments] for point in points}
     with torch.inference_mode():
-        state = make_state(grid.batches[0], grid.lengths[0])  # warm-up: kernels, allocator
-        for segment in segments:
-            state = segment(state)
-        for batch in grid.batches:
-            for tokens in grid.lengths:
-                samples: list[list[float]] = [[] for _ in segments]
-                for _ in range(grid.repeats):
-                    state = make_state(batch, tokens)
-                    for unit, segment in enumerate(segments):
-                        _sync(device)
-                        started = time.perf_counter()
-                        state = segment(state)
-                        _sync(device)
-                        samples[unit].append((time.perf_counter() - started) * 1000.0)
-                points.append(GridPoint(batch, tokens, [statistics.median(s) for s in samples]))
-    return points
+        _run_units(segments, make_state(*points[0]), device, None)  # warm-up: kernels, allocator
+        for _ in range(grid.repeats):
+            for point in points:
+                _run_units(segments, make_state(*point), device, samples[point])
+    return [GridPoint(b, t, [statistics.median(unit) for unit in samples[(b, t)]]) for b, t in points]
+
+
+def _run_units(
+    segments: Sequence[Segment], state: SegmentState, device: torch.device, record: list[list[float]] | None
+) -> None:
+    for unit, segment in enumerate(segments):
+        _sync(device)
+        started = time.perf_counter()
+        state = segment(state)
+        _sync(device)
+        if record is not None:
+            record[unit].append((time.perf_counter() - started) * 1000.0)
 
 
 def profile_encoder(spec: ModelSpec, model: nn.Module, device: torch.device, grid: Grid) -> Profile:
     """One unit per layer: the single-layer segments the pipeline would run."""
     units = build_encoder_segments(model, encoder_parts(model).num_layers)
-    make_state = random_ids_state(int(model.config.vocab_size), device)
+    make_state = random_ids_state(int(cast(Any, model).config.vocab_size), device)
     points = measure_units(units, make_state, grid.capped(spec.max_tokens), device)
     profile = Profile(
         model=spec.name,

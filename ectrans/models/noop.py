@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import BatchStats, ItemResult, Request
-from ectrans.models.results import noop_output
+from ectrans.models.inputs import input_error, noop_output
 
 
 class NoopExecutor:
@@ -26,10 +26,9 @@ class NoopExecutor:
         elif not self.spec.supports(request.op):
             future.set_exception(ValueError(f"model {self.spec.name!r} does not serve op {request.op!r}"))
         else:
+            # Empty text is fine here: the no-op measures the path, not the input.
             results = [
-                ItemResult(output=noop_output(text))
-                if isinstance(text, str)
-                else ItemResult(error=f"input must be a string, not {type(text).__name__}")
+                ItemResult(output=noop_output(text)) if isinstance(text, str) else ItemResult(error=input_error(text))
                 for text in request.inputs
             ]
             tokens = sum(self.count_tokens([text for text in request.inputs if isinstance(text, str)]))

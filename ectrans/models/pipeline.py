@@ -18,32 +18,23 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
 from ectrans.common.registry import ModelSpec
-from ectrans.models.api import BatchStats, ItemResult, Request
+from ectrans.models.api import ItemResult, Request
+from ectrans.models.batch import BatchFuture, Job, Tokenize, UnservableError, to_device, use_on_stream
 from ectrans.models.device import set_cpu_threads
-from ectrans.models.results import input_error, noop_output, to_python
-from ectrans.models.segments import Segment, SegmentState
+from ectrans.models.segments import Segment
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PARK_LIMIT_BYTES = 512 * 2**20
-BatchFuture = concurrent.futures.Future[tuple[list[ItemResult], BatchStats]]
-
-
-class Tokenize(Protocol):
-    """Stage 0: texts to the first `SegmentState`, and token counts for the worker's packing."""
-
-    def __call__(self, texts: list[str], params: dict[str, Any]) -> SegmentState: ...
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+DEFAULT_PARK_LIMIT_BYTES = 512 * 2**20  # the loader repeats it, to stay free of torch imports
+Step = tuple[Literal["run", "park", "resume"], Job]
 
 
 @dataclass(frozen=True)
@@ -61,31 +52,12 @@ BoundaryHook = Callable[[BoundaryEvent], None]
 
 
 @dataclass(eq=False)
-class _Job:
-    id: int
-    request: Request
-    future: BatchFuture
-    results: list[ItemResult | None] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)  # inputs that run through the segments
-    state: SegmentState | None = None
-    started: float = 0.0
-    tokens: int = 0
-    padded_tokens: int = 0
-    nbytes: int = 0  # activation bytes while parked
-    ready: Any = None  # torch.cuda.Event after the last segment that ran it
-
-    @property
-    def realtime(self) -> bool:
-        return self.request.realtime
-
-
-@dataclass(eq=False)
 class _Stage:
     name: str
-    rt: deque[_Job] = field(default_factory=deque)
-    batch: deque[_Job] = field(default_factory=deque)
-    pending: _Job | None = None  # done here, waiting for room downstream
-    parked: _Job | None = None  # held back at this boundary for real-time work
+    rt: deque[Job] = field(default_factory=deque)
+    batch: deque[Job] = field(default_factory=deque)
+    pending: Job | None = None  # done here, waiting for room downstream
+    parked: Job | None = None  # held back at this boundary for real-time work
     done: bool = False
 
 
@@ -120,7 +92,7 @@ class PipelinedExecutor:
         self.stage_threads = max(1, total_threads // len(self.segments))
         self._streams: list[Any] = [None] * len(self.segments)
         if self.device.type == "cuda":
-            self._streams = [torch.cuda.Stream(device=self.device) for _ in self.segments]
+            self._streams = [torch.cuda.Stream(device=self.device) for _ in self.segments]  # type: ignore[no-untyped-call]
         names = ["tokenize", *(segment.name for segment in self.segments), "results"]
         self._stages = [_Stage(name) for name in names]
         self._cond = threading.Condition()
@@ -147,7 +119,7 @@ class PipelinedExecutor:
             if self._closing:
                 future.set_exception(RuntimeError(f"executor for {self.spec.name!r} is closed"))
                 return future
-            job = _Job(self._next_id, request, future)
+            job = Job(self._next_id, request, future)
             self._next_id += 1
             if request.realtime:
                 self._realtime_in_flight += 1
@@ -200,7 +172,7 @@ class PipelinedExecutor:
                 if forward:
                     self._hand_on(k, job)
 
-    def _next_step(self, k: int) -> tuple[Literal["run", "park", "resume"], _Job] | None:
+    def _next_step(self, k: int) -> Step | None:
         """Block until stage k has something to do; None once it is closed and drained."""
         stage = self._stages[k]
         with self._cond:
@@ -216,7 +188,7 @@ class PipelinedExecutor:
                     return None
                 self._cond.wait()
 
-    def _pick(self, k: int, stage: _Stage) -> tuple[Literal["run", "park", "resume"], _Job] | None:
+    def _pick(self, k: int, stage: _Stage) -> Step | None:
         """Real-time first; batch work only when our output slot is free and no real-time work waits."""
         if stage.rt:
             return "run", stage.rt.popleft()
@@ -234,7 +206,7 @@ class PipelinedExecutor:
         self._cond.notify_all()  # room in this inbox: wake an upstream stage holding a finished batch
         parks_here = 0 < k <= len(self.segments)
         if parks_here and self._realtime_in_flight and job.state is not None:
-            job.nbytes = state_bytes(job.state)
+            job.nbytes = job.state.nbytes()
             if self._parked_bytes + job.nbytes <= self.park_limit_bytes:
                 stage.parked = job
                 self._parked_bytes += job.nbytes
@@ -246,7 +218,7 @@ class PipelinedExecutor:
         idle = not stage.rt and not stage.batch and stage.pending is None and stage.parked is None
         return upstream_done and idle
 
-    def _deliver(self, k: int, job: _Job) -> bool:
+    def _deliver(self, k: int, job: Job) -> bool:
         """Put `job` in stage k's inbox; batch work only while there is room (real-time always)."""
         stage = self._stages[k]
         if job.realtime:
@@ -258,7 +230,7 @@ class PipelinedExecutor:
         self._cond.notify_all()
         return True
 
-    def _hand_on(self, k: int, job: _Job) -> None:
+    def _hand_on(self, k: int, job: Job) -> None:
         with self._cond:
             if not self._deliver(k + 1, job):
                 self._stages[k].pending = job
@@ -272,7 +244,7 @@ class PipelinedExecutor:
 
     # -- the work of each stage ------------------------------------------------------------
 
-    def _work(self, k: int, job: _Job) -> bool:
+    def _work(self, k: int, job: Job) -> bool:
         """Run stage k on `job`; True when the job goes on to stage k+1."""
         if k == 0:
             return self._start(job)
@@ -287,100 +259,53 @@ class PipelinedExecutor:
             return False
         return True
 
-    def _start(self, job: _Job) -> bool:
+    def _start(self, job: Job) -> bool:
         if not job.future.set_running_or_notify_cancel():
             self._settle(job)
             return False
-        job.started = time.perf_counter()
-        request = job.request
-        if not self.spec.supports(request.op):
-            error = ValueError(f"model {self.spec.name!r} does not serve op {request.op!r}")
-            self._fail(job, error, None)
-            return False
-        if request.op == "noop":
-            self._complete(job, [ItemResult(output=noop_output(text)) for text in request.inputs])
-            return False
-        job.results = [None] * len(request.inputs)
-        for index, text in enumerate(request.inputs):
-            problem = input_error(text)
-            if problem is None:
-                job.positions.append(index)
-            else:
-                job.results[index] = ItemResult(error=problem)
-        if not job.positions:
-            self._complete(job, [result or ItemResult(error="no result") for result in job.results])
-            return False
         try:
-            job.state = self._tokenize_isolating_errors(job)
+            done = job.prepare(self.spec, self.tokenize)
+        except UnservableError as exc:
+            self._fail(job, exc, None)
+            return False
         except Exception as exc:
-            self._fail(job, RuntimeError(f"tokenising for model {self.spec.name!r} failed: {exc!r}"), exc)
+            self._fail(job, RuntimeError(f"preparing a batch for model {self.spec.name!r} failed: {exc!r}"), exc)
             return False
-        if job.state is None:  # every input failed to tokenise
-            self._complete(job, [result or ItemResult(error="no result") for result in job.results])
+        if done is not None:
+            self._complete(job, done)
             return False
-        job.tokens = int(job.state.mask.sum())
-        job.padded_tokens = job.state.mask.numel()
         return True
 
-    def _tokenize_isolating_errors(self, job: _Job) -> SegmentState | None:
-        """Tokenise the batch; if that fails, find the inputs at fault one by one and drop only them."""
-        texts = [job.request.inputs[i] for i in job.positions]
-        try:
-            return self.tokenize(texts, job.request.params)
-        except Exception:
-            kept = []
-            for index in job.positions:
-                try:
-                    self.tokenize([job.request.inputs[index]], job.request.params)
-                    kept.append(index)
-                except Exception as exc:
-                    job.results[index] = ItemResult(error=f"cannot tokenise input: {exc}")
-            if len(kept) == len(job.positions):
-                raise  # not an input's fault
-            job.positions = kept
-            if not kept:
-                return None
-            return self.tokenize([job.request.inputs[i] for i in kept], job.request.params)
-
-    def _run_segment(self, index: int, job: _Job) -> None:
+    def _run_segment(self, index: int, job: Job) -> None:
         assert job.state is not None
         segment, stream = self.segments[index], self._streams[index]
         if stream is None:
-            job.state = segment(_to_device(job.state, self.device) if index == 0 else job.state)
+            job.state = segment(to_device(job.state, self.device) if index == 0 else job.state)
             return
         with torch.cuda.stream(stream):
             if job.ready is not None:
                 stream.wait_event(job.ready)
-            state = _to_device(job.state, self.device) if index == 0 else job.state
-            _use_on_stream(state, stream)
+            state = to_device(job.state, self.device) if index == 0 else job.state
+            use_on_stream(state, stream)
             job.state = segment(state)
-            job.ready = torch.cuda.Event()
+            job.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             job.ready.record(stream)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         try:
-            if job.ready is not None:
-                job.ready.synchronize()
-            assert job.state is not None
-            outputs = job.state.outputs
-            if outputs is None or len(outputs) != len(job.positions):
-                got = "none" if outputs is None else str(len(outputs))
-                raise RuntimeError(f"the last segment gave {got} outputs for {len(job.positions)} inputs")
-            for index, output in zip(job.positions, to_python(outputs), strict=True):
-                job.results[index] = ItemResult(output=output)
+            results = job.collect()
         except Exception as exc:
             self._fail(job, RuntimeError(f"encoding results of model {self.spec.name!r} failed: {exc!r}"), exc)
             return
-        self._complete(job, [result or ItemResult(error="no result") for result in job.results])
+        self._complete(job, results)
 
-    def _complete(self, job: _Job, results: list[ItemResult]) -> None:
-        service_ms = (time.perf_counter() - job.started) * 1000.0
-        stats = BatchStats(len(job.request.inputs), job.tokens, job.padded_tokens, service_ms)
+    def _complete(self, job: Job, results: list[ItemResult]) -> None:
+        stats = job.stats()
         job.state = None
         job.future.set_result((results, stats))
         self._settle(job)
 
-    def _fail(self, job: _Job, error: Exception, cause: BaseException | None) -> None:
+    def _fail(self, job: Job, error: Exception, cause: BaseException | None) -> None:
         if cause is not None:
             error.__cause__ = cause
             logger.warning("[pipeline] batch %d failed: %s", job.id, error)
@@ -389,48 +314,9 @@ class PipelinedExecutor:
             job.future.set_exception(error)
             self._settle(job)
 
-    def _settle(self, job: _Job) -> None:
+    def _settle(self, job: Job) -> None:
         """A job left the pipeline: parked batches may resume once no real-time work is left."""
         if job.realtime:
             with self._cond:
                 self._realtime_in_flight -= 1
                 self._cond.notify_all()
-
-
-def _to_device(state: SegmentState, device: torch.device) -> SegmentState:
-    if state.mask.device == device:
-        return state
-    state.mask = state.mask.to(device, non_blocking=True)
-    state.input_ids = state.input_ids.to(device, non_blocking=True)
-    if state.hidden is not None:
-        state.hidden = state.hidden.to(device, non_blocking=True)
-    for key, value in state.extras.items():
-        if isinstance(value, torch.Tensor):
-            state.extras[key] = value.to(device, non_blocking=True)
-    return state
-
-
-def _held_tensors(state: SegmentState) -> list[torch.Tensor]:
-    """Every tensor a state holds, including those inside carried objects that list theirs
-    (`tensors()`, e.g. a decoder search with its KV cache)."""
-    found = [t for t in (state.hidden, state.mask, state.input_ids) if t is not None]
-    for value in state.extras.values():
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif callable(getattr(value, "tensors", None)):
-            found.extend(t for t in value.tensors() if isinstance(t, torch.Tensor))
-    return found
-
-
-def state_bytes(state: SegmentState) -> int:
-    """Activation memory a parked state holds (distinct storages counted once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _held_tensors(state)}
-    return sum(storages.values())
-
-
-def _use_on_stream(state: SegmentState, stream: Any) -> None:
-    """Tell the caching allocator these tensors (made on another stage's stream) are used here,
-    so their memory is not reused before this stream is done with them."""
-    for tensor in _held_tensors(state):
-        if tensor.is_cuda:
-            tensor.record_stream(stream)

@@ -8,6 +8,7 @@ grid of (batch size, sequence length) points on one device.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ def balance_splits(costs: Sequence[float], n: int) -> list[int]:
 
 def segment_costs(costs: Sequence[float], points: Sequence[int]) -> list[float]:
     bounds = [0, *points, len(costs)]
-    return [float(sum(costs[a:b])) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [float(sum(costs[a:b])) for a, b in itertools.pairwise(bounds)]
 
 
 def _features(batch: float, tokens: float) -> list[float]:

@@ -1,4 +1,4 @@
-"""Per-input checks and the conversion of segment outputs into what `ItemResult.output` carries."""
+"""The conversion of segment outputs into what `ItemResult.output` carries."""
 
 from __future__ import annotations
 
@@ -6,19 +6,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-
-def input_error(text: object) -> str | None:
-    """Why one input cannot run (it becomes that input's error, not the batch's), or None."""
-    if not isinstance(text, str):
-        return f"input must be a string, not {type(text).__name__}"
-    if not text.strip():
-        return "empty input"
-    return None
-
-
-def noop_output(text: object) -> dict[str, int]:
-    return {"chars": len(text) if isinstance(text, str) else 0}
 
 
 def to_python(outputs: list[Any]) -> list[Any]:

@@ -1,0 +1,174 @@
+"""Profiles: balanced split points, the latency model, storage, and a real measurement whose
+prediction must land near what the model then takes."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import torch
+
+from ectrans.commands import profile as profile_command
+from ectrans.common.registry import build_spec
+from ectrans.models.device import device_label
+from ectrans.models.encoder import build_encoder_segments
+from ectrans.models.loader import encoder_splits, load_model
+from ectrans.models.measure import Grid, profile_encoder, random_ids_state
+from ectrans.models.profile import (
+    GridPoint,
+    LatencyModel,
+    Profile,
+    balance_splits,
+    load_profile,
+    profile_path,
+    save_profile,
+    segment_costs,
+)
+from tests.tiny_encoders import make_tiny_bert, one_torch_thread
+
+CPU = torch.device("cpu")
+
+
+def brute_force_max(costs: list[float], n: int) -> float:
+    return min(
+        max(segment_costs(costs, list(points))) for points in itertools.combinations(range(1, len(costs)), n - 1)
+    )
+
+
+def test_balance_splits_minimises_the_largest_segment() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        costs = [float(c) for c in rng.uniform(0.1, 5.0, size=int(rng.integers(1, 9)))]
+        for n in range(1, len(costs) + 1):
+            points = balance_splits(costs, n)
+            assert len(points) == n - 1 and points == sorted(set(points))
+            assert all(0 < p < len(costs) for p in points)
+            assert max(segment_costs(costs, points)) == pytest.approx(brute_force_max(costs, n))
+
+
+def test_balance_splits_known_cases_and_errors() -> None:
+    assert balance_splits([1, 1, 1, 1, 1, 1], 3) == [2, 4]
+    assert balance_splits([6, 1, 1, 1, 1, 1], 2) == [1]
+    assert balance_splits([1, 2, 3], 1) == []
+    with pytest.raises(ValueError, match="between 1 and the 3 units"):
+        balance_splits([1, 2, 3], 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        balance_splits([1, -1], 2)
+
+
+def test_latency_model_recovers_known_coefficients() -> None:
+    points = [(b, t) for b in (1, 4, 16) for t in (16, 64, 128)]
+    truth = LatencyModel(a=0.002, b=1e-5, c=0.3)
+    fitted = LatencyModel.fit(points, [truth.predict(b, t) for b, t in points])
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((truth.a, truth.b, truth.c), rel=1e-6)
+    # Data that a negative constant would fit best: the term is dropped rather than made negative.
+    clipped = LatencyModel.fit(points, [max(0.01, 0.002 * b * t - 0.5) for b, t in points])
+    assert min(clipped.a, clipped.b, clipped.c) >= 0
+    assert all(clipped.predict(b, t) >= 0 for b, t in points)
+
+
+def sample_profile() -> Profile:
+    grid = [
+        GridPoint(b, t, [10.0 + 0.01 * b * t, 1.0 + 0.001 * b * t, 1.0 + 0.001 * b * t, 2.0])
+        for b in (1, 4, 16)
+        for t in (16, 64)
+    ]
+    return Profile("tiny", "abc123", "cpu", "float32", 1, ["u0", "u1", "u2", "u3"], grid, {"mean": 0.1})
+
+
+def test_profile_round_trip_and_storage(tmp_path: Path) -> None:
+    profile = sample_profile()
+    text = profile.to_json()
+    data = json.loads(text)
+    assert data["splits"]["2"] == profile.splits(2) == [1]  # the heavy first unit stands alone
+    assert len(data["latency_models"]) == 4
+    again = Profile.from_json(text)
+    assert again == profile
+    assert again.predict_ms(8, 32) == pytest.approx(profile.predict_ms(8, 32))
+    assert sum(again.predict_segments(8, 32, [1, 3])) == pytest.approx(again.predict_ms(8, 32))
+    path = save_profile(profile, tmp_path)
+    assert path == profile_path("tiny", "abc123", "cpu", tmp_path) == tmp_path / "profiles" / "tiny--abc123--cpu.json"
+    assert load_profile("tiny", "abc123", "cpu", tmp_path) == profile
+    assert load_profile("tiny", "other", "cpu", tmp_path) is None
+    path.write_text("{not json")
+    assert load_profile("tiny", "abc123", "cpu", tmp_path) is None
+
+
+def test_loader_splits_at_the_stored_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = build_spec("tiny", {"path": str(make_tiny_bert(tmp_path / "tiny"))})
+    model = load_model(spec, CPU)
+    monkeypatch.setenv("ECTRANS_CACHE_DIR", str(tmp_path / "cache"))
+    assert encoder_splits(spec, model, CPU, 2) == [2]  # no profile: equal layer counts
+    profile = sample_profile()
+    profile.revision = spec.revision
+    save_profile(profile)
+    assert encoder_splits(spec, model, CPU, 2) == [1]
+
+
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Wide enough that layer time is compute, not Python overhead, yet quick on a CPU."""
+    return make_tiny_bert(tmp_path_factory.mktemp("small") / "small-bert", layers=4, hidden=128)
+
+
+def measured_ms(model: torch.nn.Module, batch: int, tokens: int, repeats: int = 7) -> float:
+    segments = build_encoder_segments(model, 2)
+    make_state = random_ids_state(int(cast(Any, model).config.vocab_size), CPU, seed=1)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            state = make_state(batch, tokens)
+            started = time.perf_counter()
+            for segment in segments:
+                state = segment(state)
+            times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.mark.slow
+def test_profile_predicts_an_unseen_batch_within_a_factor_of_two(small_bert: Path) -> None:
+    """Bound: predicted/measured in [0.5, 2] for a (batch, tokens) off the grid. Loose on purpose:
+    this runs on shared CPUs, where a millisecond-scale timing can easily move by tens of percent."""
+    spec = build_spec("small-bert", {"path": str(small_bert)})
+    model = load_model(spec, CPU)
+    grid = Grid(batches=(1, 4, 16), lengths=(8, 32, 64), repeats=5)
+    profile = profile_encoder(spec, model, CPU, grid)
+    assert profile.device == device_label(CPU) == "cpu"
+    assert len(profile.units) == 4 and len(profile.grid) == 9
+    assert set(profile.heldout_error) == {"mean", "max", "points"}
+    points = profile.splits(2)
+    assert len(points) == 1 and 0 < points[0] < 4
+    predicted = profile.predict_ms(8, 48)
+    measured = measured_ms(model, 8, 48)
+    print(f"predicted {predicted:.3f} ms, measured {measured:.3f} ms, held-out {profile.heldout_error}")
+    assert 0.5 <= predicted / measured <= 2.0, (predicted, measured)
+
+
+def test_profile_command_stores_a_profile(
+    small_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ECTRANS_MODELS_JSON", json.dumps({"small": {"path": str(small_bert)}}))
+    parser = argparse.ArgumentParser()
+    profile_command.add_arguments(parser)
+    args = parser.parse_args(["small", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path)])
+    assert profile_command.run(args) == 0
+    out, err = capsys.readouterr()
+    assert "2 segments: split at" in out and "stored" in err
+    spec = build_spec("small", {"path": str(small_bert)})
+    stored = load_profile("small", spec.revision, "cpu", tmp_path)
+    assert stored is not None and stored.units[0].startswith("embed+") and stored.units[-1].endswith("+pool")
+    assert profile_command.run(parser.parse_args(["no-such-model", "--cache-dir", str(tmp_path)])) == 2
