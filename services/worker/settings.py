@@ -18,7 +18,9 @@ class WorkerSettings(CommonSettings):
     serve_models: str = Field("minilm", description="Comma-separated models this worker serves, or `*` for all.")
     device: str | None = Field(None, description="auto, cpu, cuda, cuda:N; default: each model's own setting.")
     threads: int = Field(0, ge=0, description="torch threads; 0 = this worker's share of the cores.")
-    segments: int | None = Field(None, ge=1, description="Pipeline segments per model; default from the profile.")
+    segments: int | None = Field(
+        None, ge=1, description="Pipeline segments per model (default 2; a stored profile balances where they split)."
+    )
     rt_max_batch: int = Field(8, ge=1, description="Largest real-time batch.")
     rt_max_wait_ms: float = Field(2.0, ge=0, description="Longest a real-time task waits for batch-mates.")
     batch_max_batch: int = Field(32, ge=1, description="Largest batch-class batch.")
@@ -31,6 +33,15 @@ class WorkerSettings(CommonSettings):
     max_deliveries: int = Field(3, ge=1, description="Deliveries after which a task is dead-lettered.")
     grace_s: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight batches may finish.")
     heartbeat_s: float = Field(2.0, gt=0)
+    executors_per_device: int = Field(
+        1,
+        ge=1,
+        description="Executor processes per served model; above 1 they share one copy of the weights "
+        "(a weight-holder process per model and device) and split the threads between them.",
+    )
+    share_weights: bool = Field(
+        False, description="Executors as processes attached to a weight holder even with one per device."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:
@@ -49,3 +60,7 @@ class WorkerSettings(CommonSettings):
 
     def torch_threads(self) -> int:
         return self.threads or available_cores()
+
+    def shares_weights(self) -> bool:
+        """Models run in executor processes over one shared copy of their weights."""
+        return self.share_weights or self.executors_per_device > 1
