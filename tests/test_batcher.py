@@ -99,3 +99,12 @@ def test_a_class_without_a_free_slot_is_skipped() -> None:
     assert b.next_batch(now=1.0, free={"batch"}) is not None  # real-time is full: bulk may still go
     assert b.next_batch(now=1.0, free=set()) is None
     assert b.wait_hint(now=1.0, free=set()) is None  # nothing to wake up for until a slot frees
+
+
+def test_idle_device_takes_a_lone_task_at_once() -> None:
+    b = make(max_batch=4, wait_s=0.010)
+    b.add(pending(0, 10, arrived=0.0))
+    assert b.next_batch(now=0.001) is None  # busy device: wait for batch-mates
+    assert b.wait_hint(now=0.001, idle=True) == 0.0
+    batch = b.next_batch(now=0.001, idle=True)  # idle device: waiting would only waste it
+    assert batch is not None and [p.task.id for p in batch.items] == ["t0"]

@@ -3,21 +3,21 @@
 Each `make_*` function writes a Hugging Face model directory (config, generation config, weights,
 tokenizer) that `AutoModelForSeq2SeqLM.from_pretrained` and `AutoTokenizer.from_pretrained` load
 offline, and that `common.registry.build_spec` classifies as kind "seq2seq". The tokenizers are
-word-level over a small English vocabulary, so no sentencepiece model is needed.
+word-level over a small English vocabulary, so no sentencepiece model is needed. The vocabulary
+and the tokenizer come from `ectrans.models.synthetic`, which also builds the benchmark-sized
+models (the prototype-sized Marian, a T5-large shape).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
-    GenerationConfig,
     MarianConfig,
     MarianMTModel,
     MBartConfig,
@@ -27,21 +27,19 @@ from transformers import (
     PegasusConfig,
     PegasusForConditionalGeneration,
     PreTrainedModel,
-    PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
 
-_WORD_LIST = (
-    "the a an and or but of to in on at for with from by as is are was were be been has have had do "
-    "does did not no yes this that these those it its he she they we you i me my your our their "
-    "cat dog bird fish house car tree road city river sea sky sun moon star day night time year "
-    "good bad big small new old red blue green white black fast slow happy sad "
-    "go goes went see saw make made take took come came run runs eat eats read reads write writes "
-    "hello world thanks please translate sentence word text model server edge batch queue"
+from ectrans.models.synthetic import (
+    BART_SPECIALS,
+    MARIAN_SPECIALS,
+    T5_SPECIALS,
+    generation_config,
+    word_level_tokenizer,
 )
-WORDS = _WORD_LIST.split()
-PUNCTUATION = [".", ",", "!", "?", "'", "-", ":", ";"]
+from ectrans.models.synthetic import save as _save
+from ectrans.models.synthetic import vocabulary as _vocabulary
 
 # Sentences for tests: different lengths, so batches carry padding.
 SENTENCES = [
@@ -53,40 +51,6 @@ SENTENCES = [
 ]
 
 TINY_WIDTH = {"d_model": 32, "heads": 4, "ffn": 64, "positions": 128}
-PROTOTYPE_VOCAB = 95_000  # with Marian 6+6 layers of width 512 this gives about 93M parameters
-
-# Special tokens in id order, per family (the ids the model configs below name).
-MARIAN_SPECIALS = ("</s>", "<unk>", "<pad>")  # opus-mt order for eos and unk (pad is last there)
-T5_SPECIALS = ("<pad>", "</s>", "<unk>")
-BART_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
-
-
-def _vocabulary(specials: Sequence[str], size: int | None = None) -> dict[str, int]:
-    """Specials first, then words, then filler tokens up to `size`."""
-    tokens = [*specials, *WORDS, *PUNCTUATION]
-    if size is not None:
-        if size < len(tokens):
-            raise ValueError(f"vocabulary size {size} is below the {len(tokens)} built-in tokens")
-        tokens += [f"tok{i}" for i in range(size - len(tokens))]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def word_level_tokenizer(vocab: dict[str, int], template: str, max_length: int) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer; `template` adds the family's special tokens (e.g. "$A </s>")."""
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    used = sorted({piece for piece in template.split() if piece in vocab})
-    backend.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(piece, vocab[piece]) for piece in used]
-    )
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-    if "<s>" in vocab:
-        specials["bos_token"] = "<s>"
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=backend, model_max_length=max_length, **specials
-    )
 
 
 def spread_weights(model: PreTrainedModel, seed: int, eos_boost: float = 0.0) -> PreTrainedModel:
@@ -109,23 +73,6 @@ def spread_weights(model: PreTrainedModel, seed: int, eos_boost: float = 0.0) ->
             parts.get_output_embeddings().weight[eos] *= eos_boost
     model.train(False)
     return model
-
-
-def generation_config(**settings: Any) -> GenerationConfig:
-    return GenerationConfig(**settings)  # type: ignore[no-untyped-call]
-
-
-def _save(
-    path: Path,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerFast,
-    generation: GenerationConfig,
-) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    model.generation_config = generation
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _bart_family_sizes(layers: tuple[int, int]) -> dict[str, Any]:
@@ -229,38 +176,6 @@ def make_tiny_mt5(path: Path, *, layers: tuple[int, int] = (2, 2), seed: int = 0
     config = MT5Config(vocab_size=len(vocab), **tokens, **_t5_family_sizes(layers))
     model = spread_weights(MT5ForConditionalGeneration(config), seed, eos_boost=2.0)
     return _save(path, model, word_level_tokenizer(vocab, "$A </s>", 512), generation_config(**tokens))
-
-
-def make_prototype_marian(path: Path, *, seed: int = 0) -> Path:
-    """The prototype's translation model size: Marian 6+6 layers, d_model 512, about 93M parameters.
-
-    Random weights (for latency and throughput benchmarks, not for translations). The vocabulary is
-    the built-in words plus filler tokens, so every id the model can emit decodes to text.
-    """
-    vocab = _vocabulary(MARIAN_SPECIALS, PROTOTYPE_VOCAB)
-    eos, pad = vocab["</s>"], vocab["<pad>"]
-    tokens: dict[str, Any] = {"pad_token_id": pad, "eos_token_id": eos, "decoder_start_token_id": pad}
-    config = MarianConfig(
-        vocab_size=len(vocab),
-        d_model=512,
-        encoder_layers=6,
-        decoder_layers=6,
-        encoder_attention_heads=8,
-        decoder_attention_heads=8,
-        encoder_ffn_dim=2048,
-        decoder_ffn_dim=2048,
-        max_position_embeddings=512,
-        activation_function="swish",
-        scale_embedding=True,
-        forced_eos_token_id=eos,
-        **tokens,
-    )
-    generation = generation_config(
-        bad_words_ids=[[pad]], forced_eos_token_id=eos, max_length=512, num_beams=4, **tokens
-    )
-    torch.manual_seed(seed)
-    model = MarianMTModel(config)  # the default initialisation: fine at this width
-    return _save(path, model, word_level_tokenizer(vocab, "$A </s>", 512), generation)
 
 
 MAKERS: dict[str, Callable[..., Path]] = {

@@ -88,29 +88,38 @@ class Batcher:
             q.clear()
         return items
 
-    def _ready(self, queue: list[Pending], policy: BatchPolicy, now: float) -> bool:
+    def _ready(self, queue: list[Pending], policy: BatchPolicy, now: float, idle: bool = False) -> bool:
         if not queue:
             return False
-        if len(queue) >= policy.max_batch or now - queue[0].arrived >= policy.max_wait_s:
+        if idle or len(queue) >= policy.max_batch or now - queue[0].arrived >= policy.max_wait_s:
             return True
         return sum(p.tokens for p in queue) >= policy.token_budget
 
-    def wait_hint(self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES) -> float | None:
+    def wait_hint(
+        self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES, *, idle: bool = False
+    ) -> float | None:
         """Seconds until a queue of a class in `free` becomes ready by age; None when there is none."""
         hints = [
-            max(0.0, queue[0].arrived + policy.max_wait_s - now)
+            0.0 if idle else max(0.0, queue[0].arrived + policy.max_wait_s - now)
             for name, policy in (("realtime", self.realtime), ("batch", self.batch))
             if (queue := self.queues[name]) and name in free
         ]
         return min(hints) if hints else None
 
-    def next_batch(self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES) -> Batch | None:
-        """The next batch to run, among classes with a free in-flight slot (`free`)."""
+    def next_batch(
+        self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES, *, idle: bool = False
+    ) -> Batch | None:
+        """The next batch to run, among classes with a free in-flight slot (`free`).
+
+        `idle` says the model has no batch in flight: then waiting for batch-mates only leaves the
+        device unused, so whatever is queued goes at once (work-conserving batching: under load the
+        device is busy and batches fill while it works; a lone task at low load does not wait).
+        """
         rt = self.queues["realtime"]
-        if "realtime" in free and self._ready(rt, self.realtime, now):
+        if "realtime" in free and self._ready(rt, self.realtime, now, idle):
             return Batch("realtime", self._take_fifo(rt, self.realtime))
         queue = self.queues["batch"]
-        if "batch" not in free or not self._ready(queue, self.batch, now):
+        if "batch" not in free or not self._ready(queue, self.batch, now, idle):
             return None
         if self.fifo:
             return Batch("fifo", self._take_fifo(queue, self.batch))

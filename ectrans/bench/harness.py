@@ -1,0 +1,493 @@
+"""What every benchmark scenario shares: the stack as real processes, progress bars, run metadata,
+memory figures and the report files.
+
+Rules the scenarios keep: stdout carries only the JSON that `ectrans bench` prints (progress goes to
+stderr, service logs to files), and every figure comes with the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ectrans.client import AsyncClient
+from ectrans.common.heartbeat import process_memory
+from ectrans.common.keys import Keys
+from ectrans.common.redis_server import RedisServer
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+# No benchmark step waits longer than this for its results: a lost result fails the run, not hangs it.
+RESULT_TIMEOUT_S = 600.0
+
+# 1. Console and progress --------------------------------------------------------------------------
+
+_console = Console(stderr=True)
+
+
+def console() -> Console:
+    """The stderr console: progress and notes never mix with the JSON on stdout."""
+    return _console
+
+
+def note(message: str) -> None:
+    _console.print(f"[dim]\\[bench][/dim] {message}", highlight=False)
+
+
+@contextlib.contextmanager
+def progress() -> Iterator[Progress]:
+    """Rich progress bars on stderr (drawn only when stderr is a terminal)."""
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console,
+        transient=True,
+        disable=not _console.is_terminal,
+    )
+    with bars:
+        yield bars
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so that `with` blocks stop the processes they started."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# 2. Event loop --------------------------------------------------------------------------------------
+
+
+def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine on uvloop where present, as the services do, so clients are not the slow side."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(make())
+    return uvloop.run(make())
+
+
+# 3. Metadata -----------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev or "unknown"
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
+def machine_info() -> dict[str, Any]:
+    """Device, date, command and versions, recorded with every result."""
+    import torch
+    import transformers
+
+    from ectrans.models.device import device_label, resolve_device
+
+    device = resolve_device("auto")
+    info: dict[str, Any] = {
+        "device": device_label(device),
+        "cpu": cpu_model(),
+        "cores": cores(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["ectrans", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ectrans" else " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git": git_revision(),
+        "load_average_at_start": load_average(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# 4. Memory ------------------------------------------------------------------------------------------
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size of one process in MiB (shared pages split among their users)."""
+    return round(process_memory(pid)["pss"] / MiB, 1)
+
+
+def gpu_used_mib(pids: Sequence[int]) -> float | None:
+    """GPU memory NVML attributes to `pids`, in MiB; None without a GPU or NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    wanted, used = set(pids), 0
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid in wanted and proc.usedGpuMemory:
+                    used += int(proc.usedGpuMemory)
+    finally:
+        pynvml.nvmlShutdown()
+    return round(used / MiB, 1)
+
+
+# 5. The stack as processes --------------------------------------------------------------------------
+
+
+# Runs a service module as `python -m` would, after asking Linux for SIGTERM when the bench dies
+# (even by SIGKILL), so that no service outlives its run. Elsewhere `stop()` alone ends them.
+_RUN_TIED_TO_PARENT = """
+import contextlib, ctypes, os, runpy, signal, sys
+with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+parent, module = int(sys.argv.pop(1)), sys.argv.pop(1)
+if os.getppid() != parent:  # the bench died before the request took effect
+    sys.exit(0)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+class ServiceStack:
+    """A private Redis plus dispatcher and worker processes, as `ectrans up` starts them.
+
+    `settings` are ECTRANS_* variables without the prefix (`{"BATCH_MAX_BATCH": "64"}`); every
+    other ECTRANS_* variable of the caller's environment passes through, so a user can tune a run.
+    Service logs go to files in a temporary directory (named in errors), never to stdout.
+    """
+
+    def __init__(
+        self,
+        *,
+        serve_models: str = "minilm",
+        settings: dict[str, str] | None = None,
+        workers: int = 1,
+        redis_url: str | None = None,
+    ) -> None:
+        self.serve_models = serve_models
+        self.settings = dict(settings or {})
+        self.workers = workers
+        self.prefix = f"bench{uuid.uuid4().hex[:8]}:"
+        self.keys = Keys(self.prefix)
+        self.log_dir = Path(tempfile.mkdtemp(prefix="ectrans-bench-"))
+        self._server: RedisServer | None = None
+        self._external_url = redis_url
+        self.url = redis_url or ""
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self, instance: str) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "ECTRANS_REDIS_URL": self.url,
+            "ECTRANS_PREFIX": self.prefix,
+            "ECTRANS_SERVE_MODELS": self.serve_models,
+            "ECTRANS_INSTANCE": instance,
+            "ECTRANS_LOG_LEVEL": os.environ.get("ECTRANS_LOG_LEVEL", "WARNING"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+        env.update({f"ECTRANS_{k.upper()}": v for k, v in self.settings.items()})
+        return env
+
+    def launch(self) -> ServiceStack:
+        """Start Redis and the service processes without waiting for them (see `wait_ready`)."""
+        if self._external_url is None:
+            self._server = RedisServer().start()
+            self.url = self._server.url
+        self._spawn("dispatcher", "ectrans.services.dispatcher", "bench-d0")
+        for index in range(self.workers):
+            self._spawn(f"worker-{index}", "ectrans.services.worker", f"bench-w{index}")
+        return self
+
+    def start(self) -> ServiceStack:
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def _spawn(self, name: str, module: str, instance: str) -> None:
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-c", _RUN_TIED_TO_PARENT, str(os.getpid()), module],
+                env=self.env(instance),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C on the bench reaches the services through stop()
+            )
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Every service has written its heartbeat (a worker does so once its models are loaded)."""
+        wanted = [self.keys.heartbeat("dispatcher", "bench-d0")]
+        wanted += [self.keys.heartbeat("worker", f"bench-w{i}") for i in range(self.workers)]
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                if all(client.exists(key) for key in wanted):
+                    return
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise RuntimeError(f"the stack was not ready after {timeout_s:.0f}s; logs in {self.log_dir}")
+
+    def check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; log tail:\n{tail}")
+
+    def pids(self, prefix: str = "") -> list[int]:
+        return [p.pid for name, p in self.processes.items() if name.startswith(prefix)]
+
+    def memory(self) -> dict[str, Any]:
+        """PSS of each service process (MiB), and GPU memory of the workers where there is a GPU."""
+        out: dict[str, Any] = {name: pss_mib(proc.pid) for name, proc in self.processes.items()}
+        out["total_pss_mib"] = round(sum(v for v in out.values()), 1)
+        gpu = gpu_used_mib(self.pids("worker"))
+        if gpu is not None:
+            out["gpu_used_mib"] = gpu
+        return out
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    def __enter__(self) -> ServiceStack:
+        try:
+            if self.processes:  # launched already: `with ServiceStack(...).launch() as stack`
+                return self
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        if exc is None:  # after a failure the service logs stay for the error message's reader
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+# 6. Reports -------------------------------------------------------------------------------------------
+
+
+def output_dir() -> Path:
+    """`$ECTRANS_BENCH_DIR`, else `docs/bench` in the repository."""
+    env = os.environ.get("ECTRANS_BENCH_DIR")
+    path = Path(env) if env else REPO_ROOT / "docs" / "bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, markdown: str, draw: Callable[[Any], None] | None) -> dict[str, str]:
+    """Write `<name>.md` and (when `draw` is given) `<name>.png` under `output_dir()`.
+
+    `draw` receives a matplotlib Figure to fill; the Agg backend keeps it headless.
+    """
+    out = output_dir()
+    paths = {"markdown": str(out / f"{name}.md")}
+    (out / f"{name}.md").write_text(markdown)
+    if draw is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        figure = plt.figure(figsize=(13, 4.2), dpi=110)
+        try:
+            draw(figure)
+            figure.tight_layout()
+            figure.savefig(out / f"{name}.png")
+        finally:
+            plt.close(figure)
+        paths["plot"] = str(out / f"{name}.png")
+    return paths
+
+
+def best(samples: Sequence[float]) -> float:
+    """The best (highest) of repeated throughput samples: on a shared host, other load only slows."""
+    return max(samples) if samples else 0.0
+
+
+# 7. Driving the stack through the client library ---------------------------------------------------
+
+
+async def burst(client: AsyncClient, model: str, op: str, texts: Sequence[str], *, priority: str = "batch") -> float:
+    """Submit every input at once (one round trip) and wait for all results; seconds taken."""
+    started = time.perf_counter()
+    results = await client.submit_many(model, op, list(texts), priority=priority, timeout=RESULT_TIMEOUT_S)
+    elapsed = time.perf_counter() - started
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(texts)} tasks failed, e.g. {failed[0].reason}: {failed[0].error}")
+    return elapsed
+
+
+async def closed_loop(
+    client: AsyncClient,
+    model: str,
+    op: str,
+    texts: Sequence[str],
+    in_flight: int,
+    *,
+    priority: str = "batch",
+    lanes: int = 8,
+) -> tuple[float, list[float]]:
+    """Keep `in_flight` tasks outstanding until every input is answered.
+
+    Up to `lanes` submitters each keep a chunk of `in_flight / lanes` tasks in flight (one round trip
+    per chunk), so a single client process can drive thousands in flight. Returns the seconds taken
+    and each task's latency in ms as the server recorded it (ingress XADD to result).
+    """
+    lanes = max(1, min(lanes, in_flight))
+    chunk = max(1, in_flight // lanes)
+    pending = iter(texts)
+    latencies: list[float] = []
+
+    async def lane() -> None:
+        while take := list(itertools.islice(pending, chunk)):
+            for result in await client.submit_many(model, op, take, priority=priority, timeout=RESULT_TIMEOUT_S):
+                if not result.ok:
+                    raise RuntimeError(f"task failed: {result.reason}: {result.error}")
+                latencies.append(result.latency_ms)
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(lanes):
+            tg.create_task(lane())
+    return time.perf_counter() - started, latencies
+
+
+async def single_latencies(
+    client: Any, model: str, op: str, texts: Sequence[str], *, priority: str = "realtime"
+) -> list[float]:
+    """One task at a time: client-side latency (submit to result) of each, in ms."""
+    latencies = []
+    for text in texts:
+        started = time.perf_counter()
+        result = await client.submit(model, op, text, priority=priority, timeout=RESULT_TIMEOUT_S)
+        latencies.append((time.perf_counter() - started) * 1000)
+        if not result.ok:
+            raise RuntimeError(f"task failed: {result.reason}: {result.error}")
+    return latencies
+
+
+async def poisson_run(
+    client: AsyncClient,
+    model: str,
+    op: str,
+    texts: Sequence[str],
+    arrivals: Sequence[float],
+    *,
+    deadline_ms: int,
+    priority: str = "realtime",
+    send_deadline: bool = True,
+) -> tuple[list[float], Counter[str]]:
+    """Submit each input at its arrival time (seconds from now) with a deadline.
+
+    Returns the client-side latencies (ms, arrival to result) of the tasks answered with a result,
+    and the misses by kind: an error result counts under its reason (e.g. `deadline`, rejected at
+    admission), a result after the deadline under `late`. With `send_deadline=False` the tasks carry
+    no deadline (so admission control does not apply) and only lateness counts.
+    """
+    start = time.perf_counter()
+    latencies: list[float] = []
+    missed: Counter[str] = Counter()
+
+    async def one(text: str, at: float) -> None:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        arrived = start + at
+        sent_deadline = deadline_ms if send_deadline else None
+        result = await client.submit(
+            model, op, text, priority=priority, deadline_ms=sent_deadline, timeout=RESULT_TIMEOUT_S
+        )
+        latency = (time.perf_counter() - arrived) * 1000
+        if not result.ok:
+            missed[str(result.reason)] += 1
+            return
+        latencies.append(latency)
+        if latency > deadline_ms:
+            missed["late"] += 1
+
+    async with asyncio.TaskGroup() as tg:
+        for text, at in zip(texts, arrivals, strict=True):
+            tg.create_task(one(text, at))
+    return latencies, missed

@@ -1,0 +1,324 @@
+"""One copy of the weights shared by executor processes, on CPU.
+
+In process (fast, every supported family): export to a sealed memfd, attach on `meta`, identical
+outputs, tied weights stay one tensor, writes raise. Across processes (real holder, zygote and
+executor processes): two executors give the privately loaded model's outputs, a write attempt
+fails loudly and changes nothing for the others, SIGKILL of the holder or of an executor under
+load loses no batch, a restarted executor is ready far sooner than a fresh load, and adding an
+executor adds far less memory than the model's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ectrans.common.codec import packb, unpackb
+from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
+from ectrans.models.api import Executor, ItemResult, Request
+from ectrans.models.loader import load_executor, load_model
+from ectrans.models.process_pool import SharedExecutorPool
+from ectrans.models.synthetic import make_prototype_marian
+from ectrans.models.weights import AttachError, Manifest, attach_model, export_cpu, spec_to_wire
+from tests import tiny_encoders, tiny_seq2seq
+from tests.stack import running_stack
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "hello world",
+    "the cat sat on the mat and looked at the dog",
+    "edge servers batch real-time and bulk tasks together",
+    "thanks!",
+]
+TRANSLATE = {"num_beams": 2, "max_new_tokens": 8}
+
+
+def run(executor: Executor, op: str, texts: list[str], params: dict[str, Any]) -> list[ItemResult]:
+    results, _ = executor.submit(Request(op, texts, params)).result(timeout=120)
+    return results
+
+
+def assert_same(got: list[ItemResult], want: list[ItemResult]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.error == w.error
+        if isinstance(w.output, np.ndarray):
+            assert isinstance(g.output, np.ndarray)
+            assert g.output.dtype == w.output.dtype
+            np.testing.assert_array_equal(g.output, w.output)
+        else:
+            assert g.output == w.output
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def op_for(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+    return ("embed", {}) if spec.kind == "encoder" else ("translate", TRANSLATE)
+
+
+# 1. In one process ------------------------------------------------------------------------------------
+
+FAMILIES = [
+    *((name, "float32") for name in tiny_encoders.MAKERS),
+    *((name, "float32") for name in tiny_seq2seq.MAKERS),
+    ("bert", "bfloat16"),
+    ("marian", "bfloat16"),
+    ("t5", "float16"),
+]
+
+
+@pytest.mark.parametrize(("family", "dtype"), FAMILIES)
+def test_attached_model_gives_the_loaded_models_outputs(tmp_path: Path, family: str, dtype: str) -> None:
+    makers = {**tiny_encoders.MAKERS, **tiny_seq2seq.MAKERS}
+    spec = build_spec(family, {"path": str(makers[family](tmp_path / family)), "dtype": dtype})
+    op, params = op_for(spec)
+    texts = tiny_encoders.SENTENCES if spec.kind == "encoder" else tiny_seq2seq.SENTENCES
+    model = load_model(spec, torch.device("cpu"))
+    reference = load_executor(spec, device="cpu", threads=1, model=model)
+    want = run(reference, op, texts, params)
+    reference.close()
+
+    manifest, fd = export_cpu(model, spec)
+    try:
+        wire = Manifest.from_wire(unpackb(packb(manifest.to_wire())))  # as it travels
+        attached = attach_model(spec, wire, [os.dup(fd)])
+    finally:
+        os.close(fd)
+    assert attached.guarded
+    executor = load_executor(spec, device="cpu", threads=1, model=attached.model)
+    assert_same(run(executor, op, texts, params), want)
+    executor.close()
+
+    # Tied weights stay one Parameter under every name; each storage was exported once.
+    model = attached.model
+    for entry in wire.tensors:
+        held = {id(model.get_parameter(n) if entry.is_param else model.get_buffer(n)) for n in entry.names}
+        assert len(held) == 1, entry.names
+    assert len({s.offset for s in wire.storages}) == len(wire.storages)
+    if family == "marian":
+        shared: Any = attached.model
+        assert shared.lm_head.weight is shared.model.shared.weight
+    attached.release()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    path = tiny_encoders.make_tiny_bert(tmp_path_factory.mktemp("bert") / "bert")
+    return build_spec("bert", {"path": str(path)})
+
+
+def test_writes_through_torch_raise_and_change_nothing(tiny_bert: ModelSpec) -> None:
+    manifest, fd = export_cpu(load_model(tiny_bert, torch.device("cpu")), tiny_bert)
+    before = os.pread(fd, manifest.file_bytes, 0)
+    attached = attach_model(tiny_bert, manifest, [os.dup(fd)])
+    weight = attached.model.get_parameter("embeddings.word_embeddings.weight")
+    with torch.no_grad():
+        for write in (lambda: weight.add_(1.0), weight.zero_, lambda: weight.__setitem__(0, 1.0)):
+            with pytest.raises(RuntimeError, match="Cannot access data pointer"):
+                write()
+    assert os.pread(fd, manifest.file_bytes, 0) == before
+    with pytest.raises(PermissionError):
+        os.pwrite(fd, b"\0", 0)  # sealed: not even the holder can write any more
+    attached.release()
+    os.close(fd)
+
+
+def test_attach_refuses_another_models_weights(tiny_bert: ModelSpec) -> None:
+    manifest, fd = export_cpu(load_model(tiny_bert, torch.device("cpu")), tiny_bert)
+    other = build_spec("bert", {"path": str(tiny_bert.path), "dtype": "float16"})
+    with pytest.raises(AttachError, match="dtype"):
+        attach_model(other, manifest, [fd])
+
+
+def test_attach_refuses_a_writable_file(tiny_bert: ModelSpec) -> None:
+    manifest, sealed = export_cpu(load_model(tiny_bert, torch.device("cpu")), tiny_bert)
+    os.close(sealed)
+    unsealed = os.memfd_create("ectrans-weights-test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(unsealed, manifest.file_bytes)
+    with pytest.raises(AttachError, match="not sealed"):
+        attach_model(tiny_bert, manifest, [unsealed])
+
+
+# 2. Across processes: MiniLM, two executors ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm() -> ModelSpec:
+    return build_spec("minilm", {"path": str(packaged_minilm_path())})
+
+
+@pytest.fixture(scope="module")
+def minilm_reference(minilm: ModelSpec) -> list[ItemResult]:
+    executor = load_executor(minilm, device="cpu", threads=1)
+    try:
+        return run(executor, "embed", TEXTS, {})
+    finally:
+        executor.close()
+
+
+@pytest.fixture(scope="module")
+def minilm_pool(minilm: ModelSpec) -> Iterator[SharedExecutorPool]:
+    pool = SharedExecutorPool(minilm, 2, device="cpu", threads_per_process=1)
+    yield pool
+    pool.close()
+
+
+def embed_many(pool: SharedExecutorPool, count: int) -> list[Any]:
+    return [pool.submit(Request("embed", TEXTS)) for _ in range(count)]
+
+
+@pytest.mark.slow
+def test_two_executor_processes_give_the_private_models_outputs(
+    minilm_pool: SharedExecutorPool, minilm_reference: list[ItemResult]
+) -> None:
+    for future in embed_many(minilm_pool, 8):
+        assert_same(future.result(timeout=120)[0], minilm_reference)
+    infos = minilm_pool.executor_info()
+    assert all(info["served"] > 0 for info in infos), infos  # both processes did work
+    assert all(info["guarded"] and info["weight_files"] == 1 for info in infos)
+    assert {info["holder_pid"] for info in infos} == {minilm_pool.holder_pid}
+
+
+@pytest.mark.slow
+def test_a_write_attempt_fails_loudly_and_the_others_are_unchanged(
+    minilm_pool: SharedExecutorPool, minilm_reference: list[ItemResult], minilm: ModelSpec
+) -> None:
+    assert minilm_pool.holder_socket is not None
+    writer = subprocess.run(
+        [sys.executable, "-m", "tests.weights_writer", minilm_pool.holder_socket, json.dumps(spec_to_wire(minilm))],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=150,
+        cwd=REPO,
+    )
+    outcomes = {line["attempt"]: line["outcome"] for line in map(json.loads, writer.stdout.splitlines())}
+    assert writer.returncode == -signal.SIGSEGV, writer.stderr[-2000:]
+    for name in ("torch add_", "torch copy_", "torch setitem", "tensor.numpy"):
+        assert outcomes[name].startswith("RuntimeError: Cannot access data pointer"), outcomes
+    for name in ("pwrite to the shared file", "ftruncate the shared file", "writable shared mapping"):
+        assert outcomes[name].startswith("PermissionError"), outcomes
+    assert outcomes["raw store"] == "next"  # the store itself never returned
+    for future in embed_many(minilm_pool, 4):
+        assert_same(future.result(timeout=120)[0], minilm_reference)
+
+
+@pytest.mark.slow
+def test_holder_killed_under_load_loses_no_batch_and_executors_reattach(
+    minilm_pool: SharedExecutorPool, minilm_reference: list[ItemResult]
+) -> None:
+    futures = embed_many(minilm_pool, 12)
+    old = minilm_pool.holder_pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    for future in futures:
+        assert_same(future.result(timeout=150)[0], minilm_reference)
+    assert minilm_pool.wait_settled(150)
+    new = minilm_pool.holder_pid
+    assert new not in (None, old)
+    infos = minilm_pool.executor_info()
+    assert {info["holder_pid"] for info in infos} == {new}
+    assert all(info["weight_files"] == 1 for info in infos)  # the old copy was let go
+    for future in embed_many(minilm_pool, 4):
+        assert_same(future.result(timeout=120)[0], minilm_reference)
+
+
+@pytest.mark.slow
+def test_executor_killed_under_load_loses_no_batch_and_is_back_far_sooner_than_a_fresh_load(
+    minilm_pool: SharedExecutorPool, minilm_reference: list[ItemResult]
+) -> None:
+    futures = embed_many(minilm_pool, 12)
+    victim = minilm_pool.executor_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    for future in futures:
+        assert_same(future.result(timeout=150)[0], minilm_reference)
+    assert minilm_pool.wait_settled(150, replaced=victim)
+    assert minilm_pool.restarts["executor"] >= 1
+    restarted = minilm_pool.executor_info()[0]
+    fresh = float(minilm_pool.holder_info["startup_s"])  # a new process that imports and loads the model
+    print(f"\nrestarted executor ready in {restarted['startup_s']:.2f}s (attach {restarted['attach_s']:.3f}s); "
+          f"fresh load {fresh:.2f}s (from_pretrained {minilm_pool.holder_info['load_s']:.2f}s)")  # fmt: skip
+    assert restarted["startup_s"] < 0.5 * fresh
+
+
+@pytest.mark.slow
+def test_worker_serves_through_the_pool_and_loses_no_task_when_the_holder_dies(
+    redis_url: str,
+    prefix: str,
+    registry: dict[str, ModelSpec],
+    minilm_pool: SharedExecutorPool,
+    minilm_reference: list[ItemResult],
+) -> None:
+    texts = TEXTS * 10
+
+    async def scenario() -> tuple[list[dict[str, str]], dict[str, str]]:
+        worker = {"executors_per_device": 2, "batch_max_batch": 4, "rt_max_batch": 2}
+        async with running_stack(redis_url, prefix, registry, {"minilm": minilm_pool}, worker=worker) as stack:
+            ids = [await stack.xadd(model="minilm", op="embed", input=text) for text in texts[:20]]
+            holder = minilm_pool.holder_pid
+            assert holder is not None
+            os.kill(holder, signal.SIGKILL)  # with tasks queued and running
+            ids += [await stack.xadd(model="minilm", op="embed", input=text) for text in texts[20:]]
+            by_id = await stack.results(ids, timeout=150)
+            raw = await stack.redis.hgetall(stack.keys.heartbeat("worker", stack.worker.consumer))
+            heartbeat = {_text(k): _text(v) for k, v in raw.items()}
+            return [by_id[i] for i in ids], heartbeat
+
+    records, heartbeat = asyncio.run(scenario())
+    want = {text: result.output for text, result in zip(TEXTS, minilm_reference, strict=True)}
+    for text, record in zip(texts, records, strict=True):
+        assert record["status"] == "ok", record
+        np.testing.assert_allclose(np.asarray(json.loads(record["output"]), dtype=np.float32), want[text], atol=1e-6)
+    assert int(heartbeat["weights_bytes"]) == minilm_pool.weights_bytes > 80 * 2**20
+    assert len(heartbeat["executor_pids"].split(",")) == 2
+    detail = json.loads(heartbeat["weights"])
+    assert detail[0]["model"] == "minilm" and len(detail[0]["executors_private"]) == 2
+
+
+# 3. Memory: the prototype-sized Marian ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prototype(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    path = make_prototype_marian(tmp_path_factory.mktemp("prototype") / "marian")
+    return build_spec("prototype", {"path": str(path)})
+
+
+@pytest.mark.slow
+def test_a_second_executor_adds_far_less_memory_than_the_weights(prototype: ModelSpec) -> None:
+    texts = tiny_seq2seq.SENTENCES
+    params = {"num_beams": 1, "max_new_tokens": 6}
+    reference = load_executor(prototype, device="cpu", threads=1)
+    want = run(reference, "translate", texts, params)
+    reference.close()
+    del reference
+    with contextlib.closing(SharedExecutorPool(prototype, 1, device="cpu", threads_per_process=1)) as pool:
+        assert_same(run(pool, "translate", texts, params), want)
+        one = pool.measure_memory()
+        pool.grow(1)
+        futures = [pool.submit(Request("translate", texts, params)) for _ in range(4)]
+        for future in futures:
+            assert_same(future.result(timeout=120)[0], want)
+        assert all(info["served"] > 0 for info in pool.executor_info())
+        two = pool.measure_memory()
+    weights = pool.weights_bytes
+    growth = two["pss_sum"] - one["pss_sum"]
+    print(f"\nweights {weights / 2**20:.0f} MiB; group PSS {one['pss_sum'] / 2**20:.0f} MiB with one executor, "
+          f"{two['pss_sum'] / 2**20:.0f} MiB with two: +{growth / 2**20:.0f} MiB")  # fmt: skip
+    assert weights > 300 * 2**20  # about 93M float32 parameters
+    assert one["pss_sum"] > weights  # the group holds the weights once ...
+    assert growth < 0.35 * weights  # ... and a second executor adds its private memory only
