@@ -79,9 +79,10 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / ESTIMATED_CHARS_PER_TOKEN) + 2
 
 
-def predict_realtime_ms(cost: CostModel, task_tokens: int, queued_realtime: int) -> float:
+def predict_realtime_ms(cost: CostModel, task_tokens: int, queued_realtime: int, bulk_busy: bool = True) -> float:
     """Latency a real-time task should expect: the segment of bulk work running when it arrives
-    (it cuts in at the next boundary), the real-time work queued ahead of it, then its own batch."""
-    segment_in_progress = cost.batch_ms(cost.max_batch_tokens) / max(cost.segments, 1)
+    (it cuts in at the next boundary; none when no bulk work is queued or in flight), the
+    real-time work queued ahead of it, then its own batch."""
+    segment_in_progress = cost.batch_ms(cost.max_batch_tokens) / max(cost.segments, 1) if bulk_busy else 0.0
     ahead = cost.ms_per_token * queued_realtime * task_tokens
     return segment_in_progress + ahead + cost.batch_ms(task_tokens)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import threading
 import uuid
@@ -24,12 +25,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from ectrans.common import codec
 from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class ECTransError(Exception):
@@ -154,6 +157,10 @@ class AsyncClient:
                 if not self._closing:
                     await asyncio.sleep(random.uniform(0.1, 1.0))
                 continue
+            except Exception:  # the reader must outlive any surprise, or every waiter would hang
+                logger.exception("[client] reply reader error; retrying")
+                await asyncio.sleep(random.uniform(0.1, 1.0))
+                continue
             done_ids = []
             for _, entries in reply or []:
                 for entry_id, raw in entries:
@@ -164,7 +171,8 @@ class AsyncClient:
                     if fut is not None and not fut.done():
                         fut.set_result(result)
             if done_ids and self._redis is not None:
-                await self._redis.xdel(self.reply_stream, *done_ids)
+                with contextlib.suppress(RedisError):  # trimming is housekeeping; results are delivered
+                    await self._redis.xdel(self.reply_stream, *done_ids)
 
     async def submit_many(
         self,

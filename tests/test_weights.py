@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from ectrans.common.codec import packb, unpackb
 from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
 from ectrans.models.api import Executor, ItemResult, Request
 from ectrans.models.loader import load_executor, load_model
-from ectrans.models.process_pool import SharedExecutorPool
+from ectrans.models.process_pool import ExecutorProcessDied, SharedExecutorPool
 from ectrans.models.synthetic import make_prototype_marian
 from ectrans.models.weights import AttachError, Manifest, attach_model, export_cpu, spec_to_wire
 from tests import tiny_encoders, tiny_seq2seq
@@ -253,6 +254,32 @@ def test_executor_killed_under_load_loses_no_batch_and_is_back_far_sooner_than_a
     print(f"\nrestarted executor ready in {restarted['startup_s']:.2f}s (attach {restarted['attach_s']:.3f}s); "
           f"fresh load {fresh:.2f}s (from_pretrained {minilm_pool.holder_info['load_s']:.2f}s)")  # fmt: skip
     assert restarted["startup_s"] < 0.5 * fresh
+
+
+def running_batch_pid(pool: SharedExecutorPool, not_pid: int | None, timeout: float = 60.0) -> int:
+    """The pid of the executor process that holds a batch now (deadline-bounded poll)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for info in pool.executor_info():
+            if info["inflight"] and info["state"] == "ready" and info["pid"] != not_pid:
+                return int(info["pid"])
+        time.sleep(0.005)
+    raise TimeoutError("no executor process took the batch")
+
+
+@pytest.mark.slow
+def test_a_batch_whose_processes_keep_dying_fails_alone(
+    minilm_pool: SharedExecutorPool, minilm_reference: list[ItemResult]
+) -> None:
+    assert minilm_pool.wait_settled(150)
+    poison = minilm_pool.submit(Request("embed", [" ".join(TEXTS * 8)] * 48))  # runs for seconds
+    first = running_batch_pid(minilm_pool, None)
+    os.kill(first, signal.SIGKILL)  # the batch is rerun on the other process ...
+    os.kill(running_batch_pid(minilm_pool, first), signal.SIGKILL)  # ... which dies too
+    with pytest.raises(ExecutorProcessDied, match="died 2 times while running this batch"):
+        poison.result(timeout=150)
+    assert_same(run(minilm_pool, "embed", TEXTS, {}), minilm_reference)  # everything else goes on
+    assert minilm_pool.wait_settled(150)
 
 
 @pytest.mark.slow

@@ -320,10 +320,7 @@ def _figures(rounds: Rounds, tokens_per_task: float) -> dict[str, Any]:
 
 def _memory(stack: ServiceStack, solo: ModelProcesses, multi: ModelProcesses) -> dict[str, Any]:
     """PSS (and on a GPU, torch's reserved memory) of each side, all processes alive at once."""
-    out: dict[str, Any] = {
-        "ectrans_pss_mib": stack.memory(),
-        "note": "PSS of every process, all alive at once (shared library pages split among them)",
-    }
+    out: dict[str, Any] = {"ectrans_pss_mib": stack.memory()}
     for name, procs in (("per_request", solo), ("multitask", multi)):
         answers = procs.memory()
         out[f"{name}_pss_mib"] = round(sum(int(a["pss"]) for a in answers) / MiB, 1)
@@ -378,8 +375,14 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
         solo.set_texts(work.texts)
         multi.set_texts(work.texts)
         note(f"started in {time.monotonic() - started:.1f}s")
+        loaded = _memory(stack, solo, multi)
         rounds = _throughput_rounds(size, work.texts, {"stack": stack, "solo": solo, "multi": multi}, bars)
-        memory = _memory(stack, solo, multi)
+        memory = {
+            "after_load": loaded,
+            "after_runs": _memory(stack, solo, multi),
+            "note": "PSS of every process, all alive at once (shared library pages split among them); the "
+            "per-request process also ran the plain loops, so after the runs it holds their largest batch",
+        }
         in_flight = _in_flight_sweep(size, work.texts, stack)
         per_request, per_request_rate = rounds.best_variant("per_request")
         baseline = solo if rounds.variants[per_request]["threads"] == solo.config.threads else multi

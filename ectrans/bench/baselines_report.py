@@ -117,13 +117,18 @@ def markdown(result: dict[str, Any]) -> str:
         "## Memory",
         "",
         markdown_table(
-            ["what", "PSS MiB"],
+            ["what", "PSS MiB after load", "PSS MiB after the runs"],
             [
-                ["ECTrans (dispatcher + worker)", memory["ectrans_pss_mib"]["total_pss_mib"]],
-                ["per request (1 process)", memory["per_request_pss_mib"]],
-                ["multitask (K processes)", memory["multitask_pss_mib"]],
+                ["ECTrans (dispatcher + worker)"]
+                + [memory[when]["ectrans_pss_mib"]["total_pss_mib"] for when in ("after_load", "after_runs")],
+                ["per request (1 process)"]
+                + [memory[when]["per_request_pss_mib"] for when in ("after_load", "after_runs")],
+                [f"multitask ({figures['multitask']['processes']} processes)"]
+                + [memory[when]["multitask_pss_mib"] for when in ("after_load", "after_runs")],
             ],
         ),
+        "",
+        memory["note"] + ".",
         "",
         "## Redis path (no-op model)",
         "",

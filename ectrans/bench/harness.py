@@ -128,6 +128,13 @@ def git_revision() -> str:
     return rev or "unknown"
 
 
+def command_line() -> str:
+    """The command as a user would type it: `ectrans bench ...` however the CLI was started."""
+    if Path(sys.argv[0]).name in ("ectrans", "cli.py", "__main__.py"):
+        return " ".join(["ectrans", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
@@ -145,7 +152,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": cores(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(["ectrans", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ectrans" else " ".join(sys.argv),
+        "command": command_line(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -186,19 +193,6 @@ def gpu_used_mib(pids: Sequence[int]) -> float | None:
 
 
 # 5. The stack as processes --------------------------------------------------------------------------
-
-
-# Runs a service module as `python -m` would, after asking Linux for SIGTERM when the bench dies
-# (even by SIGKILL), so that no service outlives its run. Elsewhere `stop()` alone ends them.
-_RUN_TIED_TO_PARENT = """
-import contextlib, ctypes, os, runpy, signal, sys
-with contextlib.suppress(OSError, AttributeError):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-parent, module = int(sys.argv.pop(1)), sys.argv.pop(1)
-if os.getppid() != parent:  # the bench died before the request took effect
-    sys.exit(0)
-runpy.run_module(module, run_name="__main__", alter_sys=True)
-"""
 
 
 class ServiceStack:
@@ -260,7 +254,7 @@ class ServiceStack:
     def _spawn(self, name: str, module: str, instance: str) -> None:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-c", _RUN_TIED_TO_PARENT, str(os.getpid()), module],
+                [sys.executable, "-m", "ectrans.bench.tied", str(os.getpid()), module],  # dies with the bench
                 env=self.env(instance),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -353,7 +353,7 @@ def run(quick: bool) -> dict[str, Any]:
         "models": {},
         "saving_vs_independent": {},
     }
-    with tempfile.TemporaryDirectory(prefix="ectrans-bench-memory-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ectrans-memory-models-") as tmp:
         for name in size.models:
             path = model_path(name, Path(tmp))
             result["models"][name] = {"description": DESCRIPTIONS[name]}

@@ -305,7 +305,10 @@ class SharedExecutorPool:
     def executor_info(self) -> list[dict[str, Any]]:
         """What each executor process reported when it last became ready (timings, memory)."""
         with self._lock:
-            return [slot.info | {"served": slot.served, "state": slot.state} for slot in self._slots]
+            return [
+                slot.info | {"served": slot.served, "state": slot.state, "inflight": len(slot.inflight)}
+                for slot in self._slots
+            ]
 
     def memory(self) -> dict[str, Any]:
         """The last memory figures the supervisor measured (every few seconds)."""

@@ -277,7 +277,9 @@ class Dispatcher:
         task = forward.task
         deadline = task.deadline_at_ms
         if task.task_class == "realtime" and deadline is not None and cost is not None:
-            predicted = predict_realtime_ms(cost, estimate_tokens(task.input), lengths[forward.queue])
+            # A model queue's length counts its waiting and in-flight entries (acked ones are deleted).
+            bulk_busy = lengths[self.keys.queue(task.model, "batch")] > 0
+            predicted = predict_realtime_ms(cost, estimate_tokens(task.input), lengths[forward.queue], bulk_busy)
             remaining = deadline - now_ms()
             if predicted > remaining:
                 if task.on_miss != "batch":
