@@ -93,6 +93,10 @@ class Host:
     def consumers(self) -> list[str]:
         return [f"{self.name}-{i}" for i in range(len(self.processes))]
 
+    def freeze(self) -> None:
+        """SIGSTOP the whole group, so what it holds stays held while the test looks at it."""
+        os.killpg(self.processes[0].pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         """SIGKILL the whole group: no handler runs, nothing is handed back (a host losing power)."""
         os.killpg(self.processes[0].pid, signal.SIGKILL)
@@ -220,6 +224,8 @@ def test_killed_host_work_finishes_on_the_other_none_lost_or_doubled(url: str, p
                 await eventually(all_up, 120, "three workers heartbeating")
                 await submit_all(redis, keys, total)
                 await eventually(a_holds_work, 60, "host A holding tasks")
+                a.freeze()  # else A may finish what it held between the snapshot and the kill
+                await a_holds_work()  # the snapshot of what the frozen host holds
                 a.kill()
                 a_gone_at = time.monotonic()
                 out["taken"] = await task_ids(redis, queue, [e for c in a.consumers for e in out["held"].get(c, [])])
