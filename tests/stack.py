@@ -70,10 +70,10 @@ async def running_stack(
     monitor: dict[str, Any] | None = None,
 ) -> AsyncIterator[Stack]:
     common: dict[str, Any] = {"redis_url": url, "prefix": prefix, "heartbeat_s": 0.5}
-    d = Dispatcher(DispatcherSettings(**common, **(dispatcher or {})), registry)
-    w_settings = WorkerSettings(**common, serve_models=",".join(executors), **(worker or {}))
+    d = Dispatcher(DispatcherSettings(**{**common, **(dispatcher or {})}), registry)
+    w_settings = WorkerSettings(**{**common, "serve_models": ",".join(executors), **(worker or {})})
     w = Worker(w_settings, registry, executors=executors)
-    m = Monitor(MonitorSettings(**common, **monitor), sorted(registry)) if monitor is not None else None
+    m = Monitor(MonitorSettings(**{**common, **monitor}), sorted(registry)) if monitor is not None else None
     services: list[Dispatcher | Worker | Monitor] = [d, w]
     if m is not None:
         services.append(m)

@@ -118,10 +118,17 @@ def run_node(
     """Submit every kind of task through a real node; what the monitor says once it counted them all."""
     port = free_port()
     json_path = tmp_path / "logs" / "monitor.jsonl"
-    settings = {"interval_s": 0.5, "metrics_port": port, "metrics_host": "127.0.0.1", "monitor_json": str(json_path)}
+    # A loose staleness bound: on a loaded CI box the in-process heartbeats can lag a second.
+    settings = {
+        "interval_s": 0.5,
+        "heartbeat_s": 2.0,
+        "metrics_port": port,
+        "metrics_host": "127.0.0.1",
+        "monitor_json": str(json_path),
+    }
 
     async def scenario() -> tuple[dict[str, str], str]:
-        async with running_stack(redis_url, prefix, *noop, monitor=settings) as stack:
+        async with running_stack(redis_url, prefix, *noop, worker={"heartbeat_s": 1.0}, monitor=settings) as stack:
             monitor = stack.monitor
             assert monitor is not None
             await asyncio.wait_for(monitor.ready.wait(), 10)
