@@ -38,7 +38,7 @@ class Forwarding:
     model: str
     task_id: str
     entry_id: str
-    fields: dict[str, str]
+    fields: dict[str, str | bytes]
 
 
 class Forwarder:

@@ -49,6 +49,8 @@ class ModelSpec:
     device: str = "auto"
     max_tokens: int = 512
     revision: str = ""
+    num_layers: int = 0  # encoder layers: the split points are 1..num_layers + 2 (see `split`)
+    hidden_size: int = 0
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def supports(self, op: str) -> bool:
@@ -93,6 +95,19 @@ def _max_tokens(path: Path, config: dict[str, Any]) -> int:
     return 512
 
 
+def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+# Config keys by family: BERT, DistilBERT, Marian/BART, T5.
+_LAYER_KEYS = ("encoder_layers", "num_hidden_layers", "n_layers", "num_layers")
+_HIDDEN_KEYS = ("d_model", "hidden_size", "dim")
+
+
 def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
     if not _NAME_RE.match(name):
         raise RegistryError(f"model name {name!r} must be 1-64 of letters, digits, '.', '_', '-'")
@@ -127,6 +142,8 @@ def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
         device=str(entry.get("device", "auto")),
         max_tokens=int(entry.get("max_tokens", _max_tokens(path, config))),
         revision=_revision(path, config),
+        num_layers=_first_int(config, _LAYER_KEYS),
+        hidden_size=_first_int(config, _HIDDEN_KEYS),
         options={k: v for k, v in entry.items() if k not in known},
     )
 

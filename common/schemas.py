@@ -21,8 +21,11 @@ ON_MISS = ("error", "batch")
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 # Op parameters a task may carry as fields, with their allowed ranges.
 OP_PARAMS: dict[str, tuple[int, int]] = {"num_beams": (1, 8), "max_new_tokens": (1, 512)}
+SPLIT_FIELDS = ("segment", "revision")  # a split task: `input` holds the activation payload (see `split`)
+MAX_SEGMENT = 1024
 KNOWN_FIELDS = frozenset(
     {"model", "op", "input", "priority", "deadline_ms", "id", "reply_to", "encoding", "on_miss", *OP_PARAMS}
+    | set(SPLIT_FIELDS)
 )
 
 
@@ -36,6 +39,7 @@ class Reason:
     OVERLOADED = "overloaded"
     DEAD_LETTER = "dead_letter"
     UNAVAILABLE = "unavailable"  # no live worker serves the model (past a grace period)
+    VERSION_MISMATCH = "version_mismatch"  # a split task computed with another model revision or contract
     INTERNAL = "internal"
 
 
@@ -53,6 +57,7 @@ class Limits:
     max_input_chars: int = 10_000
     max_task_bytes: int = 64 * 1024
     reject_unknown_fields: bool = False
+    max_split_bytes: int = 8 * 1024 * 1024  # a split task's activations: 1.5 MB of float32 for 512 x 768
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,14 @@ class Task:
     params: dict[str, int] = field(default_factory=dict)
     task_class: str = "batch"
     downgraded: bool = False
+    # A split task: the client ran units[0:segment] of model `revision`; `payload` holds their output.
+    segment: int = 0
+    revision: str = ""
+    payload: bytes = b""
+
+    @property
+    def is_split(self) -> bool:
+        return self.segment > 0
 
     @property
     def deadline_at_ms(self) -> int | None:
@@ -84,13 +97,13 @@ class Task:
         task.__dict__.update(self.__dict__, task_class=task_class, downgraded=downgraded)
         return task
 
-    def to_fields(self) -> dict[str, str]:
+    def to_fields(self) -> dict[str, str | bytes]:
         """Fields of the forwarded entry in a model queue."""
-        fields = {
+        fields: dict[str, str | bytes] = {
             "id": self.id,
             "model": self.model,
             "op": self.op,
-            "input": self.input,
+            "input": self.payload if self.is_split else self.input,
             "submitted_ms": str(self.submitted_ms),
             "class": self.task_class,
             "encoding": self.encoding,
@@ -101,6 +114,8 @@ class Task:
             fields["reply_to"] = self.reply_to
         if self.downgraded:
             fields["downgraded"] = "1"
+        if self.is_split:
+            fields.update(segment=str(self.segment), revision=self.revision)
         fields.update({k: str(v) for k, v in self.params.items()})
         return fields
 
@@ -108,12 +123,14 @@ class Task:
     def from_fields(cls, raw: dict[bytes, bytes]) -> Task:
         """Read a forwarded entry (written by the dispatcher, so only re-checked for shape)."""
         try:
-            f = {k.decode(): v.decode() for k, v in raw.items()}
+            split = b"segment" in raw
+            payload = raw[b"input"] if split else b""  # binary: never decoded as text
+            f = {k.decode(): v.decode() for k, v in raw.items() if not (split and k == b"input")}
             return cls(
                 id=f["id"],
                 model=f["model"],
                 op=f["op"],
-                input=f["input"],
+                input="" if split else f["input"],
                 submitted_ms=int(f["submitted_ms"]),
                 deadline_ms=int(f["deadline_ms"]) if "deadline_ms" in f else None,
                 reply_to=f.get("reply_to"),
@@ -121,6 +138,9 @@ class Task:
                 params={k: int(f[k]) for k in OP_PARAMS if k in f},
                 task_class=f.get("class", "batch"),
                 downgraded=f.get("downgraded") == "1",
+                segment=int(f.get("segment", 0)),
+                revision=f.get("revision", ""),
+                payload=payload,
             )
         except (KeyError, ValueError) as exc:
             raise TaskError(Reason.INTERNAL, f"malformed queue entry: {exc!r}") from exc
@@ -187,9 +207,11 @@ def reply_to_of(raw: dict[bytes, bytes]) -> str | None:
 
 def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
     """Validate an ingress entry; raise TaskError naming the first problem found."""
+    split = b"segment" in raw
     total = sum(len(k) + len(v) for k, v in raw.items())
-    if total > limits.max_task_bytes:
-        raise TaskError(Reason.BAD_INPUT, f"task is {total} bytes, over the limit of {limits.max_task_bytes}")
+    limit = limits.max_split_bytes if split else limits.max_task_bytes
+    if total > limit:
+        raise TaskError(Reason.BAD_INPUT, f"task is {total} bytes, over the limit of {limit}")
     if limits.reject_unknown_fields:
         names = (k.decode("utf-8", "replace") for k in raw)
         unknown = sorted(name for name in names if name not in KNOWN_FIELDS)
@@ -198,12 +220,13 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
     raw_id = _text(raw, "id")
     if raw_id is not None and not TASK_ID_RE.match(raw_id):
         raise TaskError(Reason.BAD_INPUT, "field 'id' must be 1-128 of letters, digits, '.', '_', ':', '-'")
-    model, op, text = _text(raw, "model"), _text(raw, "op"), _text(raw, "input")
-    for name, value in (("model", model), ("op", op), ("input", text)):
+    model, op = _text(raw, "model"), _text(raw, "op")
+    text = "" if split else _text(raw, "input")
+    for name, value in (("model", model), ("op", op), ("input", raw.get(b"input") if split else text)):
         if value is None:
             raise TaskError(Reason.BAD_INPUT, f"missing field '{name}'")
     assert model is not None and op is not None and text is not None
-    if not text.strip():
+    if not split and not text.strip():
         raise TaskError(Reason.BAD_INPUT, "field 'input' is empty")
     if len(text) > limits.max_input_chars:
         raise TaskError(
@@ -226,7 +249,18 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
         encoding=_choice(raw, "encoding", ENCODINGS) or "json",
         on_miss=_choice(raw, "on_miss", ON_MISS) or "error",
         params=params,
+        **(_split_fields(raw) if split else {}),
     )
+
+
+def _split_fields(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    payload = raw.get(b"input", b"")
+    if not payload:
+        raise TaskError(Reason.BAD_INPUT, "field 'input' is empty")
+    revision = _text(raw, "revision")
+    if not revision:
+        raise TaskError(Reason.BAD_INPUT, "a split task (with 'segment') needs the 'revision' of its model")
+    return {"segment": _int(raw, "segment", 1, MAX_SEGMENT), "revision": revision, "payload": payload}
 
 
 def as_str_dict(raw: dict[bytes, bytes]) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ectrans.common import codec
-from ectrans.common.keys import Keys
+from ectrans.common.cost import CostModel
+from ectrans.common.keys import TASK_CLASSES, Keys
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 
 T = TypeVar("T")
@@ -178,15 +179,20 @@ class AsyncClient:
         self,
         model: str,
         op: str,
-        inputs: Sequence[str],
+        inputs: Sequence[str | bytes],
         *,
         priority: str | None = None,
         deadline_ms: int | None = None,
         on_miss: str | None = None,
         params: dict[str, int] | None = None,
         timeout: float | None = 30.0,
+        segment: int = 0,
+        revision: str = "",
     ) -> list[TaskResult]:
-        """Submit one task per input (one round trip) and wait for all their terminal records."""
+        """Submit one task per input (one round trip) and wait for all their terminal records.
+
+        With `segment` k > 0 the inputs are split payloads: the state after the model's first k
+        units, computed by the caller with model `revision` (see `ectrans.split`)."""
         if self._redis is None:
             await self.connect()
         assert self._redis is not None
@@ -211,6 +217,8 @@ class AsyncClient:
             if on_miss is not None:
                 fields["on_miss"] = on_miss
             fields.update({k: str(v) for k, v in (params or {}).items()})
+            if segment:
+                fields.update(segment=str(segment), revision=revision)
             pipe.xadd(self.keys.tasks, fields)
         try:
             await pipe.execute()
@@ -221,6 +229,20 @@ class AsyncClient:
         finally:
             for task_id in ids:
                 self._waiting.pop(task_id, None)
+
+    async def model_state(self, model: str) -> tuple[CostModel | None, dict[str, int]]:
+        """What the server publishes about `model`: its fitted batch cost (None until workers have
+        served enough batches) and the length of each class's queue."""
+        if self._redis is None:
+            await self.connect()
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.cost(model))
+        for task_class in TASK_CLASSES:
+            pipe.xlen(self.keys.queue(model, task_class))
+        raw, *lengths = await pipe.execute()
+        cost = CostModel.from_fields({k.decode(): v.decode() for k, v in raw.items()})
+        return cost, dict(zip(TASK_CLASSES, map(int, lengths), strict=True))
 
     async def submit(self, model: str, op: str, text: str, **options: Any) -> TaskResult:
         return (await self.submit_many(model, op, [text], **options))[0]

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from ectrans.commands import profile as profile_command
+from ectrans.common.keys import Keys
+from ectrans.common.redis_conn import connect_sync
 from ectrans.common.registry import build_spec
 from ectrans.models.device import device_label
 from ectrans.models.encoder import build_encoder_segments
@@ -159,9 +161,17 @@ def test_profile_predicts_an_unseen_batch_within_a_factor_of_two(small_bert: Pat
 
 
 def test_profile_command_stores_a_profile(
-    small_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    small_bert: Path,
+    *,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_url: str,
+    prefix: str,
 ) -> None:
     monkeypatch.setenv("ECTRANS_MODELS_JSON", json.dumps({"small": {"path": str(small_bert)}}))
+    monkeypatch.setenv("ECTRANS_REDIS_URL", redis_url)
+    monkeypatch.setenv("ECTRANS_PREFIX", prefix)
     parser = argparse.ArgumentParser()
     profile_command.add_arguments(parser)
     args = parser.parse_args(["small", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path)])
@@ -171,4 +181,8 @@ def test_profile_command_stores_a_profile(
     spec = build_spec("small", {"path": str(small_bert)})
     stored = load_profile("small", spec.revision, "cpu", tmp_path)
     assert stored is not None and stored.units[0].startswith("embed+") and stored.units[-1].endswith("+pool")
+    assert "published" in err
+    with connect_sync(redis_url) as redis:
+        published = redis.hget(Keys(prefix).profile("small"), "cpu")
+    assert published is not None and Profile.from_json(published.decode()) == stored
     assert profile_command.run(parser.parse_args(["no-such-model", "--cache-dir", str(tmp_path)])) == 2

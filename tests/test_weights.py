@@ -301,6 +301,9 @@ def test_worker_serves_through_the_pool_and_loses_no_task_when_the_holder_dies(
             os.kill(holder, signal.SIGKILL)  # with tasks queued and running
             ids += [await stack.xadd(model="minilm", op="embed", input=text) for text in texts[20:]]
             by_id = await stack.results(ids, timeout=150)
+            # Every result can arrive before the last executor is back: wait for it, then a heartbeat.
+            assert await asyncio.to_thread(minilm_pool.wait_settled, 150)
+            await asyncio.sleep(1.5)
             raw = await stack.redis.hgetall(stack.keys.heartbeat("worker", stack.worker.consumer))
             heartbeat = {_text(k): _text(v) for k, v in raw.items()}
             return [by_id[i] for i in ids], heartbeat

@@ -230,12 +230,11 @@ def opened(pool_factory: Callable[[], SharedExecutorPool]) -> Iterator[SharedExe
 
 
 def sweep(
-    spec: ModelSpec, size: Size, mode: str, weights_bytes: int, gpu_baseline: int | None
+    spec: ModelSpec, size: Size, mode: str, weights_bytes: int, *, device: str, gpu_baseline: int | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every K in one pool (resized between them): per K its memory and throughput, and the
     pool's holder report (shared mode)."""
     work = workload(spec, size)
-    device = "cuda" if gpu_baseline is not None else "cpu"
     ks = [k for k in size.ks if mode == "shared" or fits(k, weights_bytes, device)]
     skipped = sorted(set(size.ks) - set(ks))
     rows: dict[str, Any] = {}
@@ -297,13 +296,16 @@ def _threads(k: int) -> int:
 
 
 def compare(spec: ModelSpec, size: Size, gpu: bool) -> dict[str, Any]:
-    before = gpu_used([]) if gpu else None
+    device = "cuda" if gpu else "cpu"
+    before = gpu_used([]) if gpu else None  # without NVML, memory is the host's PSS even on a GPU
     baseline = before["device_used"] if before is not None else None
-    shared, holder = sweep(spec, size, "shared", 0, baseline)
+    shared, holder = sweep(spec, size, "shared", 0, device=device, gpu_baseline=baseline)
     weights = int(holder.get("weights_bytes", 0))
-    modes = {"shared": shared, "independent": sweep(spec, size, "independent", weights, baseline)[0]}
+    independent, _ = sweep(spec, size, "independent", weights, device=device, gpu_baseline=baseline)
+    modes = {"shared": shared, "independent": independent}
     if size.forked_baseline:
-        modes["independent_forked"] = sweep(spec, size, "independent_forked", weights, baseline)[0]
+        forked, _ = sweep(spec, size, "independent_forked", weights, device=device, gpu_baseline=baseline)
+        modes["independent_forked"] = forked
     memory_key = "device_used_added" if baseline is not None else "pss_sum"
     per_k: dict[str, Any] = {}
     for k in map(str, size.ks):

@@ -2,15 +2,20 @@
 device, store the profile (`$ECTRANS_CACHE_DIR/profiles`, default ~/.cache/ectrans/profiles), and
 print the balanced split points and the latency model's error on held-out grid points.
 
-Executors started later on this device split the model at the stored balanced points."""
+Executors started later on this device split the model at the stored balanced points. With a Redis
+named (`--publish`, or `ECTRANS_REDIS_URL` set), the profile is also written to the hash
+`ectrans:profile:<model>`, one field per device, for services and clients on other hosts."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
+from ectrans.common.keys import Keys
+from ectrans.common.redis_conn import connect_sync
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
 from ectrans.models.device import DeviceError, set_cpu_threads
@@ -28,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="cache root (default: $ECTRANS_CACHE_DIR or ~/.cache/ectrans)"
     )
     parser.add_argument("--json", action="store_true", help="print the whole profile as JSON")
+    parser.add_argument(
+        "--publish",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write it to Redis (default: when ECTRANS_REDIS_URL is set)",
+    )
 
 
 def summary(profile: Profile) -> str:
@@ -77,6 +88,20 @@ def run(args: argparse.Namespace) -> int:
     path = save_profile(profile, args.cache_dir)
     print(profile.to_json() if args.json else summary(profile))
     print(f"stored {path}", file=sys.stderr)
+    publish = args.publish if args.publish is not None else "ECTRANS_REDIS_URL" in os.environ
+    return publish_profile(profile, settings) if publish else 0
+
+
+def publish_profile(profile: Profile, settings: CommonSettings) -> int:
+    """HSET the profile under its device in the model's profile hash; 1 (with a message) on failure."""
+    key = Keys(settings.prefix).profile(profile.model)
+    try:
+        with connect_sync(settings.redis_url) as redis:
+            redis.hset(key, profile.device, profile.to_json())
+    except Exception as exc:  # the profile is on disk already; say why Redis did not get it
+        print(f"error: could not publish the profile to {key}: {exc}", file=sys.stderr)
+        return 1
+    print(f"published {key} [{profile.device}]", file=sys.stderr)
     return 0
 
 

@@ -16,12 +16,14 @@ from ectrans.common.registry import ModelSpec
 
 @dataclass
 class Request:
-    """One batch of inputs for one op of one model."""
+    """One batch of inputs for one op of one model: texts, or for `segment` k > 0 the split payloads
+    of clients that ran the model's first k units themselves (see `ectrans.common.split`)."""
 
     op: str
-    inputs: list[str]
+    inputs: Sequence[str | bytes]
     params: dict[str, Any] = field(default_factory=dict)
     realtime: bool = False
+    segment: int = 0
 
 
 @dataclass

@@ -7,14 +7,16 @@ import concurrent.futures
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
 from ectrans.common.registry import ModelSpec
+from ectrans.common.split import SplitError
 from ectrans.models.api import BatchStats, ItemResult, Request
 from ectrans.models.inputs import input_error, noop_output
 from ectrans.models.results import to_python
+from ectrans.models.resume import Resume
 from ectrans.models.segments import SegmentState
 
 BatchFuture = concurrent.futures.Future[tuple[list[ItemResult], BatchStats]]
@@ -53,7 +55,7 @@ class Job:
     def realtime(self) -> bool:
         return self.request.realtime
 
-    def prepare(self, spec: ModelSpec, tokenize: Tokenize) -> list[ItemResult] | None:
+    def prepare(self, spec: ModelSpec, tokenize: Tokenize, resume: Resume | None = None) -> list[ItemResult] | None:
         """Stage 0. The final results when no model work is needed (the no-op op, no valid input),
         else None with `state` set. Raises `UnservableError` for an op the model does not serve."""
         self.started = time.perf_counter()
@@ -63,22 +65,38 @@ class Job:
         if request.op == "noop":
             return [ItemResult(output=noop_output(text)) for text in request.inputs]
         self.results = [None] * len(request.inputs)
-        for index, text in enumerate(request.inputs):
-            problem = input_error(text)
-            if problem is None:
-                self.positions.append(index)
-            else:
-                self.results[index] = ItemResult(error=problem)
-        self.state = self._tokenize_isolating_errors(tokenize) if self.positions else None
+        if request.segment:
+            self.state = self._resume(spec, resume)
+        else:
+            for index, text in enumerate(request.inputs):
+                problem = input_error(text)
+                if problem is None:
+                    self.positions.append(index)
+                else:
+                    self.results[index] = ItemResult(error=problem)
+            self.state = self._tokenize_isolating_errors(tokenize) if self.positions else None
         if self.state is None:
             return self.final_results()
         self.tokens = int(self.state.mask.sum())
         self.padded_tokens = self.state.mask.numel()
         return None
 
+    def _resume(self, spec: ModelSpec, resume: Resume | None) -> SegmentState | None:
+        """A batch of split tasks: their payloads as the state after the client's units."""
+        if resume is None:
+            raise UnservableError(f"model {spec.name!r} does not take split tasks")
+        segment, activations = self.request.segment, []
+        for index, payload in enumerate(self.request.inputs):
+            try:
+                activations.append(resume.decode(payload, segment))
+                self.positions.append(index)
+            except (SplitError, TypeError) as exc:
+                self.results[index] = ItemResult(error=str(exc))
+        return resume(activations, self.request.params, segment) if activations else None
+
     def _tokenize_isolating_errors(self, tokenize: Tokenize) -> SegmentState | None:
         """Tokenise the batch; if that fails, find the inputs at fault one by one and drop only them."""
-        inputs, params = self.request.inputs, self.request.params
+        inputs, params = cast("list[str]", self.request.inputs), self.request.params
         try:
             return tokenize([inputs[i] for i in self.positions], params)
         except Exception:

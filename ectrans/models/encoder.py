@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
+from ectrans.common.split import EMBED, FIRST_LAYER
 from ectrans.models.segments import SegmentState
 
 # Families whose layers take (hidden, 4-D mask) and nothing else; others (MPNet's relative bias,
@@ -123,14 +124,15 @@ class EncoderSegment:
         )
 
     def __call__(self, state: SegmentState) -> SegmentState:
-        hidden = self._embeddings(state) if self.embed else state.hidden
+        hidden = self._embeddings(state) if self.embed and state.start <= EMBED else state.hidden
         if hidden is None:
             raise ValueError(f"segment {self.name} needs hidden states, but the batch has none")
-        if self.layers:
+        layers = [index for index in self.layers if FIRST_LAYER + index >= state.start]
+        if layers:
             mask_4d = create_bidirectional_mask(
                 config=self.parts.config, inputs_embeds=hidden, attention_mask=state.mask
             )
-            for index in self.layers:
+            for index in layers:
                 out = self.parts.layers[index](hidden, mask_4d)
                 hidden = out[0] if isinstance(out, tuple) else out
         state.hidden = hidden
@@ -215,6 +217,8 @@ class EncoderTokenizer:
         )
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if not texts:  # a fast tokenizer fails on an empty batch
+            return []
         with self._lock:
             encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
         return [len(ids) for ids in encoded["input_ids"]]

@@ -256,7 +256,9 @@ class Server:
             op = message.get("op")
             if op == "run":
                 raw = message["request"]
-                request = Request(str(raw["op"]), list(raw["inputs"]), dict(raw["params"]), bool(raw["realtime"]))
+                request = Request(
+                    str(raw["op"]), list(raw["inputs"]), dict(raw["params"]), bool(raw["realtime"]), int(raw["segment"])
+                )
                 session.executor.submit(request).add_done_callback(functools.partial(self._reply, int(message["id"])))
             elif op == "attach":
                 session.close()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ectrans.models.pipeline import BoundaryHook
+    from ectrans.models.resume import Resume
     from ectrans.models.segments import Segment
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def load_executor(
     if wanted < 1:
         raise ValueError(f"{segments=} must be at least 1")
     segment_list, tokenize = _build_segments(spec, model, torch_device, wanted)
+    resume = _resume(spec, model, tokenize)
     names = [segment.name for segment in segment_list]
     logger.info("[models] %s on %s: %d segment(s) %s", spec.name, torch_device, len(names), names)
     return PipelinedExecutor(
@@ -113,6 +115,25 @@ def load_executor(
         queue_depth=queue_depth,
         park_limit_bytes=park_limit_bytes,
         between_segments=between_segments,
+        resume=resume,
+    )
+
+
+def _resume(spec: ModelSpec, model: nn.Module, tokenize: Any) -> Resume | None:
+    """How split tasks resume on this model (None when the registry knows no layer count for it)."""
+    from ectrans.models.generation_params import parse_generation_params
+    from ectrans.models.resume import Resume
+
+    if spec.num_layers <= 0 or spec.hidden_size <= 0:
+        return None
+    texts = getattr(tokenize, "texts", tokenize)  # a seq2seq stage 0 wraps an encoder tokenizer
+    limits = getattr(tokenize, "limits", None)
+    return Resume(
+        spec,
+        dtype=next(model.parameters()).dtype,
+        pad_token_id=int(texts.tokenizer.pad_token_id or 0),
+        max_tokens=texts.max_tokens,
+        check_params=None if limits is None else lambda params: parse_generation_params(params, limits),
     )
 
 

@@ -29,6 +29,7 @@ from ectrans.common.registry import ModelSpec
 from ectrans.models.api import ItemResult, Request
 from ectrans.models.batch import BatchFuture, Job, Tokenize, UnservableError, to_device, use_on_stream
 from ectrans.models.device import set_cpu_threads
+from ectrans.models.resume import Resume
 from ectrans.models.segments import Segment
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class PipelinedExecutor:
         queue_depth: int = 2,
         park_limit_bytes: int = DEFAULT_PARK_LIMIT_BYTES,
         between_segments: BoundaryHook | None = None,
+        resume: Resume | None = None,
     ) -> None:
         if not segments:
             raise ValueError("a pipeline needs at least one segment")
@@ -83,6 +85,7 @@ class PipelinedExecutor:
         self.spec = spec
         self.segments = list(segments)
         self.tokenize = tokenize
+        self.resume = resume  # stage 0 for split tasks; None: the model takes none
         self.device = device or torch.device("cpu")
         self.queue_depth = queue_depth
         self.park_limit_bytes = park_limit_bytes
@@ -264,7 +267,7 @@ class PipelinedExecutor:
             self._settle(job)
             return False
         try:
-            done = job.prepare(self.spec, self.tokenize)
+            done = job.prepare(self.spec, self.tokenize, self.resume)
         except UnservableError as exc:
             self._fail(job, exc, None)
             return False

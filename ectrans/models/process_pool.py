@@ -78,7 +78,13 @@ class _Batch:
 
     def frame(self) -> dict[str, Any]:
         request = self.request
-        raw = {"op": request.op, "inputs": request.inputs, "params": request.params, "realtime": request.realtime}
+        raw = {
+            "op": request.op,
+            "inputs": list(request.inputs),
+            "params": request.params,
+            "realtime": request.realtime,
+            "segment": request.segment,
+        }
         return {"op": "run", "id": self.id, "request": raw}
 
 

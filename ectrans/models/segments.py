@@ -24,6 +24,8 @@ class SegmentState:
     params: dict[str, Any] = field(default_factory=dict)  # op options (num_beams, max_new_tokens, ...)
     extras: dict[str, Any] = field(default_factory=dict)  # model-specific carry-over
     outputs: list[Any] | None = None  # set by the last segment
+    # Units of the model's split chain already run (by a client, for a split task): segments skip them.
+    start: int = 0
 
     def nbytes(self) -> int:
         """Activation memory held by this state (for bounding parked batches), including what

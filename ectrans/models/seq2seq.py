@@ -27,6 +27,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from ectrans.common.registry import ModelSpec
+from ectrans.common.split import EMBED, FIRST_LAYER
 from ectrans.models.beam_search import BeamSearch
 from ectrans.models.encoder import EncoderTokenizer, UnsupportedModelError, even_splits
 from ectrans.models.generation import DecoderInputs, DecodeSettings, GreedySearch, Search
@@ -70,6 +71,10 @@ class EncoderStack:
         if not self.is_t5:
             out = self.layers[index](hidden, mask)
             return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+        if index > 0 and POSITION_BIAS not in extras:  # resuming a split task: the first layer ran elsewhere
+            first: Any = self.layers[0]
+            tokens = hidden.shape[1]
+            extras[POSITION_BIAS] = first.layer[0].SelfAttention.compute_bias(tokens, tokens, hidden.device)
         hidden, position_bias, _ = self.layers[index](hidden, mask, extras.get(POSITION_BIAS))
         extras[POSITION_BIAS] = position_bias
         return hidden
@@ -112,13 +117,14 @@ class EncoderSegment:
 
     def __call__(self, state: SegmentState) -> SegmentState:
         with torch.inference_mode():
-            hidden = self.stack.embed(state.input_ids) if self.embed else state.hidden
+            hidden = self.stack.embed(state.input_ids) if self.embed and state.start <= EMBED else state.hidden
             if hidden is None:
                 raise ValueError(f"segment {self.name} needs hidden states, but the batch has none")
-            if self.layers:
+            layers = [index for index in self.layers if FIRST_LAYER + index >= state.start]
+            if layers:
                 config = self.stack.module.config
                 mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=state.mask)
-                for index in self.layers:
+                for index in layers:
                     hidden = self.stack.layer(index, hidden, mask, state.extras)
             if self.finish:
                 hidden = self.stack.finish(hidden)
@@ -257,13 +263,13 @@ class Seq2SeqTokenizer:
 
     def __init__(self, tokenizer: Any, max_tokens: int, limits: GenerationLimits | None = None) -> None:
         self.limits = limits or GenerationLimits()
-        self._texts = EncoderTokenizer(tokenizer, max_tokens)
+        self.texts = EncoderTokenizer(tokenizer, max_tokens)
 
     def __call__(self, texts: list[str], params: dict[str, Any]) -> SegmentState:
         parse_generation_params(params, self.limits)
-        state = self._texts(texts, params)
+        state = self.texts(texts, params)
         state.extras.pop("token_type_ids", None)  # encoder-decoder models take none
         return state
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self._texts.count_tokens(texts)
+        return self.texts.count_tokens(texts)

@@ -23,6 +23,7 @@ from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Finish, ResultWriter, error_record, now_ms
 from ectrans.common.schemas import Reason, Task, TaskError, entry_ms, parse_task, reply_to_of, task_id_of
+from ectrans.common.split import check_split
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.settings import DispatcherSettings
 
@@ -34,6 +35,7 @@ class Forward:
     task: Task
     queue: str
     entry_id: str
+    tokens: int  # the task's size for admission: estimated from its text, or a split payload's count
 
 
 class Dispatcher:
@@ -176,13 +178,14 @@ class Dispatcher:
             if not spec.supports(task.op):
                 ops = ", ".join(sorted(spec.ops))
                 raise TaskError(Reason.UNKNOWN_OP, f"model {task.model!r} has no op {task.op!r:.40}; ops: {ops}")
+            tokens = check_split(task, spec).tokens if task.is_split else estimate_tokens(task.input)
             if self.placement.unavailable(task.model):
                 raise TaskError(Reason.UNAVAILABLE, self.placement.message(task.model))
             deadline = task.deadline_at_ms
             if deadline is not None and now_ms() >= deadline:
                 raise TaskError(Reason.DEADLINE, "deadline passed before the task was dispatched")
             task = task.classified(classify(task, self.policy))
-            return Forward(task, self.keys.queue(task.model, task.task_class), entry_id)
+            return Forward(task, self.keys.queue(task.model, task.task_class), entry_id, tokens)
         except TaskError as err:
             task_id = task_id_of(entry_id, raw)
             record = error_record(task_id, err.reason, err.message, submitted_ms=entry_ms(entry_id))
@@ -279,14 +282,14 @@ class Dispatcher:
         if task.task_class == "realtime" and deadline is not None and cost is not None:
             # A model queue's length counts its waiting and in-flight entries (acked ones are deleted).
             bulk_busy = lengths[self.keys.queue(task.model, "batch")] > 0
-            predicted = predict_realtime_ms(cost, estimate_tokens(task.input), lengths[forward.queue], bulk_busy)
+            predicted = predict_realtime_ms(cost, forward.tokens, lengths[forward.queue], bulk_busy)
             remaining = deadline - now_ms()
             if predicted > remaining:
                 if task.on_miss != "batch":
                     message = f"predicted latency {predicted:.0f} ms exceeds the {remaining} ms left to the deadline"
                     return self._reject(forward, Reason.DEADLINE, message)
                 task = task.classified("batch", downgraded=True)
-                forward = Forward(task, self.keys.queue(task.model, "batch"), forward.entry_id)
+                forward = Forward(task, self.keys.queue(task.model, "batch"), forward.entry_id, forward.tokens)
         limit = self.settings.max_queue_len
         if lengths[forward.queue] >= limit:
             return self._reject(

@@ -22,6 +22,9 @@ class DispatcherSettings(CommonSettings):
     max_input_chars: int = Field(10_000, ge=1, description="Longest accepted `input`, in characters.")
     max_task_bytes: int = Field(64 * 1024, ge=256, description="Largest accepted task, all fields together.")
     reject_unknown_fields: bool = Field(False, description="Error on fields ECTrans does not know.")
+    max_split_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest accepted split task (activations from a client's first units)."
+    )
     max_queue_len: int = Field(
         10_000, ge=1, description="A model queue this long makes new tasks fail at once with `overloaded`."
     )
@@ -43,4 +46,4 @@ class DispatcherSettings(CommonSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_input_chars, self.max_task_bytes, self.reject_unknown_fields)
+        return Limits(self.max_input_chars, self.max_task_bytes, self.reject_unknown_fields, self.max_split_bytes)

@@ -28,6 +28,7 @@ from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
 from ectrans.common.schemas import Reason, Task, TaskError
+from ectrans.common.split import check_split
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.settings import WorkerSettings
@@ -275,6 +276,7 @@ class Worker:
         lane = self.lanes[self.streams[stream]]
         tasks: list[tuple[str, Task]] = []
         broken: list[Finish] = []
+        split_tokens: dict[str, int] = {}  # entry id → token count of a split task's payload
         if self._stopping.is_set():  # read while stopping: straight back to the group
             await self._give_back(stream, [entry_id for entry_id, _ in entries])
             return
@@ -285,11 +287,22 @@ class Worker:
                 broken.append(Finish(entry_id, {}, stream, entry_id))
                 continue
             try:
-                tasks.append((entry_id, Task.from_fields(raw)))
-                self._held[(stream, entry_id)] = time.monotonic()
+                task = Task.from_fields(raw)
             except TaskError as err:
                 record = error_record(entry_id, err.reason, err.message, submitted_ms=int(entry_id.split("-")[0]))
                 broken.append(Finish(entry_id, record, stream, entry_id))
+                continue
+            try:
+                split_tokens[entry_id] = check_split(task, lane.spec).tokens if task.is_split else 0
+            except TaskError as err:  # this worker's copy of the model differs from the dispatcher's
+                record = error_record(
+                    task.id, err.reason, err.message, submitted_ms=task.submitted_ms, task_class=task.task_class,
+                    model=task.model, op=task.op,
+                )  # fmt: skip
+                broken.append(Finish(task.id, record, stream, entry_id, task.reply_to))
+                continue
+            tasks.append((entry_id, task))
+            self._held[(stream, entry_id)] = time.monotonic()
         if broken:
             await self.writer.write([b for b in broken if b.record])
             for b in broken:
@@ -297,9 +310,11 @@ class Worker:
                     await self.redis.xack(stream, WORKER_GROUP, b.entry_id)
         if not tasks:
             return
-        token_counts = lane.executor.count_tokens([t.input for _, t in tasks])
+        texts = [t.input for _, t in tasks if not t.is_split]
+        counted = iter(lane.executor.count_tokens(texts) if texts else [])
         arrived = time.monotonic()
-        for (entry_id, task), tokens in zip(tasks, token_counts, strict=True):
+        for entry_id, task in tasks:
+            tokens = split_tokens[entry_id] if task.is_split else next(counted)
             lane.batcher.add(Pending(entry_id, stream, task, tokens, arrived))
         lane.wakeup.set()
 
@@ -321,11 +336,12 @@ class Worker:
         while not self._stopping.is_set():
             now = time.monotonic()
             free = lane.free_classes()
-            batch = lane.batcher.next_batch(now, free)
+            idle = not any(lane.inflight.values())  # nothing running: waiting for batch-mates only idles the device
+            batch = lane.batcher.next_batch(now, free, idle=idle)
             if batch is not None:
                 return batch
             lane.wakeup.clear()
-            hint = lane.batcher.wait_hint(now, free)  # a finished batch or a new task sets `wakeup`
+            hint = lane.batcher.wait_hint(now, free, idle=idle)  # a finished batch or a new task sets `wakeup`
             await wait_or_timeout(lane.wakeup, 0.25 if hint is None else max(hint, 0.0005))
             await self._expire(lane)
         return None
@@ -352,7 +368,8 @@ class Worker:
 
     async def _run_group(self, lane: ModelLane, batch: Batch, started: int) -> None:
         first = batch.items[0].task
-        request = Request(first.op, [p.task.input for p in batch.items], first.params, batch.task_class == "realtime")
+        inputs = [p.task.payload if first.is_split else p.task.input for p in batch.items]
+        request = Request(first.op, inputs, first.params, batch.task_class == "realtime", first.segment)
         try:
             results, stats = await asyncio.wrap_future(lane.executor.submit(request))
         except Exception as exc:  # the whole batch failed on the device
@@ -363,9 +380,9 @@ class Worker:
 
     @staticmethod
     def _split_by_params(batch: Batch) -> list[list[Pending]]:
-        groups: dict[tuple[str, tuple[tuple[str, int], ...]], list[Pending]] = {}
-        for p in batch.items:
-            groups.setdefault((p.task.op, tuple(sorted(p.task.params.items()))), []).append(p)
+        groups: dict[tuple[str, int, tuple[tuple[str, int], ...]], list[Pending]] = {}
+        for p in batch.items:  # split tasks resume together only from the same point
+            groups.setdefault((p.task.op, p.task.segment, tuple(sorted(p.task.params.items()))), []).append(p)
         return list(groups.values())
 
     # 3. Completing ------------------------------------------------------------------------------
