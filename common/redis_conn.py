@@ -203,7 +203,9 @@ def _sentinel(target: Target, common: dict[str, Any]) -> aioredis.Redis:
     }
     if "sentinel_password" in target.options:
         sentinel_kwargs["password"] = target.options["sentinel_password"]
-    manager = Sentinel(target.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    # Typed as Any: redis-py's annotations for Sentinel and ClusterNode differ between releases.
+    sentinel_cls: Any = Sentinel
+    manager = sentinel_cls(target.nodes, sentinel_kwargs=sentinel_kwargs)
     client: aioredis.Redis = manager.master_for(
         target.service,
         redis_class=SentinelRedis,
@@ -222,8 +224,9 @@ def connect_sync(url: str, *, socket_timeout: float = _CONNECT_TIMEOUT_S) -> red
     target = parse(url)
     kwargs: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     if target.topology == CLUSTER:
+        cluster_node: Any = redis.cluster.ClusterNode
         return redis.RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in target.nodes],  # type: ignore[no-untyped-call]
+            startup_nodes=[cluster_node(host, port) for host, port in target.nodes],
             username=target.username,
             password=target.password,
             ssl=target.tls,
@@ -234,8 +237,9 @@ def connect_sync(url: str, *, socket_timeout: float = _CONNECT_TIMEOUT_S) -> red
         sentinel_kwargs = dict(kwargs)
         if "sentinel_password" in target.options:
             sentinel_kwargs["password"] = target.options["sentinel_password"]
-        manager = redis.sentinel.Sentinel(target.nodes, sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
-        client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+        sync_sentinel_cls: Any = redis.sentinel.Sentinel
+        manager = sync_sentinel_cls(target.nodes, sentinel_kwargs=sentinel_kwargs, **kwargs)
+        client: redis.Redis = manager.master_for(
             target.service, db=target.db, username=target.username, password=target.password, **_tls_and_query(target)
         )
         return client

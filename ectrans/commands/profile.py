@@ -12,15 +12,10 @@ import argparse
 import os
 import sys
 
-import torch
-
 from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import connect_sync
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
-from ectrans.models.device import DeviceError, set_cpu_threads
-from ectrans.models.loader import choose_device, load_model
-from ectrans.models.measure import FULL_GRID, QUICK_GRID, profile_encoder
 from ectrans.models.profile import Profile, save_profile
 
 
@@ -63,6 +58,13 @@ def summary(profile: Profile) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch and transformers load here, not at import: every other `ectrans` command starts without them.
+    import torch
+
+    from ectrans.models.device import DeviceError, set_cpu_threads
+    from ectrans.models.loader import choose_device, load_model
+    from ectrans.models.measure import FULL_GRID, QUICK_GRID, profile_encoder
+
     settings = CommonSettings()
     try:
         registry = load_registry(settings.models_file, settings.models_json)

@@ -15,6 +15,8 @@ batch); `max_new_tokens` ids when no end-of-sequence token came.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -191,6 +193,12 @@ class DecoderModel(Protocol):
     def __call__(self, **kwargs: Any) -> Any: ...
 
 
+@functools.cache
+def _cache_argument(model_class: type[torch.nn.Module]) -> str:
+    """The KV cache's keyword: `cache` since transformers 5.25, where `past_key_values` is deprecated."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 @dataclass
 class DecoderInputs:
     """The per-batch inputs of every decoder step, one row per hypothesis."""
@@ -214,9 +222,9 @@ class DecoderInputs:
             decoder_input_ids=last_tokens,
             encoder_outputs=self.encoder_outputs,
             attention_mask=self.encoder_mask,
-            past_key_values=self.cache,
             use_cache=True,
             return_dict=True,
+            **{_cache_argument(type(model)): self.cache},
         )
         return outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # type: ignore[no-any-return]
 
