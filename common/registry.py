@@ -112,8 +112,15 @@ def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
     if not _NAME_RE.match(name):
         raise RegistryError(f"model name {name!r} must be 1-64 of letters, digits, '.', '_', '-'")
     if entry.get("kind") == "noop":
-        # No weights: measures the Redis path alone (dispatcher + worker + result).
-        return ModelSpec(name=name, path=Path(), kind="noop", model_type="noop", ops=frozenset({"noop"}))
+        # No weights: measures the Redis path alone (dispatcher + worker + result). `delay_ms` stands
+        # in for a device: each batch takes that long, one after another.
+        delay_ms = entry.get("delay_ms", 0)
+        if not isinstance(delay_ms, int | float) or isinstance(delay_ms, bool) or not 0 <= delay_ms <= 60_000:
+            raise RegistryError(f"model {name!r}: 'delay_ms' must be a number of ms between 0 and 60000")
+        options = {"delay_ms": float(delay_ms)} if delay_ms else {}
+        return ModelSpec(
+            name=name, path=Path(), kind="noop", model_type="noop", ops=frozenset({"noop"}), options=options
+        )
     raw_path = entry.get("path")
     if not isinstance(raw_path, str):
         raise RegistryError(f"model {name!r}: 'path' (a local model directory) is required")

@@ -28,7 +28,7 @@ def segmented_minilm(registry: dict[str, ModelSpec]) -> Iterator[Executor]:
 def test_realtime_task_finishes_before_the_batch_job(
     redis_url: str, prefix: str, registry: dict[str, ModelSpec], segmented_minilm: Executor
 ) -> None:
-    bulk = [" ".join(sentences(3, seed=i)) for i in range(96)]  # long inputs: seconds of work
+    bulk = [" ".join(sentences(3, seed=i)) for i in range(384)]  # long inputs: several seconds of work
     probe = "Is the edge server still answering quickly?"
 
     async def scenario() -> tuple[float, float, np.ndarray, np.ndarray]:

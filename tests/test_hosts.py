@@ -41,7 +41,8 @@ from ectrans.services.worker.settings import WorkerSettings
 
 NOOP: ModelSpec = build_spec("noop", {"kind": "noop"})
 OTHER: ModelSpec = build_spec("other", {"kind": "noop"})
-MODELS_JSON = json.dumps({"noop": {"kind": "noop"}})
+# The hosts' no-op model takes 50 ms a batch, as a device would: work queues up on each host.
+MODELS_JSON = json.dumps({"noop": {"kind": "noop", "delay_ms": 50}})
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -197,7 +198,7 @@ def test_killed_host_work_finishes_on_the_other_none_lost_or_doubled(url: str, p
         async with dispatcher(url, prefix, {"noop": NOOP}), monitor(url, prefix):
             with hosts(
                 url, prefix, {"host-a": 2, "host-b": 1}, tmp_path,
-                heartbeat_s="0.5", claim_idle_ms="1000", batch_max_wait_ms="300", batch_max_batch="32", prefetch="64",
+                heartbeat_s="0.5", claim_idle_ms="1000", batch_max_wait_ms="300", batch_max_batch="8", prefetch="64",
             ) as group:  # fmt: skip
                 a = group["host-a"]
 

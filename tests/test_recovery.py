@@ -197,11 +197,13 @@ def test_entries_deleted_while_pending_do_not_stall_claims(redis_url: str, prefi
 
 
 @asynccontextmanager
-async def worker(url: str, prefix: str, instance: str, **settings: Any) -> AsyncIterator[Worker]:
+async def worker(
+    url: str, prefix: str, instance: str, executor: NoopExecutor | None = None, **settings: Any
+) -> AsyncIterator[Worker]:
     w = Worker(
         WorkerSettings(redis_url=url, prefix=prefix, serve_models="noop", instance=instance, **settings),
         {"noop": NOOP},
-        executors={"noop": NoopExecutor(NOOP)},
+        executors={"noop": executor or NoopExecutor(NOOP)},
     )
     task = asyncio.create_task(w.run())
     try:
@@ -321,8 +323,10 @@ def test_a_live_worker_keeps_the_tasks_it_holds_from_peers(redis_url: str, prefi
             stream = keys.queue("noop", "batch")
             await ensure_group(redis, stream, WORKER_GROUP)
             ids = [f"held{i}" for i in range(5)]
-            hold = {"claim_idle_ms": 1000, "batch_max_wait_ms": 3500, "max_deliveries": 1}
-            async with worker(redis_url, prefix, "w1", **hold):
+            # One task per batch, one batch at a time, 0.7 s each: the last tasks wait ~2.8 s in the worker.
+            hold = {"claim_idle_ms": 1000, "batch_max_batch": 1, "max_inflight_batches": 1, "max_deliveries": 1}
+            slow = NoopExecutor(build_spec("noop", {"kind": "noop", "delay_ms": 700}))
+            async with worker(redis_url, prefix, "w1", slow, **hold):
                 for task_id in ids:
                     await redis.xadd(stream, queued(task_id))
 

@@ -500,14 +500,23 @@ async def noop_faults(
                 "BATCH_MAX_WAIT_MS": "200"}  # fmt: skip
     stack = ChaosStack(work_dir, serve_models="noop", models_json=NOOP_MODELS, settings=settings, topology=topology)
     texts = [f"task number {i} of the steady load" for i in range(size.count())]
-    # The SIGTERM victim holds what it reads for up to 3 s before running it: queued, not started.
-    holder = {"BATCH_MAX_WAIT_MS": "3000", "BATCH_MAX_BATCH": "256", "RT_MAX_WAIT_MS": "3000", "RT_MAX_BATCH": "256"}
+    # The victims' no-op model takes 200 ms a batch of at most 8, one batch at a time: what they read
+    # waits in them (queued, not started), so the SIGKILL leaves work for peers and the SIGTERM has
+    # queued tasks to hand back. (An instant no-op runs what it reads at once: nothing would wait.)
+    slow = {
+        "MODELS_JSON": json.dumps({"noop": {"kind": "noop", "delay_ms": 200}}),
+        "BATCH_MAX_BATCH": "8",
+        "RT_MAX_BATCH": "8",
+        "MAX_INFLIGHT_BATCHES": "1",
+        "PREFETCH": "32",  # a few batches' worth, not the whole load
+    }
 
     async def body(p: Phase) -> dict[str, Any]:
         p.queues = [stack.keys.queue("noop", c) for c in ("realtime", "batch")]
-        for name, kind in (("d0", "dispatcher"), ("w0", "worker"), ("w2", "worker"), ("m0", "monitor")):
+        for name, kind in (("d0", "dispatcher"), ("w2", "worker"), ("m0", "monitor")):
             stack.start_service(name, kind)
-        stack.start_service("w1", "worker", holder)
+        for victim in ("w0", "w1"):
+            stack.start_service(victim, "worker", slow)
         await stack.wait_ready(["d0", "w0", "w1", "w2", "m0"], p.redis)
         note("noop stack ready")
         store_faults: list[tuple[str, Fault]] = [

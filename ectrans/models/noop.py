@@ -1,9 +1,12 @@
 """The no-op executor: answers {"chars": len(text)} at once, so a benchmark measures the Redis path
-(dispatcher, worker, results) without any model cost."""
+(dispatcher, worker, results) without any model cost. With `delay_ms` in its registry entry each
+batch takes that long instead, one batch after another as on a device: work then queues in the
+worker, which is what recovery tests and benchmarks of scheduling need."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Sequence
 
 from ectrans.common.registry import ModelSpec
@@ -15,6 +18,8 @@ class NoopExecutor:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._closed = False
+        self.delay_s = float(spec.options.get("delay_ms", 0.0)) / 1000.0
+        self._device = concurrent.futures.ThreadPoolExecutor(1, "noop-device") if self.delay_s > 0 else None
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(text.split()) for text in texts]
@@ -32,8 +37,18 @@ class NoopExecutor:
                 for text in request.inputs
             ]
             tokens = sum(self.count_tokens([text for text in request.inputs if isinstance(text, str)]))
-            future.set_result((results, BatchStats(len(request.inputs), tokens, tokens, 0.0)))
+            delay_ms = self.delay_s * 1000.0
+            stats = BatchStats(len(request.inputs), tokens, tokens, delay_ms, delay_ms)
+            if self._device is not None:
+                return self._device.submit(self._run_delayed, results, stats)
+            future.set_result((results, stats))
         return future
+
+    def _run_delayed(self, results: list[ItemResult], stats: BatchStats) -> tuple[list[ItemResult], BatchStats]:
+        time.sleep(self.delay_s)
+        return results, stats
 
     def close(self) -> None:
         self._closed = True
+        if self._device is not None:
+            self._device.shutdown(wait=False, cancel_futures=True)
