@@ -7,16 +7,26 @@ and appends it to the queue only if this very ingress entry was not forwarded be
 XDEL of the ingress entries. A crash between the steps leaves the ingress entry pending; its next
 delivery finds the mark and forwards nothing, then acknowledges. Past the mark's TTL a repeat would
 run the task again, and the result hash (idempotent by task id) still keeps one terminal record.
+
+On a single Redis, `Forwarder.commit` does a whole read in one `COMMIT_LUA` call instead: every
+forward, every error result, the rejection metrics and the acknowledgements, atomically. A task is
+appended only if its ingress entry was still pending (its XACK answers 1), so a repeated call (a
+retry after a lost reply, or a peer that claimed the same entry) forwards nothing twice; and only
+if its queue is under the length limit, checked at that very moment (a refused entry stays pending
+until the caller answers it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from ectrans.common.heartbeat import METRICS_MAXLEN
 from ectrans.common.keys import Keys
-from ectrans.common.lua import Arg, Lua
+from ectrans.common.lua import ACK_LUA, Arg, KeyIndex, Lua
 from ectrans.common.redis_conn import RedisClient, same_slot_pipeline
+from ectrans.common.results import FINISH_ALL_LUA, REPLY_MAXLEN, Finish, ResultWriter, packb_items
 
 FORWARD_LUA = """
 -- KEYS[1] dedupe mark, KEYS[2] target stream (same slot); ARGV: ttl s, source entry id, field, value, ...
@@ -28,6 +38,61 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 return 1
 """
+
+# Bytes of forwarded fields per commit call: a read of large split payloads goes in several calls
+# (each atomic for its own entries), so that no script argument nears Redis's proto-max-bulk-len
+# (512 MB) and no single call blocks Redis for long.
+COMMIT_MAX_BYTES = 16 * 1024 * 1024
+
+COMMIT_LUA = (
+    ACK_LUA
+    + FINISH_ALL_LUA
+    + """
+-- Single Redis only. KEYS[1] source stream, KEYS[2] metrics stream, then the queues, result hashes
+-- and reply streams, each once. ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen,
+-- ARGV[4] metrics maxlen, ARGV[5] queue length limit (0: none), ARGV[6] msgpack [forwards, finishes, metrics]:
+--   forwards [[queue key, entry id, [field, value, ...]], ...] (keys as KEYS indices),
+--   finishes as in finish_all, all answering entries of KEYS[1],
+--   metrics [[field, value, ...], ...], appended only if an entry they count was still pending.
+-- A forward to a queue at the limit is refused: left pending, its entry id returned, for the caller
+-- to answer. Returns the refused entry ids.
+local body = cmsgpack.unpack(ARGV[6])
+local limit = tonumber(ARGV[5])
+local done, refused, lengths, answered = {}, {}, {}, 0
+for _, item in ipairs(body[2]) do  -- acks first: a missing group fails the call before any write
+  if item[4] ~= '' then
+    answered = answered + redis.call('XACK', KEYS[1], ARGV[1], item[4])
+    done[#done + 1] = item[4]
+  end
+end
+for _, f in ipairs(body[1]) do
+  local queue = f[1]
+  local length = lengths[queue] or redis.call('XLEN', KEYS[queue])
+  if limit > 0 and length >= limit then
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], f[2], f[2], 1) > 0 then  -- else answered by an earlier call
+      refused[#refused + 1] = f[2]
+    end
+  else
+    -- Only an entry still pending is forwarded (and deleted): one not pending was forwarded by an
+    -- earlier call, or (after a Redis roll-back) is to be delivered again.
+    if redis.call('XACK', KEYS[1], ARGV[1], f[2]) == 1 then
+      redis.call('XADD', KEYS[queue], '*', unpack(f[3]))
+      length = length + 1
+      done[#done + 1] = f[2]
+    end
+  end
+  lengths[queue] = length
+end
+finish_all(body[2], ARGV[2], ARGV[3], {})
+if answered > 0 then
+  for _, m in ipairs(body[3]) do
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(m))
+  end
+end
+del_all(KEYS[1], done)
+return refused
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +116,45 @@ class Forwarder:
         self.group = group
         self.ttl_s = ttl_s
         self._script = Lua(FORWARD_LUA)
+        self._commit = Lua(COMMIT_LUA)
+
+    async def commit(
+        self,
+        items: Sequence[Forwarding],
+        finishes: Sequence[Finish],
+        writer: ResultWriter,
+        metrics: Sequence[Mapping[str, str]] = (),
+        *,
+        limit: int = 0,
+    ) -> list[str]:
+        """Single Redis: forward `items`, write the error results `finishes` (answering entries of the
+        source stream, through `writer`), append `metrics` to the metrics stream and acknowledge it
+        all in one atomic script call (several, each atomic, in one round trip when the forwarded
+        fields exceed COMMIT_MAX_BYTES). An item bound for a queue already `limit` long (0: no
+        limit) is refused: left pending, its entry id returned for the caller to answer."""
+        if not items and not finishes:
+            return []
+        if any(finish.stream != self.source for finish in finishes):
+            raise ValueError(f"commit answers entries of {self.source} only")
+        calls = []
+        for i, chunk in enumerate(_chunks(items, COMMIT_MAX_BYTES)):
+            first = i == 0  # the error results and their metrics go with the first call
+            calls.append(self._commit_call(chunk, finishes if first else (), writer, metrics if first else (), limit))
+        replies = await self._commit.run_many(self.redis, calls)
+        return [entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id) for r in replies for entry_id in r]
+
+    def _commit_call(
+        self,
+        items: Sequence[Forwarding],
+        finishes: Sequence[Finish],
+        writer: ResultWriter,
+        metrics: Sequence[Mapping[str, str]],
+        limit: int,
+    ) -> tuple[list[str], list[Arg]]:
+        keys = KeyIndex(self.source, self.keys.metrics)
+        forwards = [[keys.index(item.queue), item.entry_id, _flat(item.fields)] for item in items]
+        body: list[Any] = [forwards, writer.pack(finishes, keys), [_flat(m) for m in metrics]]
+        return keys.keys, [self.group, self.ttl_s, REPLY_MAXLEN, METRICS_MAXLEN, limit, packb_items(body)]
 
     async def forward(self, items: Sequence[Forwarding]) -> int:
         """Forward and then acknowledge every item; returns how many were new (not repeats)."""
@@ -79,3 +183,22 @@ class Forwarder:
         pipe.xack(self.source, self.group, *entry_ids)
         pipe.xdel(self.source, *entry_ids)
         await pipe.execute()
+
+
+def _chunks(items: Sequence[Forwarding], max_bytes: int) -> list[Sequence[Forwarding]]:
+    """`items` in runs of at most `max_bytes` of field values (one item alone may exceed it); at
+    least one run, maybe empty, so that a commit without forwards still answers its finishes."""
+    chunks: list[Sequence[Forwarding]] = []
+    start, size = 0, 0
+    for i, item in enumerate(items):
+        item_size = sum(len(value) for value in item.fields.values())
+        if i > start and size + item_size > max_bytes:
+            chunks.append(items[start:i])
+            start, size = i, 0
+        size += item_size
+    chunks.append(items[start:])
+    return chunks
+
+
+def _flat(fields: Mapping[str, str | bytes]) -> list[str | bytes]:
+    return [x for pair in fields.items() for x in pair]

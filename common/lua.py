@@ -18,6 +18,40 @@ from ectrans.common.redis_conn import RedisClient
 
 Arg = str | bytes | int | float
 
+# Lua helpers for scripts that acknowledge many entries at once (prepend them to a script body).
+# `unpack` is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000 in Redis), hence the chunks.
+ACK_LUA = """
+local function del_all(stream, ids)
+  for i = 1, #ids, 1000 do
+    redis.call('XDEL', stream, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+end
+local function ack_all(stream, group, ids)
+  for i = 1, #ids, 1000 do
+    redis.call('XACK', stream, group, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  del_all(stream, ids)
+end
+"""
+
+
+class KeyIndex:
+    """The KEYS of one script call, each listed once; `index(key)` is its 1-based position (KEYS[i] in
+    Lua), so a packed argument can name keys by number and a shared stream is declared only once."""
+
+    def __init__(self, *fixed: str) -> None:
+        self.keys: list[str] = []
+        self._positions: dict[str, int] = {}
+        for key in fixed:
+            self.index(key)
+
+    def index(self, key: str) -> int:
+        position = self._positions.get(key)
+        if position is None:
+            self.keys.append(key)
+            position = self._positions[key] = len(self.keys)
+        return position
+
 
 class Lua:
     """One script, by source and SHA1."""
@@ -30,6 +64,9 @@ class Lua:
         """Run the script once per (keys, args), in one round trip when the nodes know it."""
         if not calls:
             return []
+        if len(calls) == 1:  # a lone call skips the pipeline's own cost (most of a round trip's CPU)
+            keys, args = calls[0]
+            return [await self.run(redis, keys, args)]
         replies = await self._pipeline(redis, calls, range(len(calls)), "EVALSHA", self.sha)
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if unknown:
@@ -39,6 +76,13 @@ class Lua:
             if isinstance(reply, ResponseError):
                 raise reply
         return replies
+
+    async def run(self, redis: RedisClient, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run the script once: EVALSHA, repeated as EVAL when the node does not know it yet."""
+        try:
+            return await redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
     @staticmethod
     async def _pipeline(

@@ -30,7 +30,7 @@ from redis.commands.core import AsyncScript
 
 from ectrans.common import codec
 from ectrans.common.keys import Keys
-from ectrans.common.lua import Arg, Lua
+from ectrans.common.lua import ACK_LUA, Arg, KeyIndex, Lua
 from ectrans.common.redis_conn import RedisClient, is_cluster
 from ectrans.common.schemas import Task
 
@@ -57,39 +57,64 @@ end
 return fresh and 1 or 0
 """
 
-# Tasks finished per FINISH_MANY call: the script blocks Redis while it runs (about 20 us a task),
-# so a worker's batch of 256 goes in several calls, all in one round trip.
+# Tasks finished per FINISH_MANY call: the script blocks Redis while it runs (a few us a task), so
+# a worker's batch of 256 goes in several calls, all in one round trip.
 FINISH_CHUNK = 64
 
-FINISH_MANY_LUA = """
--- FINISH_LUA for many tasks at once (single Redis only: the keys live in many slots).
--- KEYS: for each task its result hash, source stream and (if it has one) client reply stream.
--- ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen,
--- ARGV[4] msgpack [[key count, entry id, [field, value, ...]], ...] in KEYS order.
--- Returns one 1/0 per task: 1 where this call created the result.
-local items = cmsgpack.unpack(ARGV[4])
-local created = {}
-local k = 1
-for i = 1, #items do
-  local nkeys, entry, fields = items[i][1], items[i][2], items[i][3]
-  local fresh = redis.call('EXISTS', KEYS[k]) == 0
-  if fresh then
-    redis.call('HSET', KEYS[k], unpack(fields))
-    redis.call('EXPIRE', KEYS[k], ARGV[2])
-    if nkeys >= 3 then
-      redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-      redis.call('EXPIRE', KEYS[k + 2], ARGV[2])
+# FINISH_LUA's steps for many tasks, shared by FINISH_MANY_LUA and the dispatcher's commit script.
+# items: [[result key, source stream key, reply stream key or 0, entry id, [field, value, ...]], ...]
+# with keys as KEYS indices. Writes each absent result and pushes it to its reply stream; collects the
+# entry ids to acknowledge per source stream in `acks` (key index -> ids). Each reply stream's TTL is
+# refreshed once per call, after its pushes. Returns one 1/0 per item: 1 where this call created it.
+FINISH_ALL_LUA = """
+local function finish_all(items, ttl, maxlen, acks)
+  local created, replied = {}, {}
+  for i = 1, #items do
+    local item = items[i]
+    local result, fields = KEYS[item[1]], item[5]
+    local fresh = redis.call('EXISTS', result) == 0
+    if fresh then
+      redis.call('HSET', result, unpack(fields))
+      redis.call('EXPIRE', result, ttl)
+      if item[3] > 0 then
+        redis.call('XADD', KEYS[item[3]], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+        replied[item[3]] = true
+      end
+    end
+    if item[4] ~= '' then
+      local ids = acks[item[2]] or {}
+      ids[#ids + 1] = item[4]
+      acks[item[2]] = ids
+    end
+    created[i] = fresh and 1 or 0
+  end
+  for key = 1, #KEYS do  -- in KEYS order: a script's writes stay deterministic
+    if replied[key] then
+      redis.call('EXPIRE', KEYS[key], ttl)
     end
   end
-  if entry ~= '' then
-    redis.call('XACK', KEYS[k + 1], ARGV[1], entry)
-    redis.call('XDEL', KEYS[k + 1], entry)
+  return created
+end
+"""
+
+FINISH_MANY_LUA = (
+    ACK_LUA
+    + FINISH_ALL_LUA
+    + """
+-- FINISH_LUA for many tasks at once (single Redis only: the keys live in many slots), with one XACK
+-- and one XDEL per source stream. KEYS: every result hash, source and reply stream once (see finish_all).
+-- ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen, ARGV[4] msgpack items (see finish_all).
+-- Returns one 1/0 per task: 1 where this call created the result.
+local acks = {}
+local created = finish_all(cmsgpack.unpack(ARGV[4]), ARGV[2], ARGV[3], acks)
+for key = 1, #KEYS do
+  if acks[key] then
+    ack_all(KEYS[key], ARGV[1], acks[key])
   end
-  created[i] = fresh and 1 or 0
-  k = k + nkeys
 end
 return created
 """
+)
 
 RESULT_LUA = """
 -- Cluster step 1, on the result key's own slot. KEYS[1] result hash; ARGV: ttl s, field, value, ...
@@ -214,21 +239,23 @@ class ResultWriter:
         return keys, args
 
     def _finish_many_calls(self, items: Sequence[Finish]) -> list[tuple[list[str], list[Arg]]]:
-        """FINISH_MANY calls of at most FINISH_CHUNK tasks each. The records travel as one msgpack
-        string (str and bytes alike as raw strings, which Lua's cmsgpack reads byte for byte)."""
+        """FINISH_MANY calls of at most FINISH_CHUNK tasks each."""
         calls: list[tuple[list[str], list[Arg]]] = []
         for start in range(0, len(items), FINISH_CHUNK):
-            keys: list[str] = []
-            packed: list[list[Any]] = []
-            for item in items[start : start + FINISH_CHUNK]:
-                own = [self.keys.result(item.task_id), item.stream]
-                if item.reply_to:
-                    own.append(self.keys.reply(item.reply_to))
-                keys += own
-                packed.append([len(own), item.entry_id, [x for pair in item.record.items() for x in pair]])
-            body = msgpack.packb(packed, use_bin_type=False)
-            calls.append((keys, [self.group, self.ttl_s, REPLY_MAXLEN, body]))
+            keys = KeyIndex()
+            body = packb_items(self.pack(items[start : start + FINISH_CHUNK], keys))
+            calls.append((keys.keys, [self.group, self.ttl_s, REPLY_MAXLEN, body]))
         return calls
+
+    def pack(self, items: Sequence[Finish], keys: KeyIndex) -> list[list[Any]]:
+        """`finish_all` items (see FINISH_ALL_LUA), their keys added to `keys`."""
+        packed: list[list[Any]] = []
+        for item in items:
+            result, stream = keys.index(self.keys.result(item.task_id)), keys.index(item.stream)
+            reply = keys.index(self.keys.reply(item.reply_to)) if item.reply_to else 0
+            record = [x for pair in item.record.items() for x in pair]
+            packed.append([result, stream, reply, item.entry_id, record])
+        return packed
 
     async def queue(self, pipe: Any, item: Finish) -> None:
         """Queue one atomic finish in a MULTI `pipe` beside other commands (single Redis only: on a
@@ -297,6 +324,13 @@ class ResultWriter:
             pipe.xack(stream, self.group, *entry_ids)
             pipe.xdel(stream, *entry_ids)
         await pipe.execute()
+
+
+def packb_items(items: Any) -> bytes:
+    """Items for a script's msgpack argument: str and bytes alike as raw strings, which Lua's
+    cmsgpack reads byte for byte (binary split payloads included)."""
+    packed: bytes = msgpack.packb(items, use_bin_type=False)
+    return packed
 
 
 def _pairs(flat: Any) -> dict[bytes, bytes]:

@@ -8,7 +8,6 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -54,6 +53,7 @@ class Dispatcher:
         self.keys: Keys = settings.keys
         self.consumer = settings.instance or default_instance()
         self.policy = ClassPolicy(settings.realtime_deadline_ms, settings.realtime_max_chars, settings.default_class)
+        self.limits = settings.limits  # built once: `settings.limits` makes a new object per call
         self._own_redis = redis is None
         self.redis = redis or connect(settings.redis_url, client_name=f"ectrans-dispatcher-{self.consumer}")
         self.writer = ResultWriter(self.redis, self.keys, DISPATCHER_GROUP, settings.result_ttl_s)
@@ -170,7 +170,7 @@ class Dispatcher:
     def decide(self, entry_id: str, raw: dict[bytes, bytes]) -> Forward | Finish:
         """Validate and classify one entry: a forward to a queue, or an error result."""
         try:
-            task = parse_task(entry_id, raw, self.settings.limits)
+            task = parse_task(entry_id, raw, self.limits)
             spec = self.registry.get(task.model)
             if spec is None:
                 known = ", ".join(sorted(self.registry))
@@ -196,45 +196,45 @@ class Dispatcher:
             return
         decisions = [self.decide(eid, raw) for eid, raw in entries]
         decisions = await self._admit(decisions)
+        forwards = [d for d in decisions if isinstance(d, Forward)]
+        finishes = [d for d in decisions if isinstance(d, Finish)]
+        refused = 0
         if self.writer.cluster:
-            await asyncio.shield(self._commit_per_slot(decisions))
-            return
-        # Forward + ack (and error results) in one MULTI: a crash leaves all or nothing done.
-        pipe = self.redis.pipeline(transaction=True)
-        for decision in decisions:
-            if isinstance(decision, Forward):
-                pipe.xadd(decision.queue, decision.task.to_fields())  # type: ignore[arg-type]
-                pipe.xack(self.keys.tasks, DISPATCHER_GROUP, decision.entry_id)
-                pipe.xdel(self.keys.tasks, decision.entry_id)
-            else:
-                await self.writer.queue(pipe, decision)
-        self._queue_rejection_metrics(pipe, [d for d in decisions if isinstance(d, Finish)])
-        await asyncio.shield(pipe.execute())
-        rejected = sum(isinstance(d, Finish) for d in decisions)
-        self.rejected += rejected
-        self.forwarded += len(decisions) - rejected
+            await asyncio.shield(self._commit_per_slot(forwards, finishes))
+        else:
+            refused = await asyncio.shield(self._commit(forwards, finishes))
+        self.rejected += len(finishes) + refused
+        self.forwarded += len(forwards) - refused
 
-    async def _commit_per_slot(self, decisions: list[Forward | Finish]) -> None:
+    async def _commit(self, forwards: list[Forward], finishes: list[Finish]) -> int:
+        """Single Redis: forwards, error results, their metrics and the acks in one script call (a crash
+        leaves all or nothing done; one call per read instead of three commands per task). The script
+        checks each queue's length limit as it appends; the forwards it refused (left pending) are
+        answered `overloaded` in a second call. Returns how many were refused."""
+        items = [_forwarding(d) for d in forwards]
+        metrics = self._rejection_metrics(finishes)
+        limit = self.settings.max_queue_len
+        refused_ids = set(await self.forwarder.commit(items, finishes, self.writer, metrics, limit=limit))
+        if not refused_ids:
+            return 0
+        refused = [self._overloaded(d) for d in forwards if d.entry_id in refused_ids]
+        await self.forwarder.commit([], refused, self.writer, self._rejection_metrics(refused))
+        return len(refused)
+
+    async def _commit_per_slot(self, forwards: list[Forward], finishes: list[Finish]) -> None:
         """The cluster's dispatch: forwards (deduped in the queue's slot, then acked), error results
         (idempotent, then acked), then the rejection metrics (best effort, after the results)."""
-        forwards = [
-            Forwarding(d.queue, d.task.model, d.task.id, d.entry_id, d.task.to_fields())
-            for d in decisions
-            if isinstance(d, Forward)
-        ]
-        finishes = [d for d in decisions if isinstance(d, Finish)]
-        await self.forwarder.forward(forwards)
+        await self.forwarder.forward([_forwarding(d) for d in forwards])
         await self.writer.write(finishes)
         if finishes:
             pipe = self.redis.pipeline(transaction=False)
-            self._queue_rejection_metrics(pipe, finishes)
+            for fields in self._rejection_metrics(finishes):
+                pipe.xadd(self.keys.metrics, dict(fields), maxlen=METRICS_MAXLEN, approximate=True)  # type: ignore[arg-type]
             await pipe.execute()
-        self.rejected += len(finishes)
-        self.forwarded += len(forwards)
 
-    def _queue_rejection_metrics(self, pipe: Any, rejected: list[Finish]) -> None:
-        """One `kind=errors` metrics entry per (model, class), in the same MULTI as the error results,
-        so the monitor counts each rejection exactly once."""
+    def _rejection_metrics(self, rejected: list[Finish]) -> list[dict[str, str]]:
+        """One `kind=errors` metrics entry per (model, class), written with the error results, so the
+        monitor counts each rejection exactly once."""
         by_class: Counter[tuple[str, str, str]] = Counter()
         for finish in rejected:
             record = {k: v.decode() if isinstance(v, bytes) else v for k, v in finish.record.items()}
@@ -242,16 +242,23 @@ class Dispatcher:
         grouped: dict[tuple[str, str], list[str]] = {}
         for (model, task_class, reason), count in by_class.items():
             grouped.setdefault((model, task_class), []).append(f"{reason}:{count}")
-        for (model, task_class), reasons in grouped.items():
-            fields = {"kind": "errors", "model": model, "class": task_class, "reasons": ",".join(reasons)}
-            fields["dispatcher"] = self.consumer
-            pipe.xadd(self.keys.metrics, fields, maxlen=METRICS_MAXLEN, approximate=True)
+        return [
+            {"kind": "errors", "model": model, "class": task_class, "reasons": ",".join(reasons),
+             "dispatcher": self.consumer}
+            for (model, task_class), reasons in grouped.items()
+        ]  # fmt: skip
 
     async def _admit(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
         """Admission: a real-time task predicted to miss its deadline is rejected (or downgraded to
-        batch when it asked `on_miss=batch`); a task bound for a full queue gets `overloaded` at once."""
+        batch when it asked `on_miss=batch`); a task bound for a full queue gets `overloaded` at once.
+
+        On a single Redis the commit script checks the queue limit itself, at the moment it appends,
+        so the queue lengths and costs are read here (one round trip) only for a read holding a
+        real-time task with a deadline, whose latency must be predicted."""
         forwards = [d for d in decisions if isinstance(d, Forward)]
         if not forwards:
+            return decisions
+        if not self.writer.cluster and not any(_predicted(d.task) for d in forwards):
             return decisions
         models = sorted({d.task.model for d in forwards})
         queues = sorted({self.keys.queue(m, c) for m in models for c in TASK_CLASSES})
@@ -290,12 +297,13 @@ class Dispatcher:
                     return self._reject(forward, Reason.DEADLINE, message)
                 task = task.classified("batch", downgraded=True)
                 forward = Forward(task, self.keys.queue(task.model, "batch"), forward.entry_id, forward.tokens)
-        limit = self.settings.max_queue_len
-        if lengths[forward.queue] >= limit:
-            return self._reject(
-                forward, Reason.OVERLOADED, f"queue {forward.queue} is full ({limit} tasks); retry later"
-            )
+        if lengths[forward.queue] >= self.settings.max_queue_len:
+            return self._overloaded(forward)
         return forward
+
+    def _overloaded(self, forward: Forward) -> Finish:
+        limit = self.settings.max_queue_len
+        return self._reject(forward, Reason.OVERLOADED, f"queue {forward.queue} is full ({limit} tasks); retry later")
 
     def _reject(self, forward: Forward, reason: str, message: str) -> Finish:
         task = forward.task
@@ -304,3 +312,13 @@ class Dispatcher:
             op=task.op,
         )  # fmt: skip
         return Finish(task.id, record, self.keys.tasks, forward.entry_id, task.reply_to)
+
+
+def _predicted(task: Task) -> bool:
+    """Whether admission predicts this task's latency (see `Dispatcher._admit_one`)."""
+    return task.task_class == "realtime" and task.deadline_ms is not None
+
+
+def _forwarding(forward: Forward) -> Forwarding:
+    task = forward.task
+    return Forwarding(forward.queue, task.model, task.id, forward.entry_id, task.to_fields())
