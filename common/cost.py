@@ -27,6 +27,12 @@ class CostModel:
     def batch_ms(self, padded_tokens: float) -> float:
         return self.overhead_ms + self.ms_per_token * padded_tokens
 
+    def tokens_within(self, ms: float) -> int | None:
+        """Padded tokens of the largest batch predicted to run in `ms` (None: no per-token cost seen)."""
+        if self.ms_per_token <= 0:
+            return None
+        return max(1, int((ms - self.overhead_ms) / self.ms_per_token))
+
     def to_fields(self) -> dict[str, str]:
         return {
             "overhead_ms": f"{self.overhead_ms:.4f}",
@@ -80,9 +86,11 @@ def estimate_tokens(text: str) -> int:
 
 
 def predict_realtime_ms(cost: CostModel, task_tokens: int, queued_realtime: int, bulk_busy: bool = True) -> float:
-    """Latency a real-time task should expect: the segment of bulk work running when it arrives
-    (it cuts in at the next boundary; none when no bulk work is queued or in flight), the
-    real-time work queued ahead of it, then its own batch."""
-    segment_in_progress = cost.batch_ms(cost.max_batch_tokens) / max(cost.segments, 1) if bulk_busy else 0.0
+    """Latency a real-time task should expect: the rest of the bulk segment running when it arrives
+    (it cuts in at the next boundary; on average half a segment is left, none when no bulk work is
+    queued or in flight), the real-time work queued ahead of it, then its own batch. The expectation,
+    not the worst case: admission refuses tasks that should miss, not every task that might."""
+    segment = cost.batch_ms(cost.max_batch_tokens) / max(cost.segments, 1)
+    segment_in_progress = segment / 2 if bulk_busy else 0.0
     ahead = cost.ms_per_token * queued_realtime * task_tokens
     return segment_in_progress + ahead + cost.batch_ms(task_tokens)

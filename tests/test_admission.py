@@ -38,8 +38,8 @@ def test_online_cost_needs_enough_samples() -> None:
 
 def test_prediction_adds_running_segment_queue_and_own_batch() -> None:
     cost = CostModel(overhead_ms=2.0, ms_per_token=0.5, segments=4, max_batch_tokens=400)
-    # running segment (2 + 200) / 4 = 50.5; queue ahead 3 × 10 tokens × 0.5 = 15; own batch 2 + 5 = 7
-    assert predict_realtime_ms(cost, task_tokens=10, queued_realtime=3) == pytest.approx(72.5)
+    # half the running segment (2 + 200) / 4 / 2 = 25.25; queue ahead 3 × 10 tokens × 0.5 = 15; own batch 2 + 5 = 7
+    assert predict_realtime_ms(cost, task_tokens=10, queued_realtime=3) == pytest.approx(47.25)
     # With no bulk work queued or in flight, nothing runs ahead of the cut-in.
     assert predict_realtime_ms(cost, task_tokens=10, queued_realtime=3, bulk_busy=False) == pytest.approx(22.0)
 

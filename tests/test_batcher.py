@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ectrans.common.cost import CostModel
 from ectrans.common.schemas import Task
 from ectrans.services.worker.batcher import Batcher, BatchPolicy, Pending, response_ratio
 
@@ -108,3 +109,26 @@ def test_idle_device_takes_a_lone_task_at_once() -> None:
     assert b.wait_hint(now=0.001, idle=True) == 0.0
     batch = b.next_batch(now=0.001, idle=True)  # idle device: waiting would only waste it
     assert batch is not None and [p.task.id for p in batch.items] == ["t0"]
+
+
+def test_time_cap_keeps_packed_batches_small_but_never_empty() -> None:
+    b = make(max_batch=32, budget=10_000)
+    for i in range(8):
+        b.add(pending(i, 100, arrived=0.0))
+    b.batch_token_cap = CostModel(overhead_ms=20.0, ms_per_token=1.0).tokens_within(320.0)  # 300 tokens
+    assert b.batch_token_cap == 300 and b.packed_budget == 300
+    batch = b.next_batch(now=1.0)
+    assert batch is not None and batch.padded_tokens == 300  # 3 of 100 tokens, not all 8
+    b.batch_token_cap = 10  # below one task: the task still runs, alone
+    batch = b.next_batch(now=1.0)
+    assert batch is not None and len(batch.items) == 1
+
+
+def test_time_cap_leaves_fifo_mode_alone() -> None:
+    b = make(max_batch=32, fifo=True)
+    for i in range(8):
+        b.add(pending(i, 100, arrived=0.0))
+    b.batch_token_cap = 300
+    batch = b.next_batch(now=1.0)
+    assert batch is not None and len(batch.items) == 8
+    assert CostModel(overhead_ms=5.0, ms_per_token=0.0).tokens_within(100.0) is None

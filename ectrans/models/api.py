@@ -45,7 +45,8 @@ class BatchStats:
     batch_size: int
     tokens: int
     padded_tokens: int
-    service_ms: float
+    service_ms: float  # submitted to done, waits between stages included
+    compute_ms: float = 0.0  # the segments' own run time (0 where unmeasured, e.g. async CUDA streams)
 
 
 class Executor(Protocol):

@@ -49,6 +49,7 @@ class Job:
     tokens: int = 0
     padded_tokens: int = 0
     nbytes: int = 0  # activation bytes, measured when parked
+    compute_ms: float = 0.0  # run time of its segments so far
     ready: Any = None  # torch.cuda.Event recorded after the last segment that ran it
 
     @property
@@ -130,7 +131,7 @@ class Job:
 
     def stats(self) -> BatchStats:
         service_ms = (time.perf_counter() - self.started) * 1000.0
-        return BatchStats(len(self.request.inputs), self.tokens, self.padded_tokens, service_ms)
+        return BatchStats(len(self.request.inputs), self.tokens, self.padded_tokens, service_ms, self.compute_ms)
 
 
 def to_device(state: SegmentState, device: torch.device) -> SegmentState:

@@ -231,7 +231,7 @@ class Server:
                 "ev": "result",
                 "id": batch_id,
                 "results": [[r.output, r.error] for r in results],
-                "stats": [stats.batch_size, stats.tokens, stats.padded_tokens, stats.service_ms],
+                "stats": [stats.batch_size, stats.tokens, stats.padded_tokens, stats.service_ms, stats.compute_ms],
             }
             if self.device.startswith("cuda"):  # the allocator's view, for the monitor
                 cuda = _cuda_memory(self.device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -283,7 +284,9 @@ class PipelinedExecutor:
         assert job.state is not None
         segment, stream = self.segments[index], self._streams[index]
         if stream is None:
+            started = time.perf_counter()
             job.state = segment(to_device(job.state, self.device) if index == 0 else job.state)
+            job.compute_ms += (time.perf_counter() - started) * 1000.0
             return
         with torch.cuda.stream(stream):
             if job.ready is not None:

@@ -833,8 +833,9 @@ def _complete(batch: _Batch, message: dict[str, Any]) -> None:
         batch.future.set_exception(RuntimeError(str(message.get("error"))))
         return
     results = [ItemResult(output=_writable(output), error=error) for output, error in message["results"]]
-    size, tokens, padded, service_ms = message["stats"]
-    batch.future.set_result((results, BatchStats(int(size), int(tokens), int(padded), float(service_ms))))
+    size, tokens, padded, service_ms, compute_ms = message["stats"]
+    stats = BatchStats(int(size), int(tokens), int(padded), float(service_ms), float(compute_ms))
+    batch.future.set_result((results, stats))
 
 
 def _writable(value: Any) -> Any:

@@ -62,6 +62,9 @@ class Batcher:
     batch: BatchPolicy
     fifo: bool = False
     seconds_per_token: float = 1e-3  # refined from the model's latency profile when known
+    # Packed batches stay under this many padded tokens (set from the model's fitted cost), so one
+    # segment of bulk work - what a real-time batch may wait behind - stays short. None: no cap.
+    batch_token_cap: int | None = None
     queues: dict[str, list[Pending]] = field(default_factory=lambda: {"realtime": [], "batch": []})
 
     def add(self, pending: Pending) -> None:
@@ -88,12 +91,19 @@ class Batcher:
             q.clear()
         return items
 
+    @property
+    def packed_budget(self) -> int:
+        """Padded tokens a packed batch may hold: the token budget, lowered by the time cap."""
+        cap = self.batch_token_cap
+        return self.batch.token_budget if cap is None else max(1, min(self.batch.token_budget, cap))
+
     def _ready(self, queue: list[Pending], policy: BatchPolicy, now: float, idle: bool = False) -> bool:
         if not queue:
             return False
         if idle or len(queue) >= policy.max_batch or now - queue[0].arrived >= policy.max_wait_s:
             return True
-        return sum(p.tokens for p in queue) >= policy.token_budget
+        budget = self.packed_budget if policy is self.batch and not self.fifo else policy.token_budget
+        return sum(p.tokens for p in queue) >= budget
 
     def wait_hint(
         self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES, *, idle: bool = False
@@ -140,11 +150,12 @@ class Batcher:
         by_closeness = sorted(queue, key=lambda p: (abs(p.tokens - anchor.tokens), p.arrived))
         taken: list[Pending] = []
         longest = 0
+        budget = self.packed_budget
         for candidate in by_closeness:
             if len(taken) >= self.batch.max_batch:
                 break
             new_longest = max(longest, candidate.tokens)
-            if taken and new_longest * (len(taken) + 1) > self.batch.token_budget:
+            if taken and new_longest * (len(taken) + 1) > budget:
                 continue
             taken.append(candidate)
             longest = new_longest

@@ -9,6 +9,7 @@ the idempotent finish script. A fourth loop takes over entries of dead peers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -136,9 +137,13 @@ class Worker:
         # (stream, entry id) → monotonic time admitted, of every task this process holds (queued or
         # running): never admitted twice, and kept from looking abandoned (see `_touch_loop`).
         self._held: dict[tuple[str, str], float] = {}
+        # Metrics entries waiting for `_metrics_loop`: published off the batches' path, many per round trip.
+        self._metrics: list[dict[str, str]] = []
+        self._metrics_ready = asyncio.Event()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._metrics_ready.set()
         for lane in self.lanes.values():
             lane.wakeup.set()
 
@@ -188,9 +193,11 @@ class Worker:
                 tg.create_task(self._guard(self._claim_loop, "claimer"))
                 tg.create_task(self._guard(self._touch_loop, "toucher"))
                 tg.create_task(self._grace_watchdog())
+                tg.create_task(self._guard(self._metrics_loop, "metrics"))
                 for lane in self.lanes.values():
                     tg.create_task(self._guard(lambda lane=lane: self._schedule_loop(lane, tg), "scheduler"))
         finally:
+            await self._flush_metrics()  # what the last batches published
             if self._executors is None:  # executors handed in belong to the caller
                 for lane in self.lanes.values():
                     lane.executor.close()
@@ -303,11 +310,8 @@ class Worker:
                 continue
             tasks.append((entry_id, task))
             self._held[(stream, entry_id)] = time.monotonic()
-        if broken:
-            await self.writer.write([b for b in broken if b.record])
-            for b in broken:
-                if not b.record:
-                    await self.redis.xack(stream, WORKER_GROUP, b.entry_id)
+        if broken:  # answered, or only acknowledged where the entry is gone (empty record): one call
+            await self.writer.write(broken)
         if not tasks:
             return
         texts = [t.input for _, t in tasks if not t.is_split]
@@ -492,11 +496,17 @@ class Worker:
         )
 
     async def _publish_cost(self, lane: ModelLane, stats: BatchStats) -> None:
-        """Refresh the model's fitted batch cost (at most once a second) for the dispatcher's admission."""
-        lane.cost.observe(stats.padded_tokens, stats.service_ms)
+        """Refresh the model's fitted batch cost (at most once a second): for the dispatcher's admission, and to
+        size bulk batches so one of their segments runs within `batch_segment_ms`."""
+        lane.cost.observe(stats.padded_tokens, stats.compute_ms or stats.service_ms)
         model = lane.cost.model()
         if model is None or time.monotonic() - lane.cost_published < 1.0:
             return
+        if self.settings.batch_segment_ms > 0 and not self.settings.fifo:  # FIFO (the baseline) runs uncapped
+            cap = model.tokens_within(self.settings.batch_segment_ms * model.segments)
+            lane.batcher.batch_token_cap = cap
+            if cap is not None:  # batches larger than the cap came before it: not what runs from now on
+                model = dataclasses.replace(model, max_batch_tokens=min(model.max_batch_tokens, cap))
         lane.cost_published = time.monotonic()
         try:
             await self.redis.hset(self.keys.cost(lane.spec.name), mapping=model.to_fields())  # type: ignore[arg-type]
@@ -504,11 +514,31 @@ class Worker:
             logger.debug("cost not published: %s", exc)
 
     async def _xadd_metrics(self, fields: dict[str, str]) -> None:
+        """Queue a metrics entry for `_metrics_loop`: a batch's slot is free once its results are written."""
+        self._metrics.append(fields)
+        self._metrics_ready.set()
+
+    async def _metrics_loop(self) -> None:
+        """Publish queued metrics entries, all that piled up in one round trip (one per batch before)."""
+        while not (self._stopping.is_set() and not self._inflight):
+            self._metrics_ready.clear()
+            if self._metrics:
+                await self._flush_metrics()
+            else:
+                await wait_or_timeout(self._metrics_ready, 0.25)
+
+    async def _flush_metrics(self) -> None:
+        entries, self._metrics = self._metrics, []
+        if not entries:
+            return
         try:
-            entry: dict[Any, Any] = fields
-            await self.redis.xadd(self.keys.metrics, entry, maxlen=METRICS_MAXLEN, approximate=True)
-        except RedisError as exc:  # metrics are best effort; results are not
-            logger.debug("metrics not published: %s", exc)
+            pipe = self.redis.pipeline(transaction=False)
+            for fields in entries:
+                entry: dict[Any, Any] = fields
+                pipe.xadd(self.keys.metrics, entry, maxlen=METRICS_MAXLEN, approximate=True)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:  # metrics are best effort; results are not
+            logger.debug("%d metrics entries not published: %s", len(entries), exc)
 
     # 4. Recovery and shutdown -------------------------------------------------------------------
 

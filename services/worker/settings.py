@@ -26,6 +26,14 @@ class WorkerSettings(CommonSettings):
     batch_max_batch: int = Field(32, ge=1, description="Largest batch-class batch.")
     batch_max_wait_ms: float = Field(20.0, ge=0, description="Longest a batch task waits for batch-mates.")
     token_budget: int = Field(8192, ge=64, description="Batch × padded length limit of one batch.")
+    batch_segment_ms: float = Field(
+        200.0,
+        ge=0,
+        description=(
+            "Target run time of one segment of a bulk batch: what a real-time batch may wait behind. Bulk"
+            " batches are sized from the model's fitted cost to stay under it (0: only `token_budget`)."
+        ),
+    )
     fifo: bool = Field(False, description="One FIFO queue for both classes (the baseline to compare against).")
     prefetch: int = Field(256, ge=1, description="Most tasks read from Redis ahead of the device.")
     max_inflight_batches: int = Field(3, ge=1, description="Batches submitted to the executor at once.")
