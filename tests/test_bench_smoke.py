@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,30 @@ REQUIRED = (
     "ratio_of_upper_bound",
     "redis_path_tasks_per_s",
 )
+
+
+def run_tiny_bench(scenario: str, tmp_path: Path, timeout_s: float) -> dict[str, Any]:
+    """`ectrans bench <scenario> --quick --compact` at the tiny size, reports under `tmp_path`: its JSON.
+
+    It must exit 0 within `timeout_s` and print the JSON and nothing else on stdout.
+    """
+    env = {**os.environ, "ECTRANS_BENCH_SIZE": "tiny", "ECTRANS_BENCH_DIR": str(tmp_path)}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "ectrans.cli", "bench", scenario, "--quick", "--compact"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = bench.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        bench.terminate()  # the bench stops the processes it started on SIGTERM
+        stdout, stderr = bench.communicate(timeout=25)
+        pytest.fail(f"the tiny {scenario} benchmark did not finish in {timeout_s:.0f} s:\n{stderr[-3000:]}")
+    assert bench.returncode == 0, stderr[-3000:]
+    result: dict[str, Any] = json.loads(stdout)  # stdout holds the JSON and nothing else
+    return result
 
 
 def test_workload_is_seeded_and_shaped() -> None:
@@ -38,22 +63,7 @@ def test_workload_is_seeded_and_shaped() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_baselines_tiny_prints_its_json(tmp_path: Path) -> None:
-    env = {**os.environ, "ECTRANS_BENCH_SIZE": "tiny", "ECTRANS_BENCH_DIR": str(tmp_path)}
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "ectrans.cli", "bench", "baselines", "--quick", "--compact"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = bench.communicate(timeout=270)
-    except subprocess.TimeoutExpired:
-        bench.terminate()  # the bench stops the processes it started on SIGTERM
-        stdout, stderr = bench.communicate(timeout=25)
-        pytest.fail(f"the tiny benchmark did not finish in 270 s:\n{stderr[-3000:]}")
-    assert bench.returncode == 0, stderr[-3000:]
-    result = json.loads(stdout)  # stdout holds the JSON and nothing else
+    result = run_tiny_bench("baselines", tmp_path, timeout_s=270)
     for name in REQUIRED:
         assert result[name] > 0, name
     assert result["device"]
@@ -64,3 +74,59 @@ def test_bench_baselines_tiny_prints_its_json(tmp_path: Path) -> None:
     assert result["memory"]["after_load"]["per_request_pss_mib"] > 0
     assert (tmp_path / "baselines.md").read_text().startswith("# Benchmark `baselines`")
     assert (tmp_path / "baselines.png").stat().st_size > 0
+
+
+def test_mixed_counts_batches_and_misses() -> None:
+    from ectrans.bench.mixed import Outcome, completion_rate, rt_summary
+
+    # Results of a batch come together: the interval starts when the first batch has finished.
+    assert completion_rate([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], 0.0, 10.0) == 2.0
+    assert completion_rate([1.0, 1.0], 0.0, 10.0) is None
+    outcomes = [
+        Outcome(0, "error", "deadline", 5.0),  # carries the deadline: a miss
+        Outcome(1, "ok", "", 40.0),  # no deadline: a latency sample
+        Outcome(2, "ok", "", 300.0),  # late
+        Outcome(3, "ok", "", 60.0),
+    ]
+    summary = rt_summary(outcomes, deadline_ms=250)
+    assert summary["latencies_ms"] == [40.0, 60.0]
+    assert summary["deadline_miss_rate"] == 1.0
+    assert summary["misses"] == {"deadline": 1, "late": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_mixed_tiny_prints_its_json(tmp_path: Path) -> None:
+    result = run_tiny_bench("mixed", tmp_path, timeout_s=270)
+    for name in ("rt_p99_ms_idle", "rt_p99_ms_loaded", "rt_p99_ms_loaded_fifo", "rt_p99_ms_loaded_per_request"):
+        assert isinstance(result[name], float) and result[name] > 0, name
+    for name in ("deadline_miss_rate", "deadline_miss_rate_fifo"):
+        assert 0.0 <= result[name] <= 1.0, name
+    for name in ("batch_throughput_ratio", "one_segment_ms", "rt_p99_target_ms"):  # None: too few batches
+        assert result[name] is None or result[name] > 0, name
+    assert result["meets_rt_target"] in (True, False, None)
+    assert isinstance(result["lost"], int) and result["lost"] >= 0
+    assert result["device"]
+    assert (tmp_path / "mixed.md").read_text().startswith("# Benchmark `mixed`")
+    assert (tmp_path / "mixed.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bench_split_tiny_prints_its_json(tmp_path: Path) -> None:
+    result = run_tiny_bench("split", tmp_path, timeout_s=150)
+    assert result["scenario"] == "split" and result["device"]
+    assert result["bandwidths_mbps"] == [1.0, 10.0, 100.0]
+    last = str(len(result["units"]))  # k = K: every unit local
+    for bw in ("1", "10", "100"):
+        latency = result["latency_ms"][bw]
+        assert {"0", last, "auto"} <= set(latency), latency
+        assert all(ms > 0 for ms in latency.values()), latency
+        assert result["auto_vs_best_fixed"][bw] > 0
+        assert sum(result["auto_choices"][bw].values()) == result["samples_per_point"][bw]["auto"]
+        assert len(result["predicted_ms"][bw]) == len(result["units"]) + 1
+    assert isinstance(result["meets_target"], bool)
+    assert result["payload_bytes"]["2"] > result["payload_bytes"]["0"] > 0
+    assert result["profile_s"] > 0 and result["client_threads"] == 1
+    assert (tmp_path / "split.md").read_text().startswith("# Benchmark `split`")
+    assert (tmp_path / "split.png").stat().st_size > 0

@@ -11,6 +11,7 @@ import pytest
 
 from ectrans.common.cost import CostModel
 from ectrans.split.choose import Link, SplitCosts, choose_split, predict_ms, queue_wait_ms, server_unit_ms
+from ectrans.split.client import Drift
 from ectrans.split.link import LinkEstimator
 
 # An encoder of K = 5 units: tokenize, embed, layer0, layer1, head. Tokenizing shrinks 4 kB of text to
@@ -163,8 +164,8 @@ def test_server_unit_ms_scales_the_client_profile() -> None:
 
 def test_queue_wait_from_the_server_cost_model() -> None:
     cost = CostModel(overhead_ms=2.0, ms_per_token=0.5, segments=4, max_batch_tokens=400)
-    # running bulk segment (2 + 0.5·400) / 4 = 50.5; queued real-time work 3 tasks × 10 tokens × 0.5 = 15.
-    assert queue_wait_ms(cost, queued_tasks=3, task_tokens=10, bulk_busy=True) == pytest.approx(65.5)
+    # half the running bulk segment (2 + 0.5·400) / 4 / 2 = 25.25; queued real-time work 3 × 10 tokens × 0.5 = 15.
+    assert queue_wait_ms(cost, queued_tasks=3, task_tokens=10, bulk_busy=True) == pytest.approx(40.25)
     assert queue_wait_ms(cost, queued_tasks=3, task_tokens=10, bulk_busy=False) == pytest.approx(15.0)
     assert queue_wait_ms(cost, queued_tasks=0, task_tokens=10, bulk_busy=False) == pytest.approx(0.0)
     assert queue_wait_ms(None, queued_tasks=100, task_tokens=10, bulk_busy=True) == 0.0
@@ -294,3 +295,40 @@ def test_estimated_link_drives_the_choice() -> None:
     estimator = LinkEstimator()
     feed(estimator, 30, bandwidth_bps=1e6, rtt_ms=RTT_MS)
     assert choose_split(PROFILE, estimator.link()) == 1
+
+
+def test_drift_starts_neutral_and_averages_ratios_in_log_space() -> None:
+    drift = Drift(ratio=True)
+    assert drift.value == 1.0
+    drift.observe(20.0, 10.0)  # 2x slow; the prior (1x) counts as one call: sqrt(2)
+    assert drift.value == pytest.approx(math.sqrt(2.0))
+    drift.observe(5.0, 10.0)  # then 2x fast: back to the geometric mean of 1, 2 and 1/2
+    assert drift.value == pytest.approx(1.0)
+
+
+def test_drift_clips_one_stalled_call_and_ignores_noise_and_garbage() -> None:
+    drift = Drift(ratio=True)
+    drift.observe(1e6, 10.0)  # a stall: counted as 5x at most
+    assert drift.value == pytest.approx(math.sqrt(5.0))
+    before = drift.value
+    for measured, predicted in [(10.0, 0.01), (0.0, 10.0), (float("nan"), 10.0), (-1.0, 10.0)]:
+        drift.observe(measured, predicted)
+    assert drift.value == before and drift.calls == 1
+
+
+def test_drift_follows_a_lasting_change() -> None:
+    drift = Drift(ratio=True)
+    for _ in range(10):
+        drift.observe(10.0, 10.0)
+    for _ in range(12):  # the device became 3x slower: followed within a dozen calls
+        drift.observe(30.0, 10.0)
+    assert drift.value == pytest.approx(3.0, rel=0.05)
+
+
+def test_drift_offset_averages_milliseconds() -> None:
+    drift = Drift(ratio=False)
+    assert drift.value == 0.0
+    for measured in (4.0, 6.0, 8.0):
+        drift.observe(measured)
+    # weights 1/2, 1/3, 1/4 (the prior at 0 counts as one call): the plain mean of 0, 4, 6, 8
+    assert drift.value == pytest.approx(4.5)

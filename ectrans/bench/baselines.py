@@ -45,6 +45,7 @@ from ectrans.bench.harness import (
     poisson_run,
     progress,
     run_async,
+    size_for,
     stop_on_sigterm,
     write_report,
 )
@@ -102,9 +103,7 @@ TINY = Size(
 
 
 def choose_size(quick: bool) -> Size:
-    if os.environ.get("ECTRANS_BENCH_SIZE") == "tiny":
-        return TINY
-    return QUICK if quick else FULL
+    return size_for(quick, QUICK, FULL, TINY)
 
 
 def _multitask_k(device_type: str) -> int:
@@ -343,12 +342,6 @@ def _targets(result: dict[str, Any], device_type: str) -> dict[str, Any]:
     }
 
 
-def _service_settings(stack: ServiceStack) -> dict[str, str]:
-    """The ECTRANS_* settings the services ran with, less the per-run names and the Redis URL."""
-    skip = ("ECTRANS_REDIS_URL", "ECTRANS_PREFIX", "ECTRANS_INSTANCE", "ECTRANS_BENCH_")
-    return {k: v for k, v in sorted(stack.env("").items()) if k.startswith("ECTRANS_") and not k.startswith(skip)}
-
-
 def run(quick: bool) -> dict[str, Any]:
     with stop_on_sigterm():
         return _run(choose_size(quick), quick)
@@ -387,7 +380,7 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
         per_request, per_request_rate = rounds.best_variant("per_request")
         baseline = solo if rounds.variants[per_request]["threads"] == solo.config.threads else multi
         rt = _realtime_runs(size, per_request_rate, stack, baseline)
-        settings = _service_settings(stack)
+        settings = stack.service_settings()
     note("redis path (no-op model)")
     redis = redis_path.measure(redis_path.choose_size(quick))
     figures = _figures(rounds, tokens_per_task)

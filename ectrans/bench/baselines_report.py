@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ectrans.bench.harness import markdown_table
+from ectrans.bench.harness import json_details, markdown_table
 
 METHODS = (
     ("per_request", "per request (1 process, batch 1)"),
@@ -157,13 +156,7 @@ def markdown(result: dict[str, Any]) -> str:
             ],
         ),
         "",
-        "<details><summary>JSON</summary>",
-        "",
-        "```json",
-        json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1, default=str),
-        "```",
-        "</details>",
-        "",
+        *json_details(result),
     ]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
+import json
 import os
 import platform
 import shutil
@@ -85,6 +86,13 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def size_for(quick: bool, quick_size: T, full_size: T, tiny_size: T) -> T:
+    """A scenario's size: `tiny_size` under ECTRANS_BENCH_SIZE=tiny (the smoke tests), else quick or full."""
+    if os.environ.get("ECTRANS_BENCH_SIZE") == "tiny":
+        return tiny_size
+    return quick_size if quick else full_size
 
 
 # 2. Event loop --------------------------------------------------------------------------------------
@@ -284,6 +292,11 @@ class ServiceStack:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with code {proc.returncode}; log tail:\n{tail}")
 
+    def service_settings(self) -> dict[str, str]:
+        """The ECTRANS_* settings the services run with, less the per-run names and the Redis URL."""
+        skip = ("ECTRANS_REDIS_URL", "ECTRANS_PREFIX", "ECTRANS_INSTANCE", "ECTRANS_BENCH_")
+        return {k: v for k, v in sorted(self.env("").items()) if k.startswith("ECTRANS_") and not k.startswith(skip)}
+
     def pids(self, prefix: str = "") -> list[int]:
         return [p.pid for name, p in self.processes.items() if name.startswith(prefix)]
 
@@ -296,10 +309,14 @@ class ServiceStack:
             out["gpu_used_mib"] = gpu
         return out
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask every service to stop (SIGTERM) without waiting; `stop` waits for them and removes Redis."""
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for proc in self.processes.values():
             try:
@@ -349,6 +366,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def json_details(result: dict[str, Any]) -> list[str]:
+    """A report's closing lines: the run's JSON (less the report paths) in a collapsed block."""
+    shown = json.dumps({k: v for k, v in result.items() if k != "report"}, indent=1, default=str)
+    return ["<details><summary>JSON</summary>", "", "```json", shown, "```", "</details>", ""]
 
 
 def write_report(name: str, markdown: str, draw: Callable[[Any], None] | None) -> dict[str, str]:

@@ -8,7 +8,10 @@
 With `split="auto"` every call picks the k of least predicted latency from: this client's unit
 profile (measured on first use, cached), the link's bandwidth and round trip (estimated passively
 from this client's own split traffic), and the server's published batch cost and queue lengths
-(read at most every `state_every_s`). Conditions change, so does k.
+(refreshed in the background every `state_every_s`). Each of these is checked against what the
+client's own calls then measure (`Drift`): its local compute against the profile, the server's
+batches against the published cost, and the server's time per task beyond its batches (stream
+hops, which neither the cost nor the link holds). Conditions change, so does k.
 """
 
 from __future__ import annotations
