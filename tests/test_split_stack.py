@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from ectrans.client import AsyncClient, TaskResult
+from ectrans.common.cost import MIN_SAMPLES
+from ectrans.common.keys import Keys
+from ectrans.common.redis_conn import connect
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.split import pack_activation
 from ectrans.models.api import Executor
@@ -101,3 +104,33 @@ def test_mismatched_revision_or_segment_gets_the_versioning_error(
     assert relabelled.reason == "version_mismatch"
     assert wrong_width.reason == "bad_input" and "wide" in str(wrong_width.error)
     assert garbage.reason == "bad_input"
+
+
+def test_split_batches_stay_out_of_the_published_batch_cost(
+    redis_url: str, prefix: str, models: dict[str, tuple[ModelSpec, Executor, LocalModel]]
+) -> None:
+    """A split batch runs only the units after its split point: fitting the whole-batch cost on it
+    would make admission and batch sizing think the model is nearly free."""
+    spec, executor, local = models["bert"]
+
+    async def scenario() -> tuple[bool, bool]:
+        redis = connect(redis_url)
+        cost_key = Keys(prefix).cost("bert")
+        try:
+            async with (
+                running_stack(redis_url, prefix, {"bert": spec}, {"bert": executor}),
+                AsyncClient(redis_url, prefix=prefix) as client,
+            ):
+                split = SplitClient(client, local, split=local.all_local - 1)
+                for _ in range(MIN_SAMPLES + 2):  # one batch each, more than a fit needs
+                    assert all(r.ok for r in await split.run("embed", TEXTS[:1]))
+                after_split = bool(await redis.exists(cost_key))
+                for _ in range(MIN_SAMPLES + 2):
+                    assert all(r.ok for r in await client.submit_many("bert", "embed", TEXTS[:1]))
+                return after_split, bool(await redis.exists(cost_key))
+        finally:
+            await redis.aclose()
+
+    after_split, after_whole = asyncio.run(scenario())
+    assert not after_split, "split batches were fitted into the whole-batch cost"
+    assert after_whole

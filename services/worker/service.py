@@ -414,7 +414,8 @@ class Worker:
         self.counts["error"] += sum(reasons.values())
         shown = Batch(batch.task_class, [batch.items[i] for i in counted])
         await self._publish_metrics(lane, shown, stats, [finishes[i] for i in counted], reasons)
-        await self._publish_cost(lane, stats)
+        # Split tasks run only the units after their split point: their time says nothing of a whole batch's.
+        await self._publish_cost(lane, stats, observe=not any(p.task.is_split for p in batch.items))
 
     async def _finish_errors(self, items: list[Pending], reason: str, message: str) -> None:
         finishes = [
@@ -495,10 +496,11 @@ class Worker:
             }
         )
 
-    async def _publish_cost(self, lane: ModelLane, stats: BatchStats) -> None:
+    async def _publish_cost(self, lane: ModelLane, stats: BatchStats, *, observe: bool = True) -> None:
         """Refresh the model's fitted batch cost (at most once a second): for the dispatcher's admission, and to
         size bulk batches so one of their segments runs within `batch_segment_ms`."""
-        lane.cost.observe(stats.padded_tokens, stats.compute_ms or stats.service_ms)
+        if observe:
+            lane.cost.observe(stats.padded_tokens, stats.compute_ms or stats.service_ms)
         model = lane.cost.model()
         if model is None or time.monotonic() - lane.cost_published < 1.0:
             return
