@@ -20,10 +20,20 @@ from ectrans.commands import profile as profile_command
 from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import connect_sync
 from ectrans.common.registry import build_spec
+from ectrans.models import measure
+from ectrans.models.api import Request
 from ectrans.models.device import device_label
 from ectrans.models.encoder import build_encoder_segments
-from ectrans.models.loader import encoder_splits, load_model
-from ectrans.models.measure import Grid, profile_encoder, random_ids_state
+from ectrans.models.loader import encoder_splits, load_executor, load_model, seq2seq_splits
+from ectrans.models.measure import (
+    DECODE_NEW_TOKENS,
+    QUICK_GRID,
+    Grid,
+    profile_encoder,
+    profile_seq2seq,
+    random_ids_state,
+)
+from ectrans.models.pipeline import PipelinedExecutor
 from ectrans.models.profile import (
     GridPoint,
     LatencyModel,
@@ -34,7 +44,9 @@ from ectrans.models.profile import (
     save_profile,
     segment_costs,
 )
+from tests.test_models_seq2seq import Tiny, generate_ids
 from tests.tiny_encoders import make_tiny_bert, one_torch_thread
+from tests.tiny_seq2seq import SENTENCES, make_tiny_marian, make_tiny_t5
 
 CPU = torch.device("cpu")
 
@@ -186,3 +198,158 @@ def test_profile_command_stores_a_profile(
         published = redis.hget(Keys(prefix).profile("small"), "cpu")
     assert published is not None and Profile.from_json(published.decode()) == stored
     assert profile_command.run(parser.parse_args(["no-such-model", "--cache-dir", str(tmp_path)])) == 2
+
+
+# Encoder-decoder profiles: encoder layer units, then one decode unit of a fixed length.
+
+SEQ2SEQ_UNITS = [
+    "encoder:embed+layers0-0",
+    "encoder:layers1-1",
+    "encoder:layers2-2",
+    "encoder:layers3-3+norm",
+    "decode",
+]
+
+
+def sample_seq2seq_profile(revision: str = "abc123") -> Profile:
+    """A heavy first encoder layer and a decode unit that outweighs the whole encoder."""
+    grid = [GridPoint(b, t, [*sample_unit_ms(b, t), 50.0 + 0.1 * b * t]) for b in (1, 4, 16) for t in (16, 64)]
+    return Profile("tiny-marian", revision, "cpu", "float32", 1, SEQ2SEQ_UNITS, grid, {}, 1, DECODE_NEW_TOKENS)
+
+
+def sample_unit_ms(batch: int, tokens: int) -> list[float]:
+    return [10.0 + 0.01 * batch * tokens, 1.0 + 0.001 * batch * tokens, 1.0 + 0.001 * batch * tokens, 2.0]
+
+
+def test_seq2seq_profile_splits_the_encoder_units_only() -> None:
+    profile = sample_seq2seq_profile()
+    encoder_only = sample_profile()
+    assert profile.encoder_units == 4 and encoder_only.encoder_units == 4 and encoder_only.decode_units == 0
+    for n in (1, 2, 3, 4):
+        assert profile.splits(n) == encoder_only.splits(n)  # the decode unit does not move them
+    assert profile.splits(2) == [1]
+    with pytest.raises(ValueError, match="between 1 and the 4 units"):
+        profile.splits(5)
+    data = json.loads(profile.to_json())
+    assert sorted(data["splits"], key=int) == ["1", "2", "3", "4"]
+    assert (data["decode_units"], data["decode_new_tokens"]) == (1, DECODE_NEW_TOKENS)
+    assert Profile.from_json(profile.to_json()) == profile
+    segments = profile.predict_segments(8, 32, [1, 3])
+    assert len(segments) == 3
+    assert sum(segments) + profile.predict_decode_ms(8, 32) == pytest.approx(profile.predict_ms(8, 32))
+    assert profile.predict_decode_ms(8, 32) > profile.predict_ms(8, 32) / 2
+    assert encoder_only.predict_decode_ms(8, 32) == 0.0
+    with pytest.raises(ValueError, match="decode_units"):
+        Profile("x", "r", "cpu", "float32", 1, ["decode"], [], {}, 1, 16)
+
+
+def test_encoder_profiles_stored_before_decode_units_still_load(tmp_path: Path) -> None:
+    profile = sample_profile()
+    data = json.loads(profile.to_json())
+    for key in ("decode_units", "decode_new_tokens"):
+        del data[key]  # the format before seq2seq profiles
+    path = profile_path("tiny", "abc123", "cpu", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    loaded = load_profile("tiny", "abc123", "cpu", tmp_path)
+    assert loaded == profile and loaded.decode_units == 0 and loaded.encoder_units == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_marian(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_marian(tmp_path_factory.mktemp("marian") / "tiny-marian")
+
+
+def seq2seq_model(path: Path, name: str = "tiny-marian") -> tuple[Any, Any, Any]:
+    from transformers import AutoTokenizer
+
+    spec = build_spec(name, {"path": str(path)})
+    return spec, load_model(spec, CPU), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("maker", [make_tiny_marian, make_tiny_t5], ids=["marian", "t5"])
+def test_profile_seq2seq_measures_encoder_layers_and_a_fixed_decode(
+    maker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, model, tokenizer = seq2seq_model(maker(tmp_path / "model"), "tiny-s2s")
+    measured: list[tuple[Any, Any]] = []
+
+    def spy(segments: Any, make_state: Any, grid: Grid, device: torch.device) -> list[GridPoint]:
+        measured.append((segments, make_state))
+        return measure_units(segments, make_state, grid, device)
+
+    measure_units = measure.measure_units
+    monkeypatch.setattr(measure, "measure_units", spy)
+    profile = profile_seq2seq(spec, model, tokenizer, CPU, QUICK_GRID)
+    assert profile.units == SEQ2SEQ_UNITS
+    assert (profile.decode_units, profile.decode_new_tokens, profile.encoder_units) == (1, DECODE_NEW_TOKENS, 4)
+    assert len(profile.grid) == 9 and all(ms > 0 for point in profile.grid for ms in point.unit_ms)
+    assert set(profile.heldout_error) == {"mean", "max", "points"}
+    assert Profile.from_json(profile.to_json()) == profile
+    assert 0 < profile.splits(2)[0] < 4
+    # The decode unit generated exactly DECODE_NEW_TOKENS tokens for every row, eos or not.
+    ((segments, make_state),) = measured
+    state = make_state(3, 16)
+    for segment in segments:
+        state = segment(state)
+    assert [len(output["token_ids"]) for output in state.outputs] == [DECODE_NEW_TOKENS] * 3
+
+
+def test_loader_splits_a_seq2seq_encoder_at_the_stored_profile(
+    tiny_marian: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, model, tokenizer = seq2seq_model(tiny_marian)
+    monkeypatch.setenv("ECTRANS_CACHE_DIR", str(tmp_path))
+    assert seq2seq_splits(spec, model, CPU, 2) == [2]  # no profile: even layer counts
+    measured = profile_seq2seq(spec, model, tokenizer, CPU, Grid(batches=(1, 4), lengths=(8, 16), repeats=1))
+    save_profile(measured)
+    assert [seq2seq_splits(spec, model, CPU, n) for n in (2, 3)] == [measured.splits(2), measured.splits(3)]
+    encoder_shaped = sample_profile()  # an encoder profile (no decode unit) does not fit a seq2seq model
+    encoder_shaped.model, encoder_shaped.revision = spec.name, spec.revision
+    save_profile(encoder_shaped)
+    assert seq2seq_splits(spec, model, CPU, 2) == [2]
+    save_profile(sample_seq2seq_profile(spec.revision))
+    assert seq2seq_splits(spec, model, CPU, 2) == [1]
+    executor = load_executor(spec, device="cpu", threads=1, segments=2, model=model)
+    try:
+        assert isinstance(executor, PipelinedExecutor)
+        names = [segment.name for segment in executor.segments]
+        outputs = {
+            beams: executor.submit(Request("translate", SENTENCES, {"num_beams": beams, "max_new_tokens": 16}))
+            for beams in (1, 3)
+        }
+        results = {beams: future.result(timeout=60)[0] for beams, future in outputs.items()}
+    finally:
+        executor.close()
+    assert names == ["encoder:embed+layers0-0", "encoder:layers1-3+norm", "decode"]
+    tiny = Tiny(tiny_marian, model, tokenizer)
+    for beams, got in results.items():
+        assert [result.output["token_ids"] for result in got] == generate_ids(tiny, SENTENCES, beams, 16)
+
+
+def test_profile_command_profiles_a_seq2seq_model(
+    tiny_marian: Path,
+    *,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_url: str,
+    prefix: str,
+) -> None:
+    monkeypatch.setenv("ECTRANS_MODELS_JSON", json.dumps({"marian": {"path": str(tiny_marian)}}))
+    monkeypatch.setenv("ECTRANS_PREFIX", prefix)
+    monkeypatch.setenv("ECTRANS_REDIS_URL", redis_url)
+    parser = argparse.ArgumentParser()
+    profile_command.add_arguments(parser)
+    args = ["marian", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path), "--publish"]
+    assert profile_command.run(parser.parse_args(args)) == 0
+    out, err = capsys.readouterr()
+    assert "2 encoder segments: split at" in out and "4 encoder segments: split at [1, 2, 3]" in out
+    assert f"decode ({DECODE_NEW_TOKENS} new tokens, greedy): predicted ms" in out
+    assert "held-out points" in out and "stored" in err and "published" in err
+    spec = build_spec("marian", {"path": str(tiny_marian)})
+    stored = load_profile("marian", spec.revision, "cpu", tmp_path)
+    assert stored is not None and stored.units == SEQ2SEQ_UNITS and stored.decode_units == 1
+    with connect_sync(redis_url) as redis:
+        published = redis.hget(Keys(prefix).profile("marian"), "cpu")
+    assert published is not None and Profile.from_json(published.decode()) == stored

@@ -2,6 +2,9 @@
 device, store the profile (`$ECTRANS_CACHE_DIR/profiles`, default ~/.cache/ectrans/profiles), and
 print the balanced split points and the latency model's error on held-out grid points.
 
+For an encoder-decoder (seq2seq) model the units are its encoder layers and one `decode` unit, a
+whole greedy generation of a fixed number of new tokens (16); split points divide the encoder.
+
 Executors started later on this device split the model at the stored balanced points. With a Redis
 named (`--publish`, or `ECTRANS_REDIS_URL` set), the profile is also written to the hash
 `ectrans:profile:<model>`, one field per device, for services and clients on other hosts."""
@@ -20,7 +23,7 @@ from ectrans.models.profile import Profile, save_profile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a model name from the registry (e.g. minilm)")
+    parser.add_argument("model", help="an encoder or seq2seq model name from the registry (e.g. minilm)")
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds instead of a minute)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
@@ -44,10 +47,17 @@ def summary(profile: Profile) -> str:
         f"unit ms at batch {reference.batch} x {reference.tokens} tokens:",
     ]
     lines += [f"  {name:<24} {ms:9.3f}" for name, ms in zip(profile.units, reference.unit_ms, strict=True)]
-    for n in range(2, min(4, len(profile.units)) + 1):
+    what = "encoder segments" if profile.decode_units else "segments"
+    for n in range(2, min(4, profile.encoder_units) + 1):
         points = profile.splits(n)
         predicted = profile.predict_segments(reference.batch, reference.tokens, points)
-        lines.append(f"{n} segments: split at {points}, predicted ms {[round(ms, 2) for ms in predicted]}")
+        lines.append(f"{n} {what}: split at {points}, predicted ms {[round(ms, 2) for ms in predicted]}")
+    if profile.decode_units:
+        decode_ms = profile.predict_decode_ms(reference.batch, reference.tokens)
+        lines.append(
+            f"decode ({profile.decode_new_tokens} new tokens, greedy): predicted ms {decode_ms:.2f}, "
+            "whatever the encoder split"
+        )
     error = profile.heldout_error
     if error:
         lines.append(
@@ -63,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ectrans.models.device import DeviceError, set_cpu_threads
     from ectrans.models.loader import choose_device, load_model
-    from ectrans.models.measure import FULL_GRID, QUICK_GRID, profile_encoder
+    from ectrans.models.measure import FULL_GRID, QUICK_GRID, profile_encoder, profile_seq2seq
 
     settings = CommonSettings()
     try:
@@ -75,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:
         print(f"error: unknown model {args.model!r}; known: {sorted(registry)}", file=sys.stderr)
         return 2
-    if spec.kind != "encoder":
-        print(f"error: profiling supports encoder models; {spec.name!r} is {spec.kind}", file=sys.stderr)
+    if spec.kind not in ("encoder", "seq2seq"):
+        print(f"error: profiling supports encoder and seq2seq models; {spec.name!r} is {spec.kind}", file=sys.stderr)
         return 2
     try:
         device = choose_device(args.device, spec)
@@ -85,8 +95,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model = load_model(spec, device)
+    grid = QUICK_GRID if args.quick else FULL_GRID
     with torch.inference_mode():
-        profile = profile_encoder(spec, model, device, QUICK_GRID if args.quick else FULL_GRID)
+        if spec.kind == "seq2seq":
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
+            profile = profile_seq2seq(spec, model, tokenizer, device, grid)
+        else:
+            profile = profile_encoder(spec, model, device, grid)
     path = save_profile(profile, args.cache_dir)
     print(profile.to_json() if args.json else summary(profile))
     print(f"stored {path}", file=sys.stderr)

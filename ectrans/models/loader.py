@@ -62,15 +62,42 @@ def _ready(model: nn.Module, device: torch.device) -> nn.Module:
 
 def encoder_splits(spec: ModelSpec, model: nn.Module, device: torch.device, n_segments: int) -> list[int]:
     """Balanced by the stored profile for this model, revision, device and dtype; else equal layer counts."""
-    from ectrans.models.device import device_label
     from ectrans.models.encoder import encoder_parts
-    from ectrans.models.profile import balance_splits, load_profile
+    from ectrans.models.profile import balance_splits
 
     layers = encoder_parts(model).num_layers
+    profiled = _profiled_splits(spec, device, layers, 0, n_segments)
+    return profiled if profiled is not None else balance_splits([1.0] * layers, n_segments)
+
+
+def seq2seq_splits(spec: ModelSpec, model: nn.Module, device: torch.device, n_segments: int) -> list[int]:
+    """Where encoder segments 2..n start for a seq2seq model: balanced over the encoder units of the
+    stored profile (as `encoder_splits`; the decode segments follow apart), else even layer counts."""
+    from ectrans.models.encoder import even_splits
+    from ectrans.models.seq2seq import encoder_stack
+
+    layers = len(encoder_stack(model).layers)
+    profiled = _profiled_splits(spec, device, layers, 1, n_segments)
+    return profiled if profiled is not None else even_splits(layers, n_segments)
+
+
+def _profiled_splits(
+    spec: ModelSpec, device: torch.device, layers: int, decode_units: int, n_segments: int
+) -> list[int] | None:
+    """The stored profile's balanced points when it matches this model (revision, device, dtype, and
+    its units: `layers` encoder layers then `decode_units` decode units); else None."""
+    from ectrans.models.device import device_label
+    from ectrans.models.profile import load_profile
+
     profile = load_profile(spec.name, spec.revision, device_label(device))
-    if profile is not None and len(profile.units) == layers and profile.dtype == spec.dtype:
+    if (
+        profile is not None
+        and profile.dtype == spec.dtype
+        and profile.encoder_units == layers
+        and profile.decode_units == decode_units
+    ):
         return profile.splits(n_segments)
-    return balance_splits([1.0] * layers, n_segments)
+    return None
 
 
 def load_executor(
@@ -149,7 +176,8 @@ def _build_segments(spec: ModelSpec, model: nn.Module, device: torch.device, wan
         segments = build_encoder_segments(model, splits, read_pooling(spec.path))
         return list(segments), EncoderTokenizer(tokenizer, spec.max_tokens)
     if spec.kind == "seq2seq":
-        from ectrans.models.seq2seq import build_seq2seq_segments
+        from ectrans.models.seq2seq import build_seq2seq_segments, encoder_stack
 
-        return build_seq2seq_segments(model, tokenizer, wanted, device, spec)
+        n_segments = min(wanted, len(encoder_stack(model).layers))
+        return build_seq2seq_segments(model, tokenizer, seq2seq_splits(spec, model, device, n_segments), device, spec)
     raise ValueError(f"model {spec.name!r} has kind {spec.kind!r}, which no executor serves")

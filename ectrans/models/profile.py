@@ -4,6 +4,10 @@ Pure data and arithmetic (measuring lives in `measure.py`), so the worker's sche
 stored profile without loading a model. A profile holds, for each segment unit (one layer, with
 the embeddings folded into the first and the pooling into the last), its measured latency over a
 grid of (batch size, sequence length) points on one device.
+
+An encoder-decoder (seq2seq) profile has one unit per encoder layer (embeddings in the first, the
+final norm in the last) followed by `decode_units` decode units (a whole greedy generation of
+`decode_new_tokens` tokens); split points divide the encoder units only.
 """
 
 from __future__ import annotations
@@ -118,6 +122,19 @@ class Profile:
     units: list[str]
     grid: list[GridPoint]
     heldout_error: dict[str, float] = field(default_factory=dict)  # filled by `evaluate`
+    # Trailing units that decode (seq2seq; 0 for encoders), and the fixed number of new tokens each
+    # measured decode ran (greedy, no early stop), so its ms are per `decode_new_tokens` tokens.
+    decode_units: int = 0
+    decode_new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decode_units < 0 or (self.decode_units and self.decode_units >= len(self.units)):
+            raise ValueError(f"decode_units={self.decode_units} must leave at least one of the {len(self.units)} units")
+
+    @property
+    def encoder_units(self) -> int:
+        """The leading units that are layers (all of them for an encoder): what split points divide."""
+        return len(self.units) - self.decode_units
 
     @cached_property
     def unit_models(self) -> list[LatencyModel]:
@@ -130,19 +147,24 @@ class Profile:
         return [float(np.mean([p.unit_ms[u] for p in self.grid])) for u in range(len(self.units))]
 
     def splits(self, n_segments: int) -> list[int]:
-        return balance_splits(self.unit_costs(), n_segments)
+        """Balanced split points over the encoder units (decode units are segments of their own)."""
+        return balance_splits(self.unit_costs()[: self.encoder_units], n_segments)
 
     def predict_segments(self, batch: int, tokens: int, points: Sequence[int]) -> list[float]:
-        """Predicted ms of each segment for a batch of `batch` sequences padded to `tokens`."""
-        per_unit = [model.predict(batch, tokens) for model in self.unit_models]
+        """Predicted ms of each (encoder) segment for a batch of `batch` sequences padded to `tokens`."""
+        per_unit = [model.predict(batch, tokens) for model in self.unit_models[: self.encoder_units]]
         return segment_costs(per_unit, points)
+
+    def predict_decode_ms(self, batch: int, tokens: int) -> float:
+        """Predicted ms of the decode units (0 for an encoder): `decode_new_tokens` greedy tokens."""
+        return sum(model.predict(batch, tokens) for model in self.unit_models[self.encoder_units :])
 
     def predict_ms(self, batch: int, tokens: int) -> float:
         return sum(model.predict(batch, tokens) for model in self.unit_models)
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"version": PROFILE_VERSION, **asdict(self)}
-        data["splits"] = {str(n): self.splits(n) for n in range(1, len(self.units) + 1)}
+        data["splits"] = {str(n): self.splits(n) for n in range(1, self.encoder_units + 1)}
         data["latency_models"] = [asdict(model) for model in self.unit_models]
         return json.dumps(data, indent=1)
 
@@ -160,6 +182,8 @@ class Profile:
             units=list(data["units"]),
             grid=[GridPoint(int(p["batch"]), int(p["tokens"]), [float(v) for v in p["unit_ms"]]) for p in data["grid"]],
             heldout_error={k: float(v) for k, v in data.get("heldout_error", {}).items()},
+            decode_units=int(data.get("decode_units", 0)),  # absent from encoder profiles stored before
+            decode_new_tokens=int(data.get("decode_new_tokens", 0)),
         )
 
 
