@@ -172,6 +172,18 @@ def test_profile_predicts_an_unseen_batch_within_a_factor_of_two(small_bert: Pat
     assert 0.5 <= predicted / measured <= 2.0, (predicted, measured)
 
 
+def run_profile_command(
+    monkeypatch: pytest.MonkeyPatch, models: dict[str, Path], redis_url: str, prefix: str, argv: list[str]
+) -> int:
+    """`ectrans profile argv` with `models` registered and the test Redis configured."""
+    monkeypatch.setenv("ECTRANS_MODELS_JSON", json.dumps({name: {"path": str(path)} for name, path in models.items()}))
+    monkeypatch.setenv("ECTRANS_REDIS_URL", redis_url)
+    monkeypatch.setenv("ECTRANS_PREFIX", prefix)
+    parser = argparse.ArgumentParser()
+    profile_command.add_arguments(parser)
+    return profile_command.run(parser.parse_args(argv))
+
+
 def test_profile_command_stores_a_profile(
     small_bert: Path,
     *,
@@ -181,13 +193,8 @@ def test_profile_command_stores_a_profile(
     redis_url: str,
     prefix: str,
 ) -> None:
-    monkeypatch.setenv("ECTRANS_MODELS_JSON", json.dumps({"small": {"path": str(small_bert)}}))
-    monkeypatch.setenv("ECTRANS_REDIS_URL", redis_url)
-    monkeypatch.setenv("ECTRANS_PREFIX", prefix)
-    parser = argparse.ArgumentParser()
-    profile_command.add_arguments(parser)
-    args = parser.parse_args(["small", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path)])
-    assert profile_command.run(args) == 0
+    argv = ["small", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path)]
+    assert run_profile_command(monkeypatch, {"small": small_bert}, redis_url, prefix, argv) == 0
     out, err = capsys.readouterr()
     assert "2 segments: split at" in out and "stored" in err
     spec = build_spec("small", {"path": str(small_bert)})
@@ -197,7 +204,8 @@ def test_profile_command_stores_a_profile(
     with connect_sync(redis_url) as redis:
         published = redis.hget(Keys(prefix).profile("small"), "cpu")
     assert published is not None and Profile.from_json(published.decode()) == stored
-    assert profile_command.run(parser.parse_args(["no-such-model", "--cache-dir", str(tmp_path)])) == 2
+    argv = ["no-such-model", "--cache-dir", str(tmp_path)]
+    assert run_profile_command(monkeypatch, {"small": small_bert}, redis_url, prefix, argv) == 2
 
 
 # Encoder-decoder profiles: encoder layer units, then one decode unit of a fixed length.
@@ -336,13 +344,8 @@ def test_profile_command_profiles_a_seq2seq_model(
     redis_url: str,
     prefix: str,
 ) -> None:
-    monkeypatch.setenv("ECTRANS_MODELS_JSON", json.dumps({"marian": {"path": str(tiny_marian)}}))
-    monkeypatch.setenv("ECTRANS_PREFIX", prefix)
-    monkeypatch.setenv("ECTRANS_REDIS_URL", redis_url)
-    parser = argparse.ArgumentParser()
-    profile_command.add_arguments(parser)
-    args = ["marian", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path), "--publish"]
-    assert profile_command.run(parser.parse_args(args)) == 0
+    argv = ["marian", "--quick", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path), "--publish"]
+    assert run_profile_command(monkeypatch, {"marian": tiny_marian}, redis_url, prefix, argv) == 0
     out, err = capsys.readouterr()
     assert "2 encoder segments: split at" in out and "4 encoder segments: split at [1, 2, 3]" in out
     assert f"decode ({DECODE_NEW_TOKENS} new tokens, greedy): predicted ms" in out
