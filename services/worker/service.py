@@ -501,8 +501,10 @@ class Worker:
         size bulk batches so one of their segments runs within `batch_segment_ms`."""
         if observe:
             lane.cost.observe(stats.padded_tokens, stats.compute_ms or stats.service_ms)
+        if time.monotonic() - lane.cost_published < 1.0:  # before the fit: a least-squares per batch is waste
+            return
         model = lane.cost.model()
-        if model is None or time.monotonic() - lane.cost_published < 1.0:
+        if model is None:
             return
         if self.settings.batch_segment_ms > 0 and not self.settings.fifo:  # FIFO (the baseline) runs uncapped
             cap = model.tokens_within(self.settings.batch_segment_ms * model.segments)
