@@ -45,11 +45,14 @@ class RedisServer:
         data_dir: Path | None = None,
         password: str | None = None,
         extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`env`: the server process's environment (default: this one's)."""
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
         self.extra_args = extra_args or []
+        self.env = env
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="ectrans-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,7 +81,9 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

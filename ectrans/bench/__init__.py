@@ -8,4 +8,5 @@ SCENARIOS = {
     "split": "ectrans.bench.split",
     "chaos": "ectrans.bench.chaos",
     "scale": "ectrans.bench.scale",
+    "durability": "ectrans.bench.durability",
 }
