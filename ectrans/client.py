@@ -211,7 +211,7 @@ class AsyncClient:
             await self._send(commands)
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
         except TimeoutError:
-            unanswered = sum(not f.done() for f in futures)
+            unanswered = sum(f.cancelled() or not f.done() for f in futures)  # wait_for cancelled the rest
             raise TaskTimeout(f"{unanswered} of {len(ids)} tasks unanswered after {timeout}s") from None
         finally:
             for task_id in ids:

@@ -3,16 +3,20 @@ links and long queues, and the passive link estimator on synthetic traffic."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
+from typing import cast
 
 import numpy as np
 import pytest
 
+from ectrans.client import AsyncClient
 from ectrans.common.cost import CostModel
 from ectrans.split.choose import Link, SplitCosts, choose_split, predict_ms, queue_wait_ms, server_unit_ms
-from ectrans.split.client import Drift
+from ectrans.split.client import Drift, SplitClient
 from ectrans.split.link import LinkEstimator
+from ectrans.split.local import LocalModel
 
 # An encoder of K = 5 units: tokenize, embed, layer0, layer1, head. Tokenizing shrinks 4 kB of text to
 # 1 kB of token ids; embedding blows it up to 200 kB of hidden states. The client is 20× slower at layers.
@@ -146,6 +150,26 @@ def test_single_unit_model_compares_remote_and_local() -> None:
     costs = SplitCosts((4.0,), (3.0,), (1_000,))
     assert predict_ms(costs, Link(8e6, 2.0)) == pytest.approx([6.0, 4.0])
     assert choose_split(costs, Link(8e6, 2.0)) == 1
+
+
+def test_the_current_point_is_kept_through_a_near_tie_and_left_for_a_clear_gain() -> None:
+    # One unit: k=0 costs 2 ms of round trip + 20 ms on the server, k=1 runs 20.x ms locally.
+    def costs(local_ms: float) -> SplitCosts:
+        return SplitCosts((local_ms,), (20.0,), (0,))
+
+    link = Link(8e6, 2.0)
+    assert choose_split(costs(21.0), link) == 1
+    # The server path is now predicted 0.5 ms faster than the current local one: within the margin
+    # (5% of 22 ms = 1.1 ms), so the client stays; a 4 ms gain moves it.
+    assert choose_split(costs(22.5), link) == 0
+    assert choose_split(costs(22.5), link, current=1) == 1
+    assert choose_split(costs(26.0), link, current=1) == 0
+    # Small predictions: the floor (0.5 ms) decides, not the 5%.
+    small = SplitCosts((1.3,), (0.5,), (0,))
+    assert choose_split(small, Link(8e6, 0.5), current=1) == 1  # 0.3 ms faster: stay
+    assert choose_split(SplitCosts((1.7,), (0.5,), (0,)), Link(8e6, 0.5), current=1) == 0  # 0.7 ms: go
+    # A current point outside the allowed ones is no anchor.
+    assert choose_split(costs(22.5), link, allowed=[0], current=1) == 0
 
 
 def test_server_unit_ms_scales_the_client_profile() -> None:
@@ -332,3 +356,28 @@ def test_drift_offset_averages_milliseconds() -> None:
         drift.observe(measured)
     # weights 1/2, 1/3, 1/4 (the prior at 0 counts as one call): the plain mean of 0, 4, 6, 8
     assert drift.value == pytest.approx(4.5)
+
+
+def test_server_state_reads_teach_the_link_its_round_trip() -> None:
+    """A client that runs everything locally sends no split traffic; its once-a-second state reads
+    still cross the link, and their round trip replaces the estimator's prior."""
+
+    class SlowLinkClient:
+        async def model_state(self, model: str) -> tuple[None, dict[str, int]]:
+            await asyncio.sleep(0.02)  # a 20 ms round trip
+            return None, {}
+
+    class NoModel:
+        all_local = 3
+
+    split = SplitClient(
+        cast(AsyncClient, SlowLinkClient()), cast(LocalModel, NoModel()), model="m", link=LinkEstimator()
+    )
+    assert split.link.link().rtt_ms == pytest.approx(1.0)  # the prior
+
+    async def read_three() -> None:
+        for _ in range(3):
+            await split._read_state()
+
+    asyncio.run(read_three())
+    assert 19.0 <= split.link.link().rtt_ms <= 40.0

@@ -17,6 +17,11 @@ MS_PER_BIT_SECOND = 1000.0
 BITS_PER_BYTE = 8
 # Predictions that differ by less than this are ties (summation order can differ in the last bits).
 TIE_TOLERANCE_MS = 1e-9
+# A client leaves its current split point only for one predicted faster by this fraction and at
+# least this many ms: the point it does not take is predicted from older measurements, so a near
+# tie is noise, and flipping on noise costs a trip on the slower path each time.
+SWITCH_MARGIN = 0.05
+SWITCH_MIN_MS = 0.5
 
 
 def _is_non_negative(value: float) -> bool:
@@ -106,16 +111,27 @@ def _candidates(units: int, allowed: Collection[int] | None) -> list[int]:
 
 
 def choose_split(
-    costs: SplitCosts, link: Link, queue_wait_ms: float = 0.0, allowed: Collection[int] | None = None
+    costs: SplitCosts,
+    link: Link,
+    queue_wait_ms: float = 0.0,
+    allowed: Collection[int] | None = None,
+    current: int | None = None,
 ) -> int:
     """The split point with the lowest predicted latency; ties go to the smaller k (less client work).
 
     `allowed` restricts the candidates, e.g. a client that holds only the first units' weights.
+    `current`, the point the client runs now, is kept unless the best is predicted faster by more
+    than `SWITCH_MARGIN` and `SWITCH_MIN_MS`.
     """
     predictions = predict_ms(costs, link, queue_wait_ms)
     candidates = _candidates(costs.units, allowed)
     fastest = min(predictions[k] for k in candidates)
-    return next(k for k in candidates if predictions[k] <= fastest + TIE_TOLERANCE_MS)
+    best = next(k for k in candidates if predictions[k] <= fastest + TIE_TOLERANCE_MS)
+    if current is not None and current in candidates:
+        gain = predictions[current] - fastest
+        if gain <= max(SWITCH_MARGIN * fastest, SWITCH_MIN_MS):
+            return current
+    return best
 
 
 def server_unit_ms(client_unit_ms: Sequence[float], server_total_ms: float) -> tuple[float, ...]:

@@ -7,11 +7,13 @@
 
 With `split="auto"` every call picks the k of least predicted latency from: this client's unit
 profile (measured on first use, cached), the link's bandwidth and round trip (estimated passively
-from this client's own split traffic), and the server's published batch cost and queue lengths
-(refreshed in the background every `state_every_s`). Each of these is checked against what the
-client's own calls then measure (`Drift`): its local compute against the profile, the server's
-batches against the published cost, and the server's time per task beyond its batches (stream
-hops, which neither the cost nor the link holds). Conditions change, so does k.
+from this client's own split traffic and its state reads), and the server's published batch cost
+and queue lengths (refreshed in the background every `state_every_s`). Each of these is checked
+against what the client's own calls then measure (`Drift`): its local compute against the profile,
+the server's batches against the published cost, and the server's time per task beyond its batches
+(stream hops, which neither the cost nor the link holds). Conditions change, so does k; but only for a
+point predicted clearly faster (`choose.SWITCH_MARGIN`): the points not taken are predicted from
+older measurements, and flipping on a near tie pays the slower path for nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 TASK_OVERHEAD_BYTES = 160  # stream fields besides the input: ids, names, the reply stream
 RESULT_OVERHEAD_BYTES = 200
+STATE_REQUEST_BYTES, STATE_REPLY_BYTES = 120, 300  # the server-state read: HGETALL cost + XLEN per class
 # Weight of the newest call in the drift estimates below, once a few calls are in: follows a change
 # within a handful of calls without taking one noisy call for the truth.
 DRIFT_WEIGHT = 0.25
@@ -130,18 +133,24 @@ class SplitClient:
         """One task per text, split at the chosen k; results as `AsyncClient.submit_many` gives them."""
         params = dict(params or {})
         chosen = self.split == "auto"
-        k = self.split if self.split != "auto" else await self.choose(texts, op, options.get("priority"))
+        encoded = None
+        if self.split == "auto":
+            # Tokenised once: the length decides k, and a local run goes on from these very ids.
+            encoded = self.local.encode(texts, params)
+            k = await self.choose(texts, op, options.get("priority"), tokens=int(encoded.mask.sum(dim=-1).max()))
+        else:
+            k = self.split
         self.decisions[k] += 1
         if k == self.local.all_local:
             started = time.perf_counter()
-            outputs = await asyncio.to_thread(self.local.run_all, texts, params)
+            outputs = await asyncio.to_thread(self.local.run_all, texts, params, encoded=encoded)
             self._observe_client(chosen, k, started)
             return [TaskResult(id="", status="ok", output=output, task_class="local") for output in outputs]
         inputs: Sequence[str | bytes] = texts
         split_fields: dict[str, Any] = {}
         if k > 0:
             started = time.perf_counter()
-            inputs = await asyncio.to_thread(self.local.payloads, texts, k, params, half=self.half)
+            inputs = await asyncio.to_thread(self.local.payloads, texts, k, params, half=self.half, encoded=encoded)
             self._observe_client(chosen, k, started)
             split_fields = {"segment": k, "revision": self.local.revision}
         started = time.perf_counter()
@@ -161,12 +170,16 @@ class SplitClient:
 
     # Choosing --------------------------------------------------------------------------------
 
-    async def choose(self, texts: Sequence[str], op: str, priority: str | None = None) -> int:
-        """The split point of least predicted latency for this call, from what is known now."""
+    async def choose(
+        self, texts: Sequence[str], op: str, priority: str | None = None, tokens: int | None = None
+    ) -> int:
+        """The split point of least predicted latency for this call, from what is known now;
+        `tokens`, the longest text's token count, where the caller has it."""
         if self._profile is None:
             self._profile = await asyncio.to_thread(self.local.profile)
         cost, lengths = await self._server_state()
-        tokens = max(self.local.tokenize.count_tokens(list(texts)))
+        if tokens is None:
+            tokens = max(self.local.tokenize.count_tokens(list(texts)))
         batch = len(texts)
         client_ms = tuple(model.predict(batch, tokens) for model in self._profile)
         server_total = cost.batch_ms(batch * tokens) if cost is not None else sum(client_ms)
@@ -180,7 +193,7 @@ class SplitClient:
         wait = queue_wait_ms(cost, lengths.get(task_class, 0), batch * tokens, lengths.get("batch", 0) > 0)
         overhead = max(0.0, self.server_overhead.value)
         costs, link = self._corrected(self._costs), self.link.link()
-        k = choose_split(costs, link, wait + overhead)
+        k = choose_split(costs, link, wait + overhead, current=self.last.k if self.last is not None else None)
         self.last = Decision(k, tuple(predict_ms(costs, link, wait + overhead)), link, wait, overhead)
         return k
 
@@ -217,8 +230,13 @@ class SplitClient:
         return self._state
 
     async def _read_state(self) -> None:
+        started = time.perf_counter()
         self._state = await self.client.model_state(self.model)
         self._state_at = time.monotonic()
+        # One small round trip over the same link: the round trip is learned even while every call
+        # runs locally (and sends nothing), instead of staying at the estimator's prior.
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        self.link.observe(STATE_REQUEST_BYTES, STATE_REPLY_BYTES, elapsed_ms)
 
     async def _refresh_state(self) -> None:
         try:

@@ -82,21 +82,33 @@ class LocalModel:
         """The split point at which every unit runs here (nothing is sent)."""
         return unit_count(self.spec.num_layers)
 
+    def encode(self, texts: Sequence[str], params: dict[str, Any] | None = None) -> SegmentState:
+        """Unit 0, tokenisation, alone: a caller that needs the token counts first (to choose a split
+        point) passes the result on as `encoded` instead of tokenising twice."""
+        return self.tokenize(list(texts), dict(params or {}))
+
     def payloads(
-        self, texts: Sequence[str], k: int, params: dict[str, Any] | None = None, *, half: bool = False
+        self,
+        texts: Sequence[str],
+        k: int,
+        params: dict[str, Any] | None = None,
+        *,
+        half: bool = False,
+        encoded: SegmentState | None = None,
     ) -> list[bytes]:
-        """Run units[0:k] (1 <= k < all_local) on `texts`; one payload per text."""
+        """Run units[0:k] (1 <= k < all_local) on `texts` (or on their `encode`d state); one payload per text."""
         if not 1 <= k < self.all_local:
             raise ValueError(f"split point {k} must be between 1 and {self.all_local - 1}")
         with self._lock, torch.inference_mode():
-            state = self._front(k)(self.tokenize(list(texts), dict(params or {})))
+            state = self._front(k)(encoded if encoded is not None else self.encode(texts, params))
             return self._pack(state, k, half)
 
-    def run_all(self, texts: Sequence[str], params: dict[str, Any] | None = None) -> list[Any]:
+    def run_all(
+        self, texts: Sequence[str], params: dict[str, Any] | None = None, *, encoded: SegmentState | None = None
+    ) -> list[Any]:
         """Every unit here: the outputs the server would give (embedding vectors, translations)."""
         with self._lock, torch.inference_mode():
-            state = self.tokenize(list(texts), dict(params or {}))
-            state = _to(state, self.device)
+            state = _to(encoded if encoded is not None else self.encode(texts, params), self.device)
             for segment in self._whole:
                 state = segment(state)
             assert state.outputs is not None
