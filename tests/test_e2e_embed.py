@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ectrans.client import AsyncClient, TaskFailed
+from ectrans.client import AsyncClient, TaskFailed, TaskTimeout
 from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import Executor
@@ -156,6 +156,17 @@ def test_client_raises_task_failed_with_reason(
             with pytest.raises(TaskFailed) as failure:
                 await client.embed(["ok", ""], timeout=30)
             assert failure.value.reason == "bad_input"
+
+    asyncio.run(scenario())
+
+
+def test_client_timeout_names_the_unanswered_tasks(redis_url: str, prefix: str) -> None:
+    """No service runs: the wait ends after `timeout` with a TaskTimeout that counts what is missing."""
+
+    async def scenario() -> None:
+        async with AsyncClient(redis_url, prefix=prefix) as client:
+            with pytest.raises(TaskTimeout, match="2 of 2 tasks unanswered after 0.2s"):
+                await client.submit_many("minilm", "embed", ["a", "b"], timeout=0.2)
 
     asyncio.run(scenario())
 
