@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,15 @@ from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+# The reply stream is trimmed once this many entries were read, or a second after the first unread one.
+TRIM_EVERY = 256
+TRIM_AFTER_S = 1.0
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest stream id after `entry_id`: XTRIM MINID with it drops `entry_id` and all before."""
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
 
 
 class ECTransError(Exception):
@@ -151,6 +161,7 @@ class AsyncClient:
     async def _read_replies(self) -> None:
         assert self._reader_redis is not None
         last = "0-0"
+        unread, trimmed_at = 0, time.monotonic()  # entries read since the stream was last trimmed
         while not self._closing:
             try:
                 reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
@@ -162,18 +173,21 @@ class AsyncClient:
                 logger.exception("[client] reply reader error; retrying")
                 await asyncio.sleep(random.uniform(0.1, 1.0))
                 continue
-            done_ids = []
             for _, entries in reply or []:
                 for entry_id, raw in entries:
                     last = entry_id.decode()
-                    done_ids.append(last)
+                    unread += 1
                     result = TaskResult.from_fields(raw)
                     fut = self._waiting.pop(result.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(result)
-            if done_ids and self._redis is not None:
-                with contextlib.suppress(RedisError):  # trimming is housekeeping; results are delivered
-                    await self._redis.xdel(self.reply_stream, *done_ids)
+            # Trimming is housekeeping, done now and then rather than after every read: a command
+            # sent here would go out before the callers just answered get to run.
+            if unread >= TRIM_EVERY or (unread and time.monotonic() - trimmed_at >= TRIM_AFTER_S):
+                if self._redis is not None:
+                    with contextlib.suppress(RedisError):  # results are delivered either way
+                        await self._redis.xtrim(self.reply_stream, minid=_next_id(last), approximate=False)
+                unread, trimmed_at = 0, time.monotonic()
 
     async def submit_many(
         self,

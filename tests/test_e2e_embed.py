@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ectrans import client as client_module
 from ectrans.client import AsyncClient, TaskFailed, TaskTimeout
 from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec
@@ -160,12 +161,53 @@ def test_client_raises_task_failed_with_reason(
     asyncio.run(scenario())
 
 
+def test_the_reply_stream_is_trimmed_as_replies_are_read(redis_url: str, prefix: str) -> None:
+    """The client trims what it has read from its reply stream (every `TRIM_EVERY` entries, or a
+    second after the first unread one), not after every read: nothing piles up, and a long-lived
+    client's stream stays short."""
+    from ectrans.common.redis_conn import connect
+    from ectrans.common.registry import build_spec
+    from ectrans.models.noop import NoopExecutor
+
+    noop = build_spec("noop", {"kind": "noop"})
+
+    async def length_after_a_while(client: AsyncClient) -> int:
+        redis = connect(redis_url)
+        try:
+            for _ in range(50):  # the trim follows the read that answered the caller
+                if (length := await redis.xlen(client.reply_stream)) == 0:
+                    return 0
+                await asyncio.sleep(0.05)
+            return int(length)
+        finally:
+            await redis.aclose()
+
+    async def scenario() -> None:
+        async with (
+            running_stack(redis_url, prefix, {"noop": noop}, {"noop": NoopExecutor(noop)}),
+            AsyncClient(redis_url, prefix=prefix) as client,
+        ):
+            results = await client.submit_many("noop", "noop", [f"t{i}" for i in range(client_module.TRIM_EVERY)])
+            assert all(r.ok for r in results)
+            assert await length_after_a_while(client) == 0  # TRIM_EVERY entries read: trimmed at once
+            await client.submit("noop", "noop", "one more")
+            await asyncio.sleep(0.1)
+            redis = connect(redis_url)
+            assert await redis.xlen(client.reply_stream) == 1  # one read entry: left for the next trim
+            await redis.aclose()
+            await asyncio.sleep(client_module.TRIM_AFTER_S)
+            await client.submit("noop", "noop", "and the read after the pause trims both")
+            assert await length_after_a_while(client) == 0
+
+    asyncio.run(scenario())
+
+
 def test_client_timeout_names_the_unanswered_tasks(redis_url: str, prefix: str) -> None:
     """No service runs: the wait ends after `timeout` with a TaskTimeout that counts what is missing."""
 
     async def scenario() -> None:
         async with AsyncClient(redis_url, prefix=prefix) as client:
-            with pytest.raises(TaskTimeout, match="2 of 2 tasks unanswered after 0.2s"):
+            with pytest.raises(TaskTimeout, match=r"2 of 2 tasks unanswered after 0\.2s"):
                 await client.submit_many("minilm", "embed", ["a", "b"], timeout=0.2)
 
     asyncio.run(scenario())

@@ -375,7 +375,10 @@ class Worker:
         inputs = [p.task.payload if first.is_split else p.task.input for p in batch.items]
         request = Request(first.op, inputs, first.params, batch.task_class == "realtime", first.segment)
         try:
-            results, stats = await asyncio.wrap_future(lane.executor.submit(request))
+            future = lane.executor.submit(request)
+            # An answer at hand (a batch refused up front, the no-op model) skips wrap_future's loop
+            # round trip through the thread-safe wake-up.
+            results, stats = future.result() if future.done() else await asyncio.wrap_future(future)
         except Exception as exc:  # the whole batch failed on the device
             logger.exception("[batch] %s batch of %d failed", lane.spec.name, len(batch.items))
             await self._finish_errors(batch.items, Reason.INTERNAL, f"model failed: {exc}")
