@@ -35,7 +35,7 @@ from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-# The reply stream is trimmed once this many entries were read, or a second after the first unread one.
+# The reply stream is trimmed once this many entries were read, or at a read a second after the last trim.
 TRIM_EVERY = 256
 TRIM_AFTER_S = 1.0
 

@@ -162,9 +162,8 @@ def test_client_raises_task_failed_with_reason(
 
 
 def test_the_reply_stream_is_trimmed_as_replies_are_read(redis_url: str, prefix: str) -> None:
-    """The client trims what it has read from its reply stream (every `TRIM_EVERY` entries, or a
-    second after the first unread one), not after every read: nothing piles up, and a long-lived
-    client's stream stays short."""
+    """The client trims what it has read from its reply stream (every `TRIM_EVERY` entries, or at a
+    read a second after the last trim), not after every read: a long-lived client's stream stays short."""
     from ectrans.common.redis_conn import connect
     from ectrans.common.registry import build_spec
     from ectrans.models.noop import NoopExecutor

@@ -7,8 +7,9 @@ running, Redis holds new AOF writes in memory for up to 2 s and answers its clie
 SIGKILL then drops them. This scenario shows both, on this machine's disk and on a slow one:
 
 - a private redis-server with AOF; one client INCRs a counter as fast as replies come back (every
-  reply is an acknowledged write) while two others keep the disk busy with paced 256 KiB SETs; after a few
-  seconds SIGKILL, start again on the same files, and `lost` = last acknowledged value − value read;
+  reply is an acknowledged write) while two others keep the disk busy with paced 256 KiB SETs;
+  after a few seconds SIGKILL, start again on the same files, and `lost` = last acknowledged value
+  − the value read;
 - the slow disk: the same with an LD_PRELOAD shim, compiled here with the system C compiler, that
   makes every fsync/fdatasync 800 ms slower (a disk shared with busy neighbours). Without a C
   compiler that half is reported as skipped.
@@ -16,6 +17,7 @@ SIGKILL then drops them. This scenario shows both, on this machine's disk and on
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -94,7 +96,7 @@ def keep_disk_busy(port: int, stop: threading.Event) -> None:
 
 def kill_trial(policy: str, seconds: float, work_dir: Path, shim: Path | None) -> dict[str, int]:
     """Writes under `policy`, SIGKILL, restart on the same files: acknowledged vs kept."""
-    env = None if shim is None else {"LD_PRELOAD": str(shim), "PATH": "/usr/bin:/bin"}
+    env = None if shim is None else {**os.environ, "LD_PRELOAD": str(shim)}
     data_dir = Path(tempfile.mkdtemp(dir=work_dir))
     server = RedisServer(appendonly=True, data_dir=data_dir, extra_args=["--appendfsync", policy], env=env).start()
     client = redis.Redis(port=server.port)
