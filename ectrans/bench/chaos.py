@@ -543,8 +543,10 @@ async def noop_faults(
                 ("cluster_master_sigkill_aof_everysec", kill_cluster_master("everysec")),
                 ("cluster_master_sigkill_aof_always", kill_cluster_master("always")),
             ]
-        if redis_faults != "all":
-            store_faults = [(n, f) for n, f in store_faults if redis_faults == "durable" and n not in EVERYSEC_SIGKILLS]
+        if redis_faults == "durable":
+            store_faults = [(n, f) for n, f in store_faults if n not in EVERYSEC_SIGKILLS]
+        elif redis_faults == "none":
+            store_faults = []
         faults: list[tuple[str, Fault]] = [
             ("worker_sigkill", kill_worker("w0", restart=False)),
             ("worker_sigterm", term_worker("w1")),
