@@ -55,7 +55,7 @@ COMMIT_LUA = (
 --   finishes as in finish_all, all answering entries of KEYS[1],
 --   metrics [[field, value, ...], ...], appended only if an entry they count was still pending.
 -- A forward to a queue at the limit is refused: left pending, its entry id returned, for the caller
--- to answer. Returns the refused entry ids.
+-- to answer. Returns {refused entry ids, finish_all's code per finish}.
 local body = cmsgpack.unpack(ARGV[6])
 local limit = tonumber(ARGV[5])
 local done, refused, lengths, answered = {}, {}, {}, 0
@@ -83,14 +83,14 @@ for _, f in ipairs(body[1]) do
   end
   lengths[queue] = length
 end
-finish_all(body[2], ARGV[2], ARGV[3], {})
+local codes = finish_all(body[2], ARGV[2], ARGV[3], {})
 if answered > 0 then
   for _, m in ipairs(body[3]) do
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(m))
   end
 end
 del_all(KEYS[1], done)
-return refused
+return {refused, codes}
 """
 )
 
@@ -141,7 +141,9 @@ class Forwarder:
             first = i == 0  # the error results and their metrics go with the first call
             calls.append(self._commit_call(chunk, finishes if first else (), writer, metrics if first else (), limit))
         replies = await self._commit.run_many(self.redis, calls)
-        return [entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id) for r in replies for entry_id in r]
+        codes = [int(code) for code in replies[0][1]]  # the finishes went with the first call
+        writer.refused_replies.note(f for f, code in zip(finishes, codes, strict=True) if code == 2)
+        return [_text(entry_id) for refused, _ in replies for entry_id in refused]
 
     def _commit_call(
         self,
@@ -198,6 +200,10 @@ def _chunks(items: Sequence[Forwarding], max_bytes: int) -> list[Sequence[Forwar
         size += item_size
     chunks.append(items[start:])
     return chunks
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _flat(fields: Mapping[str, str | bytes]) -> list[str | bytes]:

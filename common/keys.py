@@ -33,6 +33,12 @@ class Keys:
         """Hash holding a task's terminal record, kept for the result TTL."""
         return f"{self.prefix}result:{task_id}"
 
+    def owner(self, task_id: str) -> str:
+        """Which ingress entry owns client id `task_id` (its entry ID, set once at dispatch): a second
+        task with the same id is answered `duplicate_id` instead of sharing the record. The whole
+        result key is the hash tag, so on a Redis Cluster the mark shares the result's slot."""
+        return f"{{{self.result(task_id)}}}:owner"
+
     def reply(self, client_id: str) -> str:
         """Per-client stream where terminal records are pushed for the client library (hash-tagged
         by the client, so that its `replied` marks share its slot)."""

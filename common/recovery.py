@@ -156,6 +156,19 @@ class Reclaimer:
         return counts
 
 
+def _task_id(entry_id: str, fields: dict[bytes, bytes], ingress: bool) -> str:
+    """A dead entry's task id: a forwarded entry carries the one the dispatcher settled on."""
+    if ingress:
+        return task_id_of(entry_id, fields)
+    return fields.get(b"id", entry_id.encode()).decode("utf-8", "replace")
+
+
+def _submitted_ms(entry_id: str, fields: dict[bytes, bytes], ingress: bool) -> int:
+    """When the task was submitted: an ingress entry's own ID, or the time a forwarded entry carries."""
+    value = None if ingress else fields.get(b"submitted_ms")
+    return int(value) if value is not None and value.isdigit() else entry_ms(entry_id)
+
+
 async def dead_letter(
     redis: RedisClient,
     keys: Keys,
@@ -173,10 +186,17 @@ async def dead_letter(
     if not entries:
         return
     finishes: list[Finish] = []
+    # An ingress entry's client id was never claimed (see `ResultWriter.claim`): claim it now, or key
+    # the record by the entry ID, so a dead letter cannot land on another task's id either.
+    ingress = stream == keys.tasks  # never judged by the fields: a client could add `submitted_ms`
+    ids = [_task_id(entry_id, fields, ingress) for (entry_id, fields), _ in entries]
+    # Forwarded entries' ids were claimed at dispatch.
+    owned = await writer.claim([(t, e[0][0]) for t, e in zip(ids, entries, strict=True)]) if ingress else []
     pipe = redis.pipeline(transaction=not writer.cluster)
-    for (entry_id, fields), deliveries in entries:
+    for i, ((entry_id, fields), deliveries) in enumerate(entries):
         readable = as_str_dict(fields)
-        task_id = readable.get("id") if "submitted_ms" in readable else task_id_of(entry_id, fields)
+        requested_id = ids[i]
+        task_id = requested_id if not ingress or owned[i] else entry_id
         history = {"stream": stream, "entry_id": entry_id, "deliveries": deliveries, "dead_at": time.time()}
         pipe.xadd(
             keys.dead_letters,
@@ -184,7 +204,7 @@ async def dead_letter(
             maxlen=100_000,
             approximate=True,
         )
-        submitted = int(readable.get("submitted_ms", entry_ms(entry_id)))
+        submitted = _submitted_ms(entry_id, fields, ingress)
         record = error_record(
             str(task_id),
             Reason.DEAD_LETTER,
@@ -194,6 +214,8 @@ async def dead_letter(
             model=readable.get("model", ""),
             op=readable.get("op", ""),
         )
+        if task_id != requested_id:
+            record["requested_id"] = requested_id
         finish = Finish(str(task_id), record, stream, entry_id, reply_to_of(fields))
         if writer.cluster:
             finishes.append(finish)

@@ -33,6 +33,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 # Blocking reads wait at most this long, so the socket timeout must exceed it.
 BLOCK_MS = 1000
@@ -121,6 +122,16 @@ def _retry(retries: int) -> Retry:
     return Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries)
 
 
+# redis-py opens each connection with CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS and ignores a
+# refusal. Neither helps here, no single ACL line can allow them on Redis 6.2, 7.0 and 7.2+ alike
+# (each rejects subcommand names it does not know), and every refusal would sit in ACL LOG hiding
+# real ones: so ECTrans's connections skip both.
+QUIET_HANDSHAKE: dict[str, Any] = {
+    "driver_info": None,
+    "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+}
+
+
 def connect(url: str, *, client_name: str | None = None, retries: int = 6) -> RedisClient:
     """An asyncio client for `url` returning raw bytes (task fields may hold binary)."""
     target = parse(url)
@@ -132,6 +143,7 @@ def connect(url: str, *, client_name: str | None = None, retries: int = 6) -> Re
         "socket_connect_timeout": _CONNECT_TIMEOUT_S,
         "health_check_interval": 15,
         "client_name": client_name,
+        **QUIET_HANDSHAKE,
     }
     if target.topology == CLUSTER:
         return _cluster(target, common)
@@ -222,7 +234,11 @@ def connect_sync(url: str, *, socket_timeout: float = _CONNECT_TIMEOUT_S) -> red
     """A blocking client for the same URLs, for command-line tools and setup code (services use
     `connect`). Closing it (`with connect_sync(url) as client:`) closes its connections."""
     target = parse(url)
-    kwargs: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+    kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        **QUIET_HANDSHAKE,
+    }
     if target.topology == CLUSTER:
         cluster_node: Any = redis.cluster.ClusterNode
         return redis.RedisCluster(

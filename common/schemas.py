@@ -13,6 +13,10 @@ from typing import Any
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let "job\n" through.
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
+# Stream entry IDs (`<ms>-<seq>`) key the results of tasks without an `id`: a client id of that
+# shape could claim the record of a task XADDed later, so client ids must never look like one.
+ENTRY_ID_RE = re.compile(r"^[0-9]+-[0-9]+\Z")
+ID_RULE = "1-128 of letters, digits, '.', '_', ':', '-', not shaped like a stream entry ID (<ms>-<seq>)"
 # Plain ASCII decimal integers only: `int()` alone also takes "1_000", "١٢٣" and 4000-digit strings.
 INT_RE = re.compile(r"^[+-]?[0-9]{1,18}\Z")
 PRIORITIES = ("realtime", "batch")
@@ -40,6 +44,7 @@ class Reason:
     DEAD_LETTER = "dead_letter"
     UNAVAILABLE = "unavailable"  # no live worker serves the model (past a grace period)
     VERSION_MISMATCH = "version_mismatch"  # a split task computed with another model revision or contract
+    DUPLICATE_ID = "duplicate_id"  # the task's `id` belongs to another task: answered under its entry ID
     INTERNAL = "internal"
 
 
@@ -181,6 +186,11 @@ def _int(raw: dict[bytes, bytes], name: str, low: int, high: int) -> int | None:
     return number
 
 
+def is_client_id(task_id: str) -> bool:
+    """Whether `task_id` is a valid client-chosen id (an id that must be claimed before use)."""
+    return TASK_ID_RE.match(task_id) is not None and ENTRY_ID_RE.match(task_id) is None
+
+
 def task_id_of(entry_id: str, raw: dict[bytes, bytes]) -> str:
     """The id a task's result is keyed by: its valid `id` field, else the stream entry ID."""
     value = raw.get(b"id")
@@ -189,7 +199,7 @@ def task_id_of(entry_id: str, raw: dict[bytes, bytes]) -> str:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
             return entry_id
-        if TASK_ID_RE.match(text):
+        if is_client_id(text):
             return text
     return entry_id
 
@@ -218,8 +228,8 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
         if unknown:
             raise TaskError(Reason.BAD_INPUT, f"unknown fields: {', '.join(unknown)[:200]}")
     raw_id = _text(raw, "id")
-    if raw_id is not None and not TASK_ID_RE.match(raw_id):
-        raise TaskError(Reason.BAD_INPUT, "field 'id' must be 1-128 of letters, digits, '.', '_', ':', '-'")
+    if raw_id is not None and not is_client_id(raw_id):
+        raise TaskError(Reason.BAD_INPUT, f"field 'id' must be {ID_RULE}")
     model, op = _text(raw, "model"), _text(raw, "op")
     text = "" if split else _text(raw, "input")
     for name, value in (("model", model), ("op", op), ("input", raw.get(b"input") if split else text)):

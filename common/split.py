@@ -27,6 +27,7 @@ from ectrans.common.schemas import Reason, Task, TaskError
 SPLIT_FORMAT = 1
 TOKENIZE, EMBED, FIRST_LAYER = 0, 1, 2
 HIDDEN_DTYPES = ("float32", "float16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class SplitError(ValueError):
@@ -71,22 +72,32 @@ class Activation:
             return int(self.hidden.shape[0])
         return 0 if self.ids is None else int(self.ids.shape[0])
 
-    def check(self, segment: int, hidden_size: int, needs_ids: bool, max_tokens: int) -> None:
-        """What the server needs at `segment`: ids before the embeddings (and always for a decoder's
-        search), hidden states of the model's width after them, within the token limit."""
+    def check(self, segment: int, spec: ModelSpec, max_tokens: int) -> None:
+        """What the server needs at `segment` of model `spec`: ids before the embeddings (and always
+        for a decoder's search), hidden states of the model's width after them, within the token
+        limit; and nothing a kernel could index out of range or overflow (ids within the
+        vocabulary, type ids within the model's types, values within the model's dtype), since on
+        a GPU such input is a device-side assert that poisons the whole process's CUDA context."""
         if self.tokens == 0:
             raise SplitError("the payload holds no tokens")
         if self.tokens > max_tokens:
             raise SplitError(f"the payload holds {self.tokens} tokens, over the model's limit of {max_tokens}")
+        needs_ids = spec.kind == "seq2seq"  # the decoder's search reads the source ids
         if (segment == EMBED or needs_ids) and self.ids is None:
             raise SplitError(f"split point {segment} needs the token ids ('ids')")
+        if self.ids is not None and int(self.ids.max()) >= spec.vocab_size:
+            raise SplitError(f"'ids' holds token ids outside the model's vocabulary of {spec.vocab_size}")
+        if self.types is not None and self.types.size and int(self.types.max()) >= max(spec.type_vocab_size, 1):
+            raise SplitError(f"'types' holds token type ids outside the model's {max(spec.type_vocab_size, 1)}")
         if segment == EMBED and self.hidden is not None:
             raise SplitError("split point 1 (after tokenisation) takes token ids, not hidden states")
         if segment > EMBED:
             if self.hidden is None:
                 raise SplitError(f"split point {segment} needs hidden states ('hidden')")
-            if int(self.hidden.shape[1]) != hidden_size:
-                raise SplitError(f"hidden states are {self.hidden.shape[1]} wide; the model's are {hidden_size}")
+            if int(self.hidden.shape[1]) != spec.hidden_size:
+                raise SplitError(f"hidden states are {self.hidden.shape[1]} wide; the model's are {spec.hidden_size}")
+            if spec.dtype == "float16" and float(np.abs(self.hidden).max()) > FLOAT16_MAX:
+                raise SplitError(f"'hidden' holds values beyond float16's range (±{FLOAT16_MAX:.0f}) of the model")
 
 
 def pack_activation(
@@ -166,7 +177,7 @@ def check_split(task: Task, spec: ModelSpec, max_bytes: int = codec.MAX_PAYLOAD_
             f"the payload holds the state at split point {activation.segment}; the task says {task.segment}",
         )
     try:
-        activation.check(task.segment, spec.hidden_size, spec.kind == "seq2seq", spec.max_tokens)
+        activation.check(task.segment, spec, spec.max_tokens)
     except SplitError as exc:
         raise TaskError(Reason.BAD_INPUT, str(exc)) from None
     return activation

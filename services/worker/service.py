@@ -380,7 +380,15 @@ class Worker:
             # round trip through the thread-safe wake-up.
             results, stats = future.result() if future.done() else await asyncio.wrap_future(future)
         except Exception as exc:  # the whole batch failed on the device
-            logger.exception("[batch] %s batch of %d failed", lane.spec.name, len(batch.items))
+            if len(batch.items) > 1:
+                # One bad input must not cost its batch-mates their results: the halves run on their
+                # own, down to the guilty task (log N bisections for one such task, no more).
+                logger.debug("[batch] %s batch of %d failed (%s); bisecting", lane.spec.name, len(batch.items), exc)
+                half = len(batch.items) // 2
+                for part in (batch.items[:half], batch.items[half:]):
+                    await self._run_group(lane, Batch(batch.task_class, part), started)
+                return
+            logger.warning("[batch] %s task %s failed on its own: %r", lane.spec.name, first.id, exc)
             await self._finish_errors(batch.items, Reason.INTERNAL, f"model failed: {exc}")
             return
         await self._finish_batch(lane, batch, results, stats, started)
