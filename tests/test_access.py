@@ -260,39 +260,46 @@ def test_each_service_works_under_its_documented_acl_user(
         assert refusals == [], f"the documented ACL refused commands the services send: {refusals}"
         assert_no_secret([admin_password, *passwords.values()], caplog, admin)
 
-        as_user: dict[str, Any] = {
-            role: redis.Redis(port=server.port, username=f"ectrans-{role}", password=password)
-            for role, password in passwords.items()
-        }
-        refused: list[tuple[str, Callable[[Any], Any]]] = [
-            ("worker", lambda r: r.xadd(keys.tasks, {"model": "noop"})),  # only the client submits
-            ("monitor", lambda r: r.xack(queue, WORKER_GROUP, "0-1")),
-            ("monitor", lambda r: r.xreadgroup(WORKER_GROUP, "m", {queue: ">"})),
-            ("client", lambda r: r.xreadgroup(WORKER_GROUP, "c", {queue: ">"})),
-            ("client", lambda r: r.hset(keys.result("forged"), "status", "ok")),
-            ("client", lambda r: r.get(f"{PREFIX}stats")),
-            *[(role, lambda r: r.config_get("*")) for role in ROLES],
-            *[(role, lambda r: r.flushall()) for role in ROLES],
-            *[(role, lambda r: r.keys("*")) for role in ROLES],
-            *[(role, lambda r: r.set("outside:the:prefix", "1")) for role in ("dispatcher", "worker")],
-            ("client", lambda r: r.set(keys.owner("someone-elses-id"), "1-1")),  # no planting owner marks
-        ]  # fmt: skip
-        if version >= (7, 0):  # Redis 7 key permissions: clients write tasks but cannot read them
-            refused += [
-                ("client", lambda r: r.xread({keys.tasks: "0"})),
-                ("monitor", lambda r: r.xadd(keys.tasks, {"model": "noop"})),
-                ("tenant-alice", lambda r: r.xread({keys.tasks: "0"})),
-                ("tenant-alice", lambda r: r.xread({keys.reply("c1"): "0"})),  # another client's replies
-                ("tenant-alice", lambda r: r.hgetall(keys.result("orphan-in"))),  # another's result
-                ("tenant-alice", lambda r: r.delete(keys.reply("c1"))),
-            ]
-        else:  # said plainly in docs/security.md: on 6.2 a client can read the ingress stream
-            assert as_user["client"].xread({keys.tasks: "0"}) is not None
-        for role, attempt in refused:
-            with pytest.raises(NoPermissionError):
-                attempt(as_user[role])
-        if version >= (7, 0):
-            assert as_user["tenant-alice"].hgetall(keys.result("alice-own")) == {}  # its own namespace is readable
+        assert_refused_beyond_their_role(server.port, passwords, version)
+
+
+def assert_refused_beyond_their_role(port: int, passwords: dict[str, str], version: tuple[int, ...]) -> None:
+    """Each documented user is refused what it should not do."""
+    keys = Keys(PREFIX)
+    queue = keys.queue("noop", "batch")
+    as_user: dict[str, Any] = {
+        role: redis.Redis(port=port, username=f"ectrans-{role}", password=password)
+        for role, password in passwords.items()
+    }
+    refused: list[tuple[str, Callable[[Any], Any]]] = [
+        ("worker", lambda r: r.xadd(keys.tasks, {"model": "noop"})),  # only the client submits
+        ("monitor", lambda r: r.xack(queue, WORKER_GROUP, "0-1")),
+        ("monitor", lambda r: r.xreadgroup(WORKER_GROUP, "m", {queue: ">"})),
+        ("client", lambda r: r.xreadgroup(WORKER_GROUP, "c", {queue: ">"})),
+        ("client", lambda r: r.hset(keys.result("forged"), "status", "ok")),
+        ("client", lambda r: r.get(f"{PREFIX}stats")),
+        *[(role, lambda r: r.config_get("*")) for role in ROLES],
+        *[(role, lambda r: r.flushall()) for role in ROLES],
+        *[(role, lambda r: r.keys("*")) for role in ROLES],
+        *[(role, lambda r: r.set("outside:the:prefix", "1")) for role in ("dispatcher", "worker")],
+        ("client", lambda r: r.set(keys.owner("someone-elses-id"), "1-1")),  # no planting owner marks
+    ]  # fmt: skip
+    if version >= (7, 0):  # Redis 7 key permissions: clients write tasks but cannot read them
+        refused += [
+            ("client", lambda r: r.xread({keys.tasks: "0"})),
+            ("monitor", lambda r: r.xadd(keys.tasks, {"model": "noop"})),
+            ("tenant-alice", lambda r: r.xread({keys.tasks: "0"})),
+            ("tenant-alice", lambda r: r.xread({keys.reply("c1"): "0"})),  # another client's replies
+            ("tenant-alice", lambda r: r.hgetall(keys.result("orphan-in"))),  # another's result
+            ("tenant-alice", lambda r: r.delete(keys.reply("c1"))),
+        ]
+    else:  # said plainly in docs/security.md: on 6.2 a client can read the ingress stream
+        assert as_user["client"].xread({keys.tasks: "0"}) is not None
+    for role, attempt in refused:
+        with pytest.raises(NoPermissionError):
+            attempt(as_user[role])
+    if version >= (7, 0):
+        assert as_user["tenant-alice"].hgetall(keys.result("alice-own")) == {}  # its own namespace is readable
 
 
 # 4. TLS ------------------------------------------------------------------------------------------------
