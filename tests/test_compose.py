@@ -23,6 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
+from ectrans.data import data_file
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
@@ -125,17 +127,9 @@ def merged(base: Any, override: Any, key: str = "") -> Any:
     return untagged(override)
 
 
-def data_dir() -> Path:
-    configured = os.environ.get("ECTRANS_DATA_DIR")
-    return Path(configured) if configured else ROOT / ".." / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def compose_schema() -> dict[str, Any]:
-    path = data_dir() / "compose-spec.json"
-    if not path.is_file():
-        pytest.skip(f"no Compose Specification schema at {path} (set ECTRANS_DATA_DIR to its folder)")
-    schema = json.loads(path.read_text())
+    schema = json.loads(data_file("compose-spec.json").read_text())
     assert isinstance(schema, dict)
     return schema
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
+from ectrans.bench.workload import load_sentences
 from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
 from ectrans.models.device import DeviceError, resolve_device
 from ectrans.models.encoder import (
@@ -149,8 +150,7 @@ def test_cuda_refused_clearly_without_cuda() -> None:
 
 @pytest.fixture(scope="module")
 def minilm_texts() -> list[str]:
-    data = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sentences_100.txt"
-    texts = data.read_text().splitlines()[:12] if data.exists() else list(SENTENCES)
+    texts = load_sentences("sentences_100.txt")[:12]
     return [*texts, " ".join(texts)]  # the last is far over 256 tokens: truncation must agree too
 
 
