@@ -626,7 +626,7 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
     result["ectrans_settings"] = settings
     result["start_s"] = start_s
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    result["report"] = write_report("mixed", markdown(result), lambda fig: draw(fig, result))
+    result["report"] = write_report("mixed", result, markdown(result), lambda fig: draw(fig, result))
     return result
 
 
