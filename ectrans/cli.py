@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ectrans import __version__
 from ectrans.bench import PLOTTED, SCENARIOS
 
 COMMANDS = {
@@ -45,6 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ectrans", description="Transformer inference serving for edge GPUs.")
+    parser.add_argument("--version", action="version", version=f"ectrans {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"ectrans.commands.{name}")
