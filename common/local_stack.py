@@ -110,6 +110,6 @@ def _alive(pid: int, started_at: float) -> bool:
     """The recording process still runs (not a later process that reuses its pid)."""
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= started_at + 1
+        return bool(process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= started_at + 1)
     except psutil.Error:
         return False
