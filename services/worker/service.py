@@ -33,6 +33,7 @@ from ectrans.common.split import check_split
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.settings import WorkerSettings
+from ectrans.services.worker.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,11 @@ class Worker:
             executors = await asyncio.to_thread(load_executors, self.specs, self.settings)
         for spec in self.specs:
             self.lanes[spec.name] = ModelLane(spec, executors[spec.name], self.settings)
+            if self._executors is None:  # executors handed in are the caller's (and warm already)
+                lane = self.lanes[spec.name]
+                policies = (lane.batcher.realtime, lane.batcher.batch)
+                warm_s = await asyncio.to_thread(warm_up, lane.executor, *policies)
+                logger.debug("[start] %s warmed in %.2fs", spec.name, warm_s)
             for task_class in TASK_CLASSES:
                 stream = self.keys.queue(spec.name, task_class)
                 self.streams[stream] = spec.name
