@@ -92,4 +92,3 @@ def test_worker_warms_before_it_joins_its_queues(
 
     asyncio.run(start())
     assert [(len(r.inputs), r.realtime) for r in loaded[0].requests] == [(2, True), (32, False)]
-
