@@ -50,9 +50,11 @@ def _text_field(record: Fields, name: str) -> str:
 class ModelLane:
     """One served model: its executor, local queues and in-flight limit."""
 
-    def __init__(self, spec: ModelSpec, executor: Executor, settings: WorkerSettings) -> None:
+    def __init__(self, spec: ModelSpec, executor: Executor, worker_settings: WorkerSettings) -> None:
         self.spec = spec
         self.executor = executor
+        # The model entry's batching keys win over the worker-wide defaults.
+        self.settings = settings = model_settings(worker_settings, spec)
         self.batcher = Batcher(
             realtime=BatchPolicy(settings.rt_max_batch, settings.rt_max_wait_ms / 1000, settings.token_budget),
             batch=BatchPolicy(settings.batch_max_batch, settings.batch_max_wait_ms / 1000, settings.token_budget),
@@ -75,6 +77,11 @@ class ModelLane:
         return "realtime" if batch.task_class == "realtime" else "batch"
 
 
+def model_settings(settings: WorkerSettings, spec: ModelSpec) -> WorkerSettings:
+    """The worker's settings with the batching keys of `spec`'s registry entry in place."""
+    return settings.model_copy(update=spec.batching) if spec.batching else settings
+
+
 def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str, Executor]:
     """Load every served model (slow: call from a thread). With shared weights, a model runs in
     `executors_per_device` processes attached to one weight holder, behind the same interface."""
@@ -84,6 +91,7 @@ def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str
     executors: dict[str, Executor] = {}
     for spec in specs:
         device = settings.device or spec.device
+        segments = model_settings(settings, spec).segments
         if settings.shares_weights() and spec.kind != "noop":
             from ectrans.models.process_pool import SharedExecutorPool
 
@@ -93,11 +101,11 @@ def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str
                 processes,
                 device=device,
                 threads_per_process=max(1, threads // processes),
-                segments=settings.segments,
+                segments=segments,
                 log_format=settings.log_format,
             )
         else:
-            executors[spec.name] = load_executor(spec, device=device, threads=threads, segments=settings.segments)
+            executors[spec.name] = load_executor(spec, device=device, threads=threads, segments=segments)
     return executors
 
 
@@ -515,8 +523,8 @@ class Worker:
         model = lane.cost.model()
         if model is None:
             return
-        if self.settings.batch_segment_ms > 0 and not self.settings.fifo:  # FIFO (the baseline) runs uncapped
-            cap = model.tokens_within(self.settings.batch_segment_ms * model.segments)
+        if lane.settings.batch_segment_ms > 0 and not lane.settings.fifo:  # FIFO (the baseline) runs uncapped
+            cap = model.tokens_within(lane.settings.batch_segment_ms * model.segments)
             lane.batcher.batch_token_cap = cap
             if cap is not None:  # batches larger than the cap came before it: not what runs from now on
                 model = dataclasses.replace(model, max_batch_tokens=min(model.max_batch_tokens, cap))
