@@ -104,6 +104,17 @@ def _max_tokens(path: Path, config: dict[str, Any]) -> int:
     return 512
 
 
+def _tokenizer_limit(path: Path) -> int:
+    """The tokenizer's own `model_max_length` (as `encoder.token_limit` reads it), or no limit.
+
+    The worker refuses inputs above `ModelSpec.max_tokens`; the tokenizer cuts at the lower of
+    the two, so they must agree or an input between them would be cut without a word.
+    """
+    config_file = path / "tokenizer_config.json"
+    limit = _read_json(config_file).get("model_max_length") if config_file.exists() else None
+    return limit if isinstance(limit, int) and 0 < limit < 10**9 else 10**9
+
+
 def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int:
     for key in keys:
         value = config.get(key)
@@ -191,7 +202,7 @@ def build_spec(name: str, entry: dict[str, Any], source: str = "") -> ModelSpec:
         ops=ops,
         dtype=checked.dtype,
         device=checked.device,
-        max_tokens=checked.max_tokens or _max_tokens(path, config),
+        max_tokens=min(checked.max_tokens or _max_tokens(path, config), _tokenizer_limit(path)),
         revision=_revision(path, config),
         num_layers=_first_int(config, _LAYER_KEYS),
         hidden_size=_first_int(config, _HIDDEN_KEYS),

@@ -331,10 +331,36 @@ class Worker:
         texts = [t.input for _, t in tasks if not t.is_split]
         counted = iter(lane.executor.count_tokens(texts) if texts else [])
         arrived = time.monotonic()
+        too_long: list[Finish] = []
         for entry_id, task in tasks:
             tokens = split_tokens[entry_id] if task.is_split else next(counted)
-            lane.batcher.add(Pending(entry_id, stream, task, tokens, arrived))
+            if not task.is_split and self._refuses_length(lane.spec, task, tokens):
+                too_long.append(
+                    Finish(task.id, self._too_long_record(lane.spec, task), stream, entry_id, task.reply_to)
+                )
+                continue
+            lane.batcher.add(Pending(entry_id, stream, task, min(tokens, lane.spec.max_tokens), arrived))
         lane.wakeup.set()
+        if too_long:
+            await self.writer.write(too_long)
+            for finish in too_long:
+                self._held.pop((stream, finish.entry_id), None)
+
+    @staticmethod
+    def _refuses_length(spec: ModelSpec, task: Task, tokens: int) -> bool:
+        """Over the model's token limit, and neither the task nor the model entry allows cutting it."""
+        return spec.kind != "noop" and tokens > spec.max_tokens and not (task.truncate or spec.truncate)
+
+    @staticmethod
+    def _too_long_record(spec: ModelSpec, task: Task) -> Fields:
+        message = (
+            f"input is longer than the {spec.max_tokens} tokens model {spec.name!r} takes; "
+            "send truncate=1 with the task (or set truncate = true in the model entry) to cut it instead"
+        )
+        return error_record(
+            task.id, Reason.BAD_INPUT, message, submitted_ms=task.submitted_ms, task_class=task.task_class,
+            model=task.model, op=task.op,
+        )  # fmt: skip
 
     # 2. Scheduling ------------------------------------------------------------------------------
 
