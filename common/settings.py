@@ -36,6 +36,12 @@ class CommonSettings(BaseSettings):
         None, description="Extra models as inline JSON (`ECTRANS_MODELS_JSON`), same shape as the TOML file."
     )
     result_ttl_s: int = Field(3600, ge=1, description="How long a task's result hash is kept.")
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of a task, to dispatchers (ingress) or to workers (its model queue), after which it "
+        "is dead-lettered: one setting for both, so a `.env` line means the same thing to every service.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

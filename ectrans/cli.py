@@ -18,6 +18,7 @@ COMMANDS = {
     "health": "exit 0 if a service on this host is alive (for healthchecks)",
     "top": "a live view of the node: devices, tasks, streams, instances",
     "profile": "measure a model's per-layer latency and store its profile",
+    "config": "print the effective settings of every service (and where each came from)",
 }
 
 
