@@ -75,7 +75,9 @@ def test_first_hour_in_a_fresh_clone(tmp_path: Path) -> None:
         wait_for(log, r"\[up\] ready in", 180)
         top = ectrans(clone, env, "top", "--once")
         assert top.returncode == 0, top.stdout + top.stderr
-        assert "minilm" in top.stdout and "6379" not in top.stdout  # the stack `up` started, not a default port
+        port = re.search(r"-p (\d+) XADD", log.read_text())
+        assert port is not None
+        assert "minilm" in top.stdout and f":{port.group(1)}/" in top.stdout  # the stack `up` started
         submitted = ectrans(clone, env, "submit", "some text")
         assert submitted.returncode == 0, submitted.stderr
         result = json.loads(submitted.stdout)
