@@ -574,3 +574,26 @@ def test_dashboard_uses_only_exported_metrics() -> None:
 )
 def test_promql_metrics(expr: str, expected: set[str]) -> None:
     assert promql_metrics(expr) == expected
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the monitor's exporter defines (counters with their `_total`)."""
+    source = (ROOT / "ectrans" / "services" / "monitor" / "prometheus.py").read_text()
+    names = set(re.findall(r'"(ectrans_[a-z_]+)"', source))
+    counters = set(re.findall(r'Counter(?:MetricFamily)?\(\s*"(ectrans_[a-z_]+)"', source))
+    return names | {f"{name}_total" for name in counters} | METRICS  # METRICS: the names built from parts too
+
+
+def test_alert_rules_match_the_monitor_and_are_loaded() -> None:
+    rules = yaml.safe_load((ROOT / "docker" / "prometheus-alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    exported = exported_metric_names()
+    assert "ectrans_build_info" in exported
+    for rule in alerts:
+        names = promql_metrics(rule["expr"])
+        assert names and names <= exported, f"{rule['alert']} queries unknown metrics {sorted(names - exported)}"
+        assert rule["annotations"]["summary"]
+    assert {rule["alert"] for rule in alerts} >= {"ECTransInstanceDown", "ECTransNoLiveWorker", "ECTransDeadLetters"}
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    mounts = load_compose(ROOT / "docker-compose.yml")["services"]["prometheus"]["volumes"]
+    assert f"./docker/prometheus-alerts.yml:{config['rule_files'][0]}:ro" in mounts
