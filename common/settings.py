@@ -29,6 +29,10 @@ class CommonSettings(BaseSettings):
         ),
     )
     prefix: str = Field("ectrans:", description="Prefix of every Redis key ECTrans writes.")
+    host: str | None = Field(
+        None, description="This machine's name in heartbeats and consumer names; default: the host name."
+    )
+    cache_dir: Path | None = Field(None, description="Where model profiles are stored; default ~/.cache/ectrans.")
     models_file: Path | None = Field(
         None, description="TOML file of extra models (see README); the packaged MiniLM is always known."
     )

