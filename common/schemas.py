@@ -23,12 +23,13 @@ PRIORITIES = ("realtime", "batch")
 ENCODINGS = ("json", "msgpack")
 ON_MISS = ("error", "batch")
 MAX_DEADLINE_MS = 24 * 3600 * 1000
+TRUNCATE = ("1", "0", "true", "false")
 # Op parameters a task may carry as fields, with their allowed ranges.
 OP_PARAMS: dict[str, tuple[int, int]] = {"num_beams": (1, 8), "max_new_tokens": (1, 512)}
 SPLIT_FIELDS = ("segment", "revision")  # a split task: `input` holds the activation payload (see `split`)
 MAX_SEGMENT = 1024
 KNOWN_FIELDS = frozenset(
-    {"model", "op", "input", "priority", "deadline_ms", "id", "reply_to", "encoding", "on_miss", *OP_PARAMS}
+    {"model", "op", "input", "priority", "deadline_ms", "id", "reply_to", "encoding", "on_miss", "truncate", *OP_PARAMS}
     | set(SPLIT_FIELDS)
 )
 
@@ -86,6 +87,7 @@ class Task:
     segment: int = 0
     revision: str = ""
     payload: bytes = b""
+    truncate: bool = False  # cut an input over the model's token limit instead of refusing it
 
     @property
     def is_split(self) -> bool:
@@ -121,6 +123,8 @@ class Task:
             fields["downgraded"] = "1"
         if self.is_split:
             fields.update(segment=str(self.segment), revision=self.revision)
+        if self.truncate:
+            fields["truncate"] = "1"
         fields.update({k: str(v) for k, v in self.params.items()})
         return fields
 
@@ -146,6 +150,7 @@ class Task:
                 segment=int(f.get("segment", 0)),
                 revision=f.get("revision", ""),
                 payload=payload,
+                truncate=f.get("truncate") == "1",
             )
         except (KeyError, ValueError) as exc:
             raise TaskError(Reason.INTERNAL, f"malformed queue entry: {exc!r}") from exc
@@ -259,6 +264,7 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
         encoding=_choice(raw, "encoding", ENCODINGS) or "json",
         on_miss=_choice(raw, "on_miss", ON_MISS) or "error",
         params=params,
+        truncate=_choice(raw, "truncate", TRUNCATE) in ("1", "true"),
         **(_split_fields(raw) if split else {}),
     )
 

@@ -29,6 +29,10 @@ class CommonSettings(BaseSettings):
         ),
     )
     prefix: str = Field("ectrans:", description="Prefix of every Redis key ECTrans writes.")
+    host: str | None = Field(
+        None, description="This machine's name in heartbeats and consumer names; default: the host name."
+    )
+    cache_dir: Path | None = Field(None, description="Where model profiles are stored; default ~/.cache/ectrans.")
     models_file: Path | None = Field(
         None, description="TOML file of extra models (see README); the packaged MiniLM is always known."
     )
@@ -36,6 +40,12 @@ class CommonSettings(BaseSettings):
         None, description="Extra models as inline JSON (`ECTRANS_MODELS_JSON`), same shape as the TOML file."
     )
     result_ttl_s: int = Field(3600, ge=1, description="How long a task's result hash is kept.")
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of a task, to dispatchers (ingress) or to workers (its model queue), after which it "
+        "is dead-lettered: one setting for both, so a `.env` line means the same thing to every service.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

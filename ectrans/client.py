@@ -31,7 +31,9 @@ from redis.exceptions import RedisError
 from ectrans.common import codec
 from ectrans.common.cost import CostModel
 from ectrans.common.keys import TASK_CLASSES, Keys
+from ectrans.common.local_stack import with_local_stack
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
+from ectrans.common.settings import CommonSettings
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -108,7 +110,10 @@ class TaskResult:
 class AsyncClient:
     """Asyncio client; many tasks in flight share one reply stream and one reader loop."""
 
-    def __init__(self, url: str, *, prefix: str = "ectrans:", client_id: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, prefix: str | None = None, client_id: str | None = None) -> None:
+        if url is None or prefix is None:  # $ECTRANS_REDIS_URL/_PREFIX, else the stack `ectrans up` runs here
+            settings = with_local_stack(CommonSettings())
+            url, prefix = url or settings.redis_url, prefix or settings.prefix
         self.url = url
         self.keys = Keys(prefix)
         self.client_id = client_id or uuid.uuid4().hex
@@ -306,7 +311,7 @@ class AsyncClient:
 class Client:
     """The synchronous twin of AsyncClient: same methods, run on a private event loop thread."""
 
-    def __init__(self, url: str, *, prefix: str = "ectrans:") -> None:
+    def __init__(self, url: str | None = None, *, prefix: str | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ectrans-client", daemon=True)
         self._thread.start()

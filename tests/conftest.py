@@ -16,6 +16,15 @@ from ectrans.models.api import Executor
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_stack_records(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`ectrans up` records its stack under $XDG_RUNTIME_DIR: tests never see (or take) a live one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+        patch.delenv("ECTRANS_STACK", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:

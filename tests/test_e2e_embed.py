@@ -5,29 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ectrans import client as client_module
+from ectrans.bench.workload import load_sentences
 from ectrans.client import AsyncClient, TaskFailed, TaskTimeout
 from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import Executor
 from tests.stack import reference_embeddings, running_stack
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sentences_100.txt"
-FALLBACK = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Edge servers run many inference tasks at once.",
-    "A short one.",
-    "Real-time tasks must not wait behind bulk work in a queue.",
-]
-
 
 def sentences(n: int, seed: int = 0) -> list[str]:
-    pool = DATA.read_text().splitlines() if DATA.exists() else FALLBACK
+    pool = load_sentences("sentences_100.txt")
     rng = random.Random(seed)
     return [rng.choice(pool) for _ in range(n)]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, MPNetConfig, MPNetModel
 
+from ectrans.bench.workload import load_sentences
 from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
 from ectrans.models.device import DeviceError, resolve_device
 from ectrans.models.encoder import (
@@ -109,21 +110,25 @@ def test_unsupported_architecture_is_refused() -> None:
         encoder_parts(MPNetModel(config))
 
 
-def test_token_counts_are_truncated_counts(tiny_dirs: dict[str, Path]) -> None:
+def test_token_counts_mark_over_long_texts(tiny_dirs: dict[str, Path]) -> None:
+    """Counts stop at the limit + 1, so a count over the limit means the text is too long (the worker
+    refuses it unless truncation was asked for); the tokenised batch itself is cut at the limit."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["roberta"], local_files_only=True)
     tokenize = EncoderTokenizer(tokenizer, 16)
     counts = tokenize.count_tokens(SENTENCES)
-    assert counts == [min(len(tokenizer(s)["input_ids"]), 16) for s in SENTENCES]
+    assert counts == [min(len(tokenizer(s)["input_ids"]), 17) for s in SENTENCES]
     assert counts[0] == 5  # <s> hello world . </s>
+    assert max(counts) == 17  # one of the sentences is longer than 16 tokens
     state = tokenize(SENTENCES, {})
-    assert state.mask.sum(dim=1).tolist() == counts
+    assert state.mask.sum(dim=1).tolist() == [min(count, 16) for count in counts]
 
 
 def test_token_limit_respects_the_position_table(tiny_dirs: dict[str, Path]) -> None:
     """RoBERTa's positions start after the padding index, so the registry's max_position_embeddings
-    would overflow the table; the tokenizer's own limit wins."""
+    would overflow the table; the tokenizer's own limit wins, in the registry (where the worker
+    refuses longer inputs) as in the tokenizer."""
     spec = tiny_spec(tiny_dirs["roberta"], "sdpa")
-    assert spec.max_tokens > MAX_TOKENS
+    assert spec.max_tokens == MAX_TOKENS
     model = load_model(spec, CPU)
     tokenizer = AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
     state = run_segments(model, 2, EncoderTokenizer(tokenizer, spec.max_tokens)(SENTENCES, {}))
@@ -149,8 +154,7 @@ def test_cuda_refused_clearly_without_cuda() -> None:
 
 @pytest.fixture(scope="module")
 def minilm_texts() -> list[str]:
-    data = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sentences_100.txt"
-    texts = data.read_text().splitlines()[:12] if data.exists() else list(SENTENCES)
+    texts = load_sentences("sentences_100.txt")[:12]
     return [*texts, " ".join(texts)]  # the last is far over 256 tokens: truncation must agree too
 
 

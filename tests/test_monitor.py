@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import platform
 import time
 import urllib.request
 from collections import Counter
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ectrans import __version__
 from ectrans.common.heartbeat import host_name
-from ectrans.common.keys import Keys
 from ectrans.common.recovery import dead_letter, ensure_group
 from ectrans.common.redis_server import free_port
 from ectrans.common.registry import ModelSpec, build_spec
@@ -176,9 +177,9 @@ def check_metrics(text: str, prefix: str) -> None:
     assert total(found["ectrans_batch_size_sum"]) == REALTIME + BATCH
     assert total(found["ectrans_tokens_total"]) == 2 * REALTIME + 3 * BATCH
     assert total(found["ectrans_workers_alive"]) == 1
-    keys = Keys(prefix)
-    streams = {labels["stream"] for labels, _ in found["ectrans_queue_length"]}
-    assert streams >= {keys.tasks, keys.queue("noop", "realtime"), keys.queue("noop", "batch")}
+    queues = {(labels["model"], labels["class"]) for labels, _ in found["ectrans_queue_length"]}
+    assert queues >= {("", "ingress"), ("noop", "realtime"), ("noop", "batch")}
+    assert found["ectrans_build_info"] == [({"version": __version__, "python": platform.python_version()}, 1.0)]
     memory = {(labels["service"], labels["kind"]) for labels, _ in found["ectrans_process_memory_bytes"]}
     assert {
         ("worker", "rss"),

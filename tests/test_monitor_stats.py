@@ -9,6 +9,8 @@ from ectrans.common.keys import Keys
 from ectrans.services.monitor import alerts
 from ectrans.services.monitor.collect import Beat, DeviceState, StreamState
 from ectrans.services.monitor.instances import GONE, LIVE, STALE, STOPPED, Tracker
+from ectrans.services.monitor.prometheus import stream_labels
+from ectrans.services.monitor.quiet import LineGate
 from ectrans.services.monitor.report import Snapshot, build_report, flatten, report_line, unflatten
 from ectrans.services.monitor.service import with_weights
 from ectrans.services.monitor.settings import MonitorSettings
@@ -152,3 +154,23 @@ def test_warnings() -> None:
     assert "cpu memory at 95% of 0MiB" in found
     assert not any("cuda:0" in w for w in found)
     assert settings.keys == Keys("ectrans:")
+
+
+def test_report_line_is_quiet_while_idle() -> None:
+    """Every interval while busy; while idle, on change or once per `idle_every_s`."""
+    gate = LineGate(idle_every_s=60.0)
+    busy_snap = snapshot()
+    idle_snap = snapshot(window=Window(), streams={"ectrans:q:{minilm}:rt": StreamState(0, 0, 0, 1, None)})
+    assert gate.should_log(busy_snap, now=0.0) and gate.should_log(busy_snap, now=5.0)
+    assert gate.should_log(idle_snap, now=10.0)  # busy → idle is a change
+    assert not gate.should_log(idle_snap, now=15.0)
+    assert not gate.should_log(idle_snap, now=65.0)
+    assert gate.should_log(idle_snap, now=70.0)  # a minute since the last line
+    assert gate.should_log(snapshot(window=Window(), streams={}, dead_letters=1), now=75.0)  # idle, but it changed
+    assert gate.should_log(busy_snap, now=76.0)
+
+
+def test_queue_gauges_are_labelled_by_model_and_class() -> None:
+    assert stream_labels("ectrans:q:{minilm}:rt") == ["minilm", "realtime"]
+    assert stream_labels("p:q:{opus-en.zh}:batch") == ["opus-en.zh", "batch"]
+    assert stream_labels("ectrans:tasks") == ["", "ingress"]

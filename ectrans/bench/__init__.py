@@ -10,3 +10,5 @@ SCENARIOS = {
     "scale": "ectrans.bench.scale",
     "durability": "ectrans.bench.durability",
 }
+# Scenarios that draw a plot (matplotlib, the `bench` extra): checked before their run starts.
+PLOTTED = frozenset({"baselines", "mixed", "split"})

@@ -409,5 +409,5 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
     }
     result["targets"] = _targets(result, device.type)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    result["report"] = write_report("baselines", markdown(result), lambda fig: draw(fig, result))
+    result["report"] = write_report("baselines", result, markdown(result), lambda fig: draw(fig, result))
     return result

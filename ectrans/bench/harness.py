@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.util
 import itertools
 import json
 import os
@@ -23,6 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -349,12 +351,33 @@ class ServiceStack:
 # 6. Reports -------------------------------------------------------------------------------------------
 
 
+DEFAULT_REPORT_DIR = "ectrans-bench"  # under the current directory: a run never rewrites the repository's docs
+
+
+@dataclass
+class ReportOptions:
+    """Where `write_report` puts a run's files, and whether it draws plots (set once by the CLI)."""
+
+    out: Path | None = None  # None: $ECTRANS_BENCH_DIR, else ./ectrans-bench
+    plots: bool = True
+
+
+REPORTS = ReportOptions()
+
+
 def output_dir() -> Path:
-    """`$ECTRANS_BENCH_DIR`, else `docs/bench` in the repository."""
+    """`--out`, else `$ECTRANS_BENCH_DIR`, else `./ectrans-bench` (created on demand)."""
     env = os.environ.get("ECTRANS_BENCH_DIR")
-    path = Path(env) if env else REPO_ROOT / "docs" / "bench"
+    path = REPORTS.out or (Path(env) if env else Path.cwd() / DEFAULT_REPORT_DIR)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def plotting_missing() -> str | None:
+    """Why plots cannot be drawn here (the `bench` extra is not installed), or None."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed: pip install 'ectrans[bench]', or pass --no-plot"
+    return None
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -374,15 +397,19 @@ def json_details(result: dict[str, Any]) -> list[str]:
     return ["<details><summary>JSON</summary>", "", "```json", shown, "```", "</details>", ""]
 
 
-def write_report(name: str, markdown: str, draw: Callable[[Any], None] | None) -> dict[str, str]:
-    """Write `<name>.md` and (when `draw` is given) `<name>.png` under `output_dir()`.
+def write_report(
+    name: str, result: dict[str, Any], markdown: str, draw: Callable[[Any], None] | None
+) -> dict[str, str]:
+    """Write `<name>.json`, then `<name>.md` and (when `draw` is given) `<name>.png` under `output_dir()`.
 
+    The JSON goes first so that nothing after it (a plot that fails) can lose the run's figures.
     `draw` receives a matplotlib Figure to fill; the Agg backend keeps it headless.
     """
     out = output_dir()
-    paths = {"markdown": str(out / f"{name}.md")}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths = {"json": str(out / f"{name}.json"), "markdown": str(out / f"{name}.md")}
     (out / f"{name}.md").write_text(markdown)
-    if draw is not None:
+    if draw is not None and REPORTS.plots:
         import matplotlib
 
         matplotlib.use("Agg")

@@ -367,7 +367,7 @@ def run(quick: bool) -> dict[str, Any]:
                 result["saving_vs_independent"].setdefault(name, {})[dtype] = saving
                 note(f"{name} {dtype}: saving vs independent by K {saving}")
     result["load_average_at_end"] = load_average()
-    result["report"] = write_report("memory", markdown(result), None)
+    result["report"] = write_report("memory", result, markdown(result), None)
     return result
 
 

@@ -307,7 +307,7 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
             "elapsed_s": round(time.monotonic() - started, 1),
         }
     )
-    result["report"] = write_report("split", markdown(result), lambda fig: draw(fig, result))
+    result["report"] = write_report("split", result, markdown(result), lambda fig: draw(fig, result))
     return result
 
 

@@ -1,8 +1,9 @@
 """Seeded workloads built from the shared sentences: sizes, length mixes, arrival processes.
 
-The shared data (`sentences_100.txt`, `sentences_extra.txt`) are the prototype's news sentences,
-8-54 words each. Longer inputs are made by joining sampled sentences; every choice comes from one
-`random.Random(seed)`, so a workload is the same in every run and on every machine.
+The sentences (`sentences_100.txt`, `sentences_extra.txt`, shipped in `ectrans/data/`;
+`ECTRANS_DATA_DIR` points elsewhere) are the prototype's news sentences, 8-54 words each. Longer
+inputs are made by joining sampled sentences; every choice comes from one `random.Random(seed)`,
+so a workload is the same in every run and on every machine.
 
     texts = sample_texts(500, seed=0, mix="shared")   # sentences as they are
     texts = sample_texts(500, seed=0, mix="mixed")    # 70% single, 20% pairs, 10% of 4-6 joined
@@ -12,14 +13,13 @@ The shared data (`sentences_100.txt`, `sentences_extra.txt`) are the prototype's
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ectrans.data import data_dir
+
 SHARED_FILES = ("sentences_100.txt", "sentences_extra.txt")
 
 # How many sentences one input joins, with weights: (low, high) inclusive → weight.
@@ -29,14 +29,6 @@ MIXES: dict[str, dict[tuple[int, int], float]] = {
     "long": {(4, 8): 1.0},
     "mixed": {(1, 1): 0.7, (2, 3): 0.2, (4, 6): 0.1},
 }
-
-
-def data_dir() -> Path:
-    """`$ECTRANS_DATA_DIR`, else `../shared/data` beside the repository, else `shared/data` in it."""
-    if env := os.environ.get("ECTRANS_DATA_DIR"):
-        return Path(env)
-    beside = REPO_ROOT.parent / "shared" / "data"
-    return beside if beside.is_dir() else REPO_ROOT / "shared" / "data"
 
 
 def load_sentences(name: str = "sentences_100.txt") -> list[str]:

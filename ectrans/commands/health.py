@@ -12,6 +12,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ectrans.common.heartbeat import host_name
+from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.redis_conn import connect
 from ectrans.common.settings import CommonSettings
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("service", choices=SERVICES)
     parser.add_argument("--instance", help="check this instance (default: any on this host)")
     parser.add_argument("--max-age", type=float, default=10.0, help="seconds a heartbeat may be old")
+    add_redis_url_argument(parser)
 
 
 async def check(settings: CommonSettings, service: str, instance: str | None, max_age: float) -> bool:
@@ -44,6 +46,7 @@ async def check(settings: CommonSettings, service: str, instance: str | None, ma
 
 
 def run(args: argparse.Namespace) -> int:
-    healthy = asyncio.run(check(CommonSettings(), args.service, args.instance, args.max_age))
+    settings = with_local_stack(CommonSettings(), args.redis_url)
+    healthy = asyncio.run(check(settings, args.service, args.instance, args.max_age))
     print(f"{args.service}: {'healthy' if healthy else 'unhealthy'}")
     return 0 if healthy else 1

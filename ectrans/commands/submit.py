@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ectrans.client import Client, TaskTimeout
+from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.settings import CommonSettings
 
 
@@ -18,10 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--timeout", type=float, default=60.0)
+    add_redis_url_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = CommonSettings()
+    settings = with_local_stack(CommonSettings(), args.redis_url)
     params = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
     with Client(settings.redis_url, prefix=settings.prefix) as client:
         try:

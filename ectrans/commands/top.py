@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.redis_conn import RedisClient, connect, redact
 from ectrans.common.settings import CommonSettings
 from ectrans.services.monitor.collect import Beat, StreamState, heartbeats, stream_states, watched_streams
@@ -29,6 +30,7 @@ STALE_BEATS = 2.0  # as the monitor's default: two missed heartbeats
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    add_redis_url_argument(parser)
 
 
 @dataclass
@@ -234,7 +236,7 @@ async def show(settings: CommonSettings, console: Console, *, once: bool, interv
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = CommonSettings()
+    settings = with_local_stack(CommonSettings(), args.redis_url)
     console = Console()
     try:
         asyncio.run(show(settings, console, once=args.once, interval_s=args.interval))

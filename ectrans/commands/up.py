@@ -11,10 +11,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
+from pydantic import ValidationError
+
+from ectrans.common import local_stack
 from ectrans.common.redis_conn import redact
 from ectrans.common.redis_server import RedisServer, find_redis_binary
+from ectrans.common.registry import RegistryError, load_registry
+from ectrans.common.settings import CommonSettings
 
 SERVICES = ("dispatcher", "worker", "monitor")
 STOP_GRACE_S = 25.0
@@ -25,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aof", action="store_true", help="turn Redis persistence (AOF) on")
     parser.add_argument("--data-dir", default=None, help="where the private Redis keeps its files")
     parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="this stack's name on this machine (default: $ECTRANS_STACK, else 'default'); "
+        "other commands find it with ECTRANS_STACK=<name>",
+    )
+    parser.add_argument("--models-file", help="TOML file of models to add (sets ECTRANS_MODELS_FILE)")
+    parser.add_argument("--serve", help="models the workers serve, comma-separated or '*' (ECTRANS_SERVE_MODELS)")
 
 
 @dataclass
@@ -56,33 +70,64 @@ def _children(redis_url: str, workers: int) -> list[Child]:
     return children
 
 
-def _banner(url: str, prefix: str) -> str:
+def _banner(url: str, prefix: str, name: str) -> str:
     try:
         cli = find_redis_binary("redis-cli")
     except RuntimeError:
         cli = "redis-cli"
     port = url.rsplit(":", 1)[-1].split("/", maxsplit=1)[0]
     rc = f"{cli} -p {port}" if "127.0.0.1" in url else f"{cli} -u {redact(url)}"
+    finder = "" if name == local_stack.DEFAULT_NAME else f"ECTRANS_STACK={name} "
     return (
         f"ECTrans is starting. Redis: {redact(url)}\n"
         f"  push a task:  {rc} XADD {prefix}tasks '*' model minilm op embed input 'some text'\n"
         f"  read result:  {rc} HGETALL {prefix}result:<the ID that XADD printed>\n"
-        f"  or:           ECTRANS_REDIS_URL={redact(url)} ectrans submit 'some text'\n"
+        f"  or:           {finder}ectrans submit 'some text'   (finds this stack, as `ectrans top` and the client do)\n"
         "  stop:         Ctrl-C\n"
     )
 
 
+def _apply_model_flags(args: argparse.Namespace) -> str | None:
+    """Pass --models-file/--serve to every child; check the models file now. An error text, or None."""
+    if args.models_file:
+        os.environ["ECTRANS_MODELS_FILE"] = str(Path(args.models_file).resolve())
+    if args.serve:
+        os.environ["ECTRANS_SERVE_MODELS"] = args.serve
+    try:
+        settings = CommonSettings()
+        load_registry(settings.models_file, settings.models_json)
+    except (RegistryError, ValidationError) as exc:
+        return str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if problem := _apply_model_flags(args):
+        print(f"ectrans up: {problem}", file=sys.stderr)
+        return 2
+    name = args.name or local_stack.stack_name()
+    if (other := local_stack.find(name)) is not None:
+        print(
+            f"ectrans up: the stack {name!r} already runs (pid {other.pid}, {redact(other.redis_url)}); "
+            "stop it, or start another with --name <other>",
+            file=sys.stderr,
+        )
+        return 2
     server: RedisServer | None = None
     url = os.environ.get("ECTRANS_REDIS_URL")
     if not url:
-        from pathlib import Path
-
         data_dir = Path(args.data_dir) if args.data_dir else None
         server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir).start()
         url = server.url
     prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
-    print(_banner(url, prefix), flush=True)
+    try:
+        stack = local_stack.record(name, url, prefix)
+    except local_stack.StackRunning as exc:  # another `up` of this name started meanwhile
+        print(f"ectrans up: {exc}", file=sys.stderr)
+        if server is not None:
+            server.cleanup()
+        return 2
+    print(_banner(url, prefix, name), flush=True)
     children = _children(url, args.workers)
     stopping = False
 
@@ -107,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         _stop_all(children)
         if server is not None:
             server.cleanup()
+        local_stack.remove(stack)
     return 0
 
 

@@ -217,10 +217,11 @@ class EncoderTokenizer:
         )
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts, at most `max_tokens + 1`: a count above `max_tokens` marks a text that is too long."""
         if not texts:  # a fast tokenizer fails on an empty batch
             return []
         with self._lock:
-            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+            encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)
         return [len(ids) for ids in encoded["input_ids"]]
 
 

@@ -30,7 +30,6 @@ class DispatcherSettings(CommonSettings):
     )
     read_count: int = Field(256, ge=1, le=10_000, description="Entries read per XREADGROUP.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Idle time after which a dead peer's entries are taken.")
-    max_deliveries: int = Field(5, ge=1, description="Deliveries after which an entry is dead-lettered.")
     heartbeat_s: float = Field(2.0, gt=0)
     unavailable_after_s: float = Field(
         60.0,

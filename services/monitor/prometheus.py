@@ -9,6 +9,8 @@ increments thread-safe counters and swaps the snapshot reference.
 from __future__ import annotations
 
 import logging
+import platform
+import re
 import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
@@ -17,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ectrans import __version__
 from ectrans.services.monitor.instances import LIVE, STALE
 from ectrans.services.monitor.report import Snapshot, gpu_by_pid
 from ectrans.services.monitor.stats import TaskEntry
@@ -26,7 +29,19 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TASK_LABELS = ("model", "class")
+BUILD_LABELS = ("version", "python")
 INSTANCE_LABELS = ("service", "instance")
+# Queues by model and class; the ingress stream (before a model queue) is class `ingress`, model "".
+QUEUE_LABELS = ("model", "class")
+_MODEL_QUEUE = re.compile(r"q:\{(?P<model>[^}]*)\}:(?P<short>rt|batch)$")
+
+
+def stream_labels(stream: str) -> list[str]:
+    """`[model, class]` of a stream name (`<prefix>q:{minilm}:rt` → `["minilm", "realtime"]`)."""
+    found = _MODEL_QUEUE.search(stream)
+    if found is None:
+        return ["", "ingress"]
+    return [found["model"], "realtime" if found["short"] == "rt" else "batch"]
 
 
 class SnapshotCollector(Collector):
@@ -37,6 +52,9 @@ class SnapshotCollector(Collector):
         self.snapshot: Snapshot | None = None
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("ectrans_build_info", "The ECTrans version this monitor runs.", labels=BUILD_LABELS)
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield build
         snap = self.snapshot
         if snap is None:
             return
@@ -51,17 +69,18 @@ class SnapshotCollector(Collector):
             "lag": "Entries not yet delivered to the consumer group.",
             "consumers": "Consumers in the stream's group.",
         }
+        labelled = {stream: stream_labels(stream) for stream in snap.streams}
         for figure, doc in figures.items():
-            family = GaugeMetricFamily(f"ectrans_queue_{figure}", doc, labels=["stream"])
+            family = GaugeMetricFamily(f"ectrans_queue_{figure}", doc, labels=QUEUE_LABELS)
             for stream, state in snap.streams.items():
-                family.add_metric([stream], getattr(state, figure))
+                family.add_metric(labelled[stream], getattr(state, figure))
             yield family
         oldest = GaugeMetricFamily(
-            "ectrans_queue_oldest_pending_seconds", "Age of the oldest pending entry.", labels=["stream"]
+            "ectrans_queue_oldest_pending_seconds", "Age of the oldest pending entry.", labels=QUEUE_LABELS
         )
         for stream, state in snap.streams.items():
             if state.oldest_pending_s is not None:
-                oldest.add_metric([stream], state.oldest_pending_s)
+                oldest.add_metric(labelled[stream], state.oldest_pending_s)
         yield oldest
         yield GaugeMetricFamily("ectrans_dead_letters", "Entries in the dead-letter stream.", value=snap.dead_letters)
 

@@ -33,6 +33,7 @@ from ectrans.services.monitor.collect import (
 from ectrans.services.monitor.instances import Tracker
 from ectrans.services.monitor.jsonlog import JsonLines
 from ectrans.services.monitor.prometheus import Exporter
+from ectrans.services.monitor.quiet import LineGate
 from ectrans.services.monitor.report import Snapshot, build_report, flatten, report_line
 from ectrans.services.monitor.settings import MonitorSettings
 from ectrans.services.monitor.stats import Stopped, TaskEntry, Totals, Window, parse_dead_letter, parse_metrics
@@ -61,6 +62,7 @@ class Monitor:
         self.metrics_port: int | None = None  # the bound port once serving
         self.json_lines = JsonLines(settings.monitor_json) if settings.monitor_json else None
         self.last: Snapshot | None = None
+        self.line_gate = LineGate(settings.idle_log_s)
         self.ready = asyncio.Event()  # set once the stream cursors are placed: later entries all count
         self._stopping = asyncio.Event()
         self._cursors: dict[str, str] = {}
@@ -77,7 +79,12 @@ class Monitor:
                 self.settings.stale_after_s,
                 self.settings.interval_s,
             )
-        logger.info("[start] monitor %s, a line every %gs", self.instance, self.settings.interval_s)
+        logger.info(
+            "[start] monitor %s, a line every %gs while busy (on change, at least every %gs, while idle)",
+            self.instance,
+            self.settings.interval_s,
+            self.settings.idle_log_s,
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.heartbeat.run(self._stopping))
@@ -197,7 +204,8 @@ class Monitor:
     # 3. Publishing ----------------------------------------------------------------------------
 
     async def publish(self, snap: Snapshot) -> None:
-        logger.info("%s", report_line(snap))
+        if self.line_gate.should_log(snap, time.monotonic()):
+            logger.info("%s", report_line(snap))
         for warning in snap.warnings:
             logger.warning("[health] %s", warning)
         self.exporter.update(snap)

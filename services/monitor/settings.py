@@ -9,7 +9,10 @@ from ectrans.common.settings import CommonSettings
 
 class MonitorSettings(CommonSettings):
     instance: str | None = Field(None, description="Instance name; default `<host>-0`.")
-    interval_s: float = Field(5.0, gt=0, description="Seconds between report lines (and stats updates).")
+    interval_s: float = Field(5.0, gt=0, description="Seconds between report lines while busy (and stats updates).")
+    idle_log_s: float = Field(
+        60.0, ge=0, description="While idle, the line is written when it changes or this often (0: every interval)."
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 turns it off.")
     metrics_host: str = Field("0.0.0.0", description="Address the /metrics endpoint listens on.")
     monitor_json: str | None = Field(

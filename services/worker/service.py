@@ -33,6 +33,7 @@ from ectrans.common.split import check_split
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.settings import WorkerSettings
+from ectrans.services.worker.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,11 @@ def _text_field(record: Fields, name: str) -> str:
 class ModelLane:
     """One served model: its executor, local queues and in-flight limit."""
 
-    def __init__(self, spec: ModelSpec, executor: Executor, settings: WorkerSettings) -> None:
+    def __init__(self, spec: ModelSpec, executor: Executor, worker_settings: WorkerSettings) -> None:
         self.spec = spec
         self.executor = executor
+        # The model entry's batching keys win over the worker-wide defaults.
+        self.settings = settings = model_settings(worker_settings, spec)
         self.batcher = Batcher(
             realtime=BatchPolicy(settings.rt_max_batch, settings.rt_max_wait_ms / 1000, settings.token_budget),
             batch=BatchPolicy(settings.batch_max_batch, settings.batch_max_wait_ms / 1000, settings.token_budget),
@@ -74,6 +77,11 @@ class ModelLane:
         return "realtime" if batch.task_class == "realtime" else "batch"
 
 
+def model_settings(settings: WorkerSettings, spec: ModelSpec) -> WorkerSettings:
+    """The worker's settings with the batching keys of `spec`'s registry entry in place."""
+    return settings.model_copy(update=spec.batching) if spec.batching else settings
+
+
 def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str, Executor]:
     """Load every served model (slow: call from a thread). With shared weights, a model runs in
     `executors_per_device` processes attached to one weight holder, behind the same interface."""
@@ -83,6 +91,7 @@ def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str
     executors: dict[str, Executor] = {}
     for spec in specs:
         device = settings.device or spec.device
+        segments = model_settings(settings, spec).segments
         if settings.shares_weights() and spec.kind != "noop":
             from ectrans.models.process_pool import SharedExecutorPool
 
@@ -92,11 +101,11 @@ def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str
                 processes,
                 device=device,
                 threads_per_process=max(1, threads // processes),
-                segments=settings.segments,
+                segments=segments,
                 log_format=settings.log_format,
             )
         else:
-            executors[spec.name] = load_executor(spec, device=device, threads=threads, segments=settings.segments)
+            executors[spec.name] = load_executor(spec, device=device, threads=threads, segments=segments)
     return executors
 
 
@@ -171,6 +180,11 @@ class Worker:
             executors = await asyncio.to_thread(load_executors, self.specs, self.settings)
         for spec in self.specs:
             self.lanes[spec.name] = ModelLane(spec, executors[spec.name], self.settings)
+            if self._executors is None:  # executors handed in are the caller's (and warm already)
+                lane = self.lanes[spec.name]
+                policies = (lane.batcher.realtime, lane.batcher.batch)
+                warm_s = await asyncio.to_thread(warm_up, lane.executor, *policies)
+                logger.debug("[start] %s warmed in %.2fs", spec.name, warm_s)
             for task_class in TASK_CLASSES:
                 stream = self.keys.queue(spec.name, task_class)
                 self.streams[stream] = spec.name
@@ -317,10 +331,36 @@ class Worker:
         texts = [t.input for _, t in tasks if not t.is_split]
         counted = iter(lane.executor.count_tokens(texts) if texts else [])
         arrived = time.monotonic()
+        too_long: list[Finish] = []
         for entry_id, task in tasks:
             tokens = split_tokens[entry_id] if task.is_split else next(counted)
-            lane.batcher.add(Pending(entry_id, stream, task, tokens, arrived))
+            if not task.is_split and self._refuses_length(lane.spec, task, tokens):
+                too_long.append(
+                    Finish(task.id, self._too_long_record(lane.spec, task), stream, entry_id, task.reply_to)
+                )
+                continue
+            lane.batcher.add(Pending(entry_id, stream, task, min(tokens, lane.spec.max_tokens), arrived))
         lane.wakeup.set()
+        if too_long:
+            await self.writer.write(too_long)
+            for finish in too_long:
+                self._held.pop((stream, finish.entry_id), None)
+
+    @staticmethod
+    def _refuses_length(spec: ModelSpec, task: Task, tokens: int) -> bool:
+        """Over the model's token limit, and neither the task nor the model entry allows cutting it."""
+        return spec.kind != "noop" and tokens > spec.max_tokens and not (task.truncate or spec.truncate)
+
+    @staticmethod
+    def _too_long_record(spec: ModelSpec, task: Task) -> Fields:
+        message = (
+            f"input is longer than the {spec.max_tokens} tokens model {spec.name!r} takes; "
+            "send truncate=1 with the task (or set truncate = true in the model entry) to cut it instead"
+        )
+        return error_record(
+            task.id, Reason.BAD_INPUT, message, submitted_ms=task.submitted_ms, task_class=task.task_class,
+            model=task.model, op=task.op,
+        )  # fmt: skip
 
     # 2. Scheduling ------------------------------------------------------------------------------
 
@@ -517,8 +557,8 @@ class Worker:
         model = lane.cost.model()
         if model is None:
             return
-        if self.settings.batch_segment_ms > 0 and not self.settings.fifo:  # FIFO (the baseline) runs uncapped
-            cap = model.tokens_within(self.settings.batch_segment_ms * model.segments)
+        if lane.settings.batch_segment_ms > 0 and not lane.settings.fifo:  # FIFO (the baseline) runs uncapped
+            cap = model.tokens_within(lane.settings.batch_segment_ms * model.segments)
             lane.batcher.batch_token_cap = cap
             if cap is not None:  # batches larger than the cap came before it: not what runs from now on
                 model = dataclasses.replace(model, max_batch_tokens=min(model.max_batch_tokens, cap))

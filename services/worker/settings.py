@@ -38,7 +38,6 @@ class WorkerSettings(CommonSettings):
     prefetch: int = Field(256, ge=1, description="Most tasks read from Redis ahead of the device.")
     max_inflight_batches: int = Field(3, ge=1, description="Batches submitted to the executor at once.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Idle time after which a dead peer's tasks are taken.")
-    max_deliveries: int = Field(3, ge=1, description="Deliveries after which a task is dead-lettered.")
     grace_s: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight batches may finish.")
     heartbeat_s: float = Field(2.0, gt=0)
     executors_per_device: int = Field(
