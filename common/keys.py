@@ -33,6 +33,11 @@ class Keys:
         """Hash holding a task's terminal record, kept for the result TTL."""
         return f"{self.prefix}result:{task_id}"
 
+    def cancelled(self, task_id: str) -> str:
+        """Marks a task its client gave up on (set with a TTL by `AsyncClient.cancel`): a worker that
+        has not started it answers `cancelled` instead of running it."""
+        return f"{self.prefix}cancel:{task_id}"
+
     def reply(self, client_id: str) -> str:
         """Per-client stream where terminal records are pushed for the client library (hash-tagged
         by the client, so that its `replied` marks share its slot)."""

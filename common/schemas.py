@@ -41,6 +41,7 @@ class Reason:
     UNAVAILABLE = "unavailable"  # no live worker serves the model (past a grace period)
     VERSION_MISMATCH = "version_mismatch"  # a split task computed with another model revision or contract
     INTERNAL = "internal"
+    CANCELLED = "cancelled"  # its client cancelled it before a worker started it
 
 
 class TaskError(Exception):
