@@ -15,7 +15,7 @@ from ectrans.common.heartbeat import host_name
 from ectrans.common.redis_conn import connect
 from ectrans.common.settings import CommonSettings
 
-SERVICES = ("dispatcher", "worker", "monitor")
+SERVICES = ("dispatcher", "worker", "monitor", "gateway")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
