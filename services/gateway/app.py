@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -165,6 +165,9 @@ class Gateway:
         except TaskTimeout as exc:
             waited = self.settings.gateway_timeout_s
             raise GatewayError(504, f"no answer within {waited:g}s: {exc}", "timeout") from None
+        except MaxConnectionsError:  # the client's connection pool is exhausted: this gateway is overloaded
+            busy = "the gateway has too many requests in flight"
+            raise GatewayError(503, busy, Reason.OVERLOADED, retry_after_s=1) from None
         except RedisError as exc:
             logger.warning("[gateway] tasks not submitted: %s", exc)
             raise GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1) from None
