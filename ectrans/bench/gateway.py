@@ -14,6 +14,7 @@ them; the load comes from this process, which shares the machine's cores with th
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from collections import Counter
@@ -79,10 +80,16 @@ def _summary(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
-async def _post(http: aiohttp.ClientSession, body: dict[str, Any]) -> int:
+async def _post(http: aiohttp.ClientSession, body: dict[str, Any]) -> str:
+    """`200`, or the status and the error's code (`503 overloaded`)."""
     async with http.post("/v1/embeddings", json=body) as answer:
-        await answer.read()
-        return answer.status
+        data = await answer.read()
+        if answer.status == 200:
+            return "200"
+        try:
+            return f"{answer.status} {json.loads(data)['error']['code']}"
+        except (ValueError, KeyError, TypeError):
+            return str(answer.status)
 
 
 async def _one_at_a_time(stack: GatewayStack, http: aiohttp.ClientSession, texts: list[str]) -> dict[str, Any]:
@@ -96,7 +103,7 @@ async def _one_at_a_time(stack: GatewayStack, http: aiohttp.ClientSession, texts
             started = time.perf_counter()
             status = await _post(http, {"model": "noop", "input": text, "priority": "realtime"})
             http_ms.append((time.perf_counter() - started) * 1000)
-            if status != 200:
+            if status != "200":
                 raise RuntimeError(f"the gateway answered {status}")
             started = time.perf_counter()
             result = await client.submit("noop", "noop", text, priority="realtime")
@@ -128,7 +135,7 @@ async def _closed_loop(http: aiohttp.ClientSession, texts: list[str], clients: i
             i += clients
             started = time.perf_counter()
             try:
-                statuses[str(await _post(http, body))] += 1
+                statuses[await _post(http, body)] += 1
             except aiohttp.ClientError as exc:
                 statuses[type(exc).__name__] += 1
                 continue
