@@ -173,14 +173,14 @@ def test_every_reason_maps_to_its_status(
     asyncio.run(scenario())
 
 
-def test_deadline_and_gateway_timeout_are_504(redis_server: Any, prefix: str) -> None:
+def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> None:
     slow = build_spec("slow", {"kind": "noop", "delay_ms": 1500})
     worker = {"max_inflight_batches": 1}
 
     async def scenario(base: str) -> None:
         async with (
-            running_stack(redis_server.url, prefix, {"slow": slow}, {"slow": load_executor(slow)}, worker=worker),
-            AsyncClient(redis_server.url, prefix=prefix) as client,
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": load_executor(slow)}, worker=worker),
+            AsyncClient(redis_url, prefix=prefix) as client,
             httpx.AsyncClient(base_url=base, timeout=30) as http,
         ):
             busy = asyncio.create_task(client.submit("slow", "noop", "hold the device", priority="batch"))
@@ -196,7 +196,7 @@ def test_deadline_and_gateway_timeout_are_504(redis_server: Any, prefix: str) ->
             await busy
 
     models = json.dumps({"slow": {"kind": "noop", "delay_ms": 1500}})
-    with gateway_process(redis_server.url, prefix, models_json=models, gateway_timeout_s="1") as base:
+    with gateway_process(redis_url, prefix, models_json=models, gateway_timeout_s="1") as base:
         asyncio.run(scenario(base))
 
 
@@ -218,15 +218,15 @@ class CountingNoop:
         self.inner.close()
 
 
-def test_a_client_that_disconnects_gets_its_queued_tasks_cancelled(redis_server: Any, prefix: str) -> None:
+def test_a_client_that_disconnects_gets_its_queued_tasks_cancelled(redis_url: str, prefix: str) -> None:
     slow = build_spec("slow", {"kind": "noop", "delay_ms": 1500})
     executor = CountingNoop(slow)
     worker = {"max_inflight_batches": 1}
 
     async def scenario(base: str) -> list[dict[str, str]]:
         async with (
-            running_stack(redis_server.url, prefix, {"slow": slow}, {"slow": executor}, worker=worker) as stack,  # type: ignore[dict-item]
-            AsyncClient(redis_server.url, prefix=prefix) as client,
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker) as stack,  # type: ignore[dict-item]
+            AsyncClient(redis_url, prefix=prefix) as client,
         ):
             busy = asyncio.create_task(client.submit("slow", "noop", "hold the device", priority="batch"))
             await asyncio.sleep(0.3)  # running now: the next batch waits in the worker's local queue
@@ -246,7 +246,7 @@ def test_a_client_that_disconnects_gets_its_queued_tasks_cancelled(redis_server:
             return records
 
     models = json.dumps({"slow": {"kind": "noop", "delay_ms": 1500}})
-    with gateway_process(redis_server.url, prefix, models_json=models) as base:
+    with gateway_process(redis_url, prefix, models_json=models) as base:
         records = asyncio.run(scenario(base))
     assert executor.ran == ["hold the device"], "the model ran a cancelled task"
     cancelled = [r for r in records if r.get("reason") == "cancelled"]
