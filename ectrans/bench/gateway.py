@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from ectrans.bench.harness import ServiceStack, machine_info, note, run_async
+from ectrans.bench.harness import ServiceStack, machine_info, note, run_async, size_for
 from ectrans.bench.workload import percentile, sample_texts
 from ectrans.client import AsyncClient
 from ectrans.common.redis_server import free_port
@@ -41,6 +41,7 @@ class GatewaySize:
 
 QUICK = GatewaySize(single_requests=300, clients=(1, 32, 256), seconds_per_level=4.0)
 FULL = GatewaySize(single_requests=2000, clients=(1, 32, 256), seconds_per_level=15.0)
+TINY = GatewaySize(single_requests=20, clients=(1, 32), seconds_per_level=0.5)  # the smoke test
 
 
 class GatewayStack(ServiceStack):
@@ -174,7 +175,7 @@ async def _measure(stack: GatewayStack, size: GatewaySize) -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    size = QUICK if quick else FULL
+    size = size_for(quick, QUICK, FULL, TINY)
     stack = GatewayStack()
     with stack:
         figures = run_async(lambda: _measure(stack, size))
