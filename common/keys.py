@@ -39,6 +39,11 @@ class Keys:
         result key is the hash tag, so on a Redis Cluster the mark shares the result's slot."""
         return f"{{{self.result(task_id)}}}:owner"
 
+    def cancelled(self, task_id: str) -> str:
+        """Marks a task its client gave up on (set with a TTL by `AsyncClient.cancel`): a worker that
+        has not started it answers `cancelled` instead of running it."""
+        return f"{self.prefix}cancel:{task_id}"
+
     def reply(self, client_id: str) -> str:
         """Per-client stream where terminal records are pushed for the client library (hash-tagged
         by the client, so that its `replied` marks share its slot)."""

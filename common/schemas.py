@@ -47,6 +47,7 @@ class Reason:
     VERSION_MISMATCH = "version_mismatch"  # a split task computed with another model revision or contract
     DUPLICATE_ID = "duplicate_id"  # the task's `id` belongs to another task: answered under its entry ID
     INTERNAL = "internal"
+    CANCELLED = "cancelled"  # its client cancelled it before a worker started it
 
 
 class TaskError(Exception):

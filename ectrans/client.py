@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 # The reply stream is trimmed once this many entries were read, or at a read a second after the last trim.
 TRIM_EVERY = 256
 TRIM_AFTER_S = 1.0
+# How long a cancel mark is kept: a task still queued after this is run after all.
+CANCEL_TTL_S = 3600
 
 
 def _next_id(entry_id: str) -> str:
@@ -123,6 +125,7 @@ class AsyncClient:
         self._waiting: dict[str, asyncio.Future[TaskResult]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
+        self._cancelling: set[asyncio.Task[None]] = set()  # cancel marks being written for abandoned calls
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -151,6 +154,8 @@ class AsyncClient:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, RedisConnectionError):
                 await asyncio.wait_for(self._reader, BLOCK_MS / 1000 + 2)
             self._reader = None
+        if self._cancelling:
+            await asyncio.wait(set(self._cancelling), timeout=2)
         for fut in self._waiting.values():
             fut.cancel()
         self._waiting.clear()
@@ -232,9 +237,35 @@ class AsyncClient:
         except TimeoutError:
             unanswered = sum(f.cancelled() or not f.done() for f in futures)  # wait_for cancelled the rest
             raise TaskTimeout(f"{unanswered} of {len(ids)} tasks unanswered after {timeout}s") from None
+        except asyncio.CancelledError:
+            # The caller gave up (a closed HTTP request, Ctrl-C): tasks no worker has started are
+            # dropped, not computed. Written in the background: a cancelled call returns at once.
+            abandoned = [task_id for task_id, f in zip(ids, futures, strict=True) if f.cancelled() or not f.done()]
+            if abandoned:
+                writing = asyncio.create_task(self.cancel(abandoned))
+                self._cancelling.add(writing)
+                writing.add_done_callback(self._cancelling.discard)
+            raise
         finally:
             for task_id in ids:
                 self._waiting.pop(task_id, None)
+
+    async def cancel(self, ids: Sequence[str]) -> None:
+        """Ask workers to drop these tasks: one not started yet ends with a `cancelled` error record
+        instead of running; one already running or done is unaffected. A call to `submit_many` (or
+        `embed`, ...) that is itself cancelled does this for its unanswered tasks."""
+        if not ids:
+            return
+        if self._redis is None:
+            await self.connect()
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.set(self.keys.cancelled(task_id), b"1", ex=CANCEL_TTL_S)
+        try:
+            await pipe.execute()
+        except RedisError as exc:  # best effort: the tasks then run, and their results are dropped
+            logger.warning("[client] %d tasks not cancelled: %s", len(ids), exc)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> None:
         """All commands in one round trip: a lone one as a plain command (a pipeline costs more)."""

@@ -130,3 +130,12 @@ def test_bench_split_tiny_prints_its_json(tmp_path: Path) -> None:
     assert result["profile_s"] > 0 and result["client_threads"] == 1
     assert (tmp_path / "split.md").read_text().startswith("# Benchmark `split`")
     assert (tmp_path / "split.png").stat().st_size > 0
+
+
+def test_bench_gateway_tiny_prints_its_json(tmp_path: Path) -> None:
+    result = run_tiny_bench("gateway", tmp_path, timeout_s=150)
+    assert result["scenario"] == "gateway"
+    single = result["one_at_a_time"]
+    assert single["http"]["p50_ms"] > 0 and single["python_client"]["p50_ms"] > 0
+    assert [level["clients"] for level in result["closed_loops"]] == [1, 32]
+    assert all(level["requests_per_s"] > 0 and not level["errors"] for level in result["closed_loops"])

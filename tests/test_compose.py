@@ -35,8 +35,13 @@ PROMETHEUS = ROOT / "docker" / "prometheus.yml"
 GRAFANA = ROOT / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "ectrans.json"
 
-SERVICES = ("dispatcher", "worker", "monitor")
-SETTINGS_CLASSES = {"dispatcher": "DispatcherSettings", "worker": "WorkerSettings", "monitor": "MonitorSettings"}
+SERVICES = ("dispatcher", "worker", "monitor", "gateway")
+SETTINGS_CLASSES = {
+    "dispatcher": "DispatcherSettings",
+    "worker": "WorkerSettings",
+    "monitor": "MonitorSettings",
+    "gateway": "GatewaySettings",
+}
 OBSERVABILITY = ("prometheus", "grafana")
 
 # The metric names the monitor exports; the dashboard may use these and nothing else.
@@ -222,7 +227,7 @@ def test_cpu_override_only_changes_known_services(base: dict[str, Any], cpu_over
 # --- The ECTrans services ------------------------------------------------------------------------
 
 
-def test_the_three_services_share_one_image(base: dict[str, Any], cpu_merged: dict[str, Any]) -> None:
+def test_the_ectrans_services_share_one_image(base: dict[str, Any], cpu_merged: dict[str, Any]) -> None:
     for doc in (base, cpu_merged):
         services = services_of(doc)
         built = {name for name, service in services.items() if "build" in service}

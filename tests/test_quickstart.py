@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ectrans.common.redis_server import find_redis_binary
@@ -63,6 +64,12 @@ def test_up_then_redis_cli_then_ctrl_c(tmp_path: Path) -> None:
         submitted = subprocess.run(submit, capture_output=True, text=True, timeout=60, env=cli_env, check=False)
         assert submitted.returncode == 0, submitted.stderr
         assert json.loads(submitted.stdout)["status"] == "ok"
+
+        # The HTTP gateway `up` started, at the address it printed.
+        base = wait_for_line(log, r"curl (http://\S+)/v1/embeddings", 1).group(1)
+        answer = httpx.post(f"{base}/v1/embeddings", json={"model": "minilm", "input": "some text"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["data"][0]["embedding"]) == 384
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=60)

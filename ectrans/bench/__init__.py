@@ -9,6 +9,7 @@ SCENARIOS = {
     "chaos": "ectrans.bench.chaos",
     "scale": "ectrans.bench.scale",
     "durability": "ectrans.bench.durability",
+    "gateway": "ectrans.bench.gateway",
 }
 # Scenarios that draw a plot (matplotlib, the `bench` extra): checked before their run starts.
 PLOTTED = frozenset({"baselines", "mixed", "split"})

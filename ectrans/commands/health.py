@@ -16,7 +16,7 @@ from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.redis_conn import connect
 from ectrans.common.settings import CommonSettings
 
-SERVICES = ("dispatcher", "worker", "monitor")
+SERVICES = ("dispatcher", "worker", "monitor", "gateway")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

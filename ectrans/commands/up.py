@@ -1,12 +1,13 @@
 """`ectrans up`: the whole stack on this machine — Redis (unless ECTRANS_REDIS_URL is set), the
-dispatcher, one worker and the monitor as child processes, restarted if they die, stopped
-cleanly on Ctrl-C/SIGTERM."""
+dispatcher, one worker, the monitor and the HTTP gateway as child processes, restarted if they die,
+stopped cleanly on Ctrl-C/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,9 @@ from ectrans.common.redis_server import RedisServer, find_redis_binary
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
 
-SERVICES = ("dispatcher", "worker", "monitor")
+SERVICES = ("dispatcher", "worker", "monitor", "gateway")
 STOP_GRACE_S = 25.0
+GATEWAY_DEFAULT = "127.0.0.1:8000"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--models-file", help="TOML file of models to add (sets ECTRANS_MODELS_FILE)")
     parser.add_argument("--serve", help="models the workers serve, comma-separated or '*' (ECTRANS_SERVE_MODELS)")
+    parser.add_argument(
+        "--gateway",
+        default=GATEWAY_DEFAULT,
+        metavar="HOST:PORT",
+        help=f"where the HTTP gateway listens (default {GATEWAY_DEFAULT}, or a free port if that one is taken)",
+    )
+    parser.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
 
 
 @dataclass
@@ -60,14 +69,52 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
 
-def _children(redis_url: str, workers: int) -> list[Child]:
+def gateway_address(spec: str) -> tuple[str, int]:
+    """HOST:PORT to listen on; the default port, when taken, gives way to a free one."""
+    from ectrans.services.gateway.settings import is_loopback
+
+    host, _, port_text = spec.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit():
+        raise SystemExit(f"[up] --gateway wants HOST:PORT, got {spec!r}")
+    port = int(port_text)
+    if not is_loopback(host) and not os.environ.get("ECTRANS_GATEWAY_API_KEYS"):
+        raise SystemExit(f"[up] the gateway on {host} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            if spec != GATEWAY_DEFAULT:
+                raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken") from None
+            probe.bind((host, 0))
+        return host, int(probe.getsockname()[1])
+
+
+def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = None) -> list[Child]:
     env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
     children = [Child("dispatcher", [sys.executable, "-m", "ectrans.services.dispatcher"], env)]
     for index in range(workers):
         worker_env = {**env, "ECTRANS_INSTANCE": env.get("ECTRANS_INSTANCE", "") or f"{os.uname().nodename}-{index}"}
         children.append(Child(f"worker-{index}", [sys.executable, "-m", "ectrans.services.worker"], worker_env))
     children.append(Child("monitor", [sys.executable, "-m", "ectrans.services.monitor"], env))
+    if gateway is not None:
+        host, port = gateway
+        gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
+        children.append(Child("gateway", [sys.executable, "-m", "ectrans.services.gateway"], gateway_env))
     return children
+
+
+def _http_banner(gateway: tuple[str, int] | None) -> str:
+    if gateway is None:
+        return ""
+    host, port = gateway
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    body = """'{"model": "minilm", "input": "some text"}'"""
+    return (
+        f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
+        f"  API docs:     {base}/docs\n"
+    )
 
 
 def _banner(url: str, prefix: str, name: str) -> str:
@@ -114,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     server: RedisServer | None = None
+    gateway = None if args.no_gateway else gateway_address(args.gateway)
     url = os.environ.get("ECTRANS_REDIS_URL")
     if not url:
         data_dir = Path(args.data_dir) if args.data_dir else None
@@ -127,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.cleanup()
         return 2
-    print(_banner(url, prefix, name), flush=True)
-    children = _children(url, args.workers)
+    print(_banner(url, prefix, name) + _http_banner(gateway), flush=True)
+    children = _children(url, args.workers, gateway)
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

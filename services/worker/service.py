@@ -32,6 +32,7 @@ from ectrans.common.schemas import Reason, Task, TaskError
 from ectrans.common.split import check_split
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
+from ectrans.services.worker.cancel import CANCELLED_MESSAGE, split_cancelled
 from ectrans.services.worker.settings import WorkerSettings
 from ectrans.services.worker.warmup import warm_up
 
@@ -400,8 +401,9 @@ class Worker:
     async def _run_batch(self, lane: ModelLane, batch: Batch) -> None:
         try:
             started = now_ms()
+            wanted = await self._without_cancelled(batch)
             # Tasks with different op params (e.g. num_beams) cannot share one request.
-            for group in self._split_by_params(batch):
+            for group in self._split_by_params(wanted):
                 await self._run_group(lane, Batch(batch.task_class, group), started)
         except RedisError as exc:  # not written: the tasks stay pending, and are taken over after the idle time
             logger.warning("[batch] results of %d %s tasks not written: %s", len(batch.items), lane.spec.name, exc)
@@ -409,6 +411,14 @@ class Worker:
             self._release(batch.items)
             lane.inflight[lane.slot_class(batch)] -= 1
             lane.wakeup.set()
+
+    async def _without_cancelled(self, batch: Batch) -> Batch:
+        """The batch less the tasks their clients cancelled, which are answered `cancelled` (cancel.py)."""
+        run, cancelled = await split_cancelled(self.redis, self.keys, batch.items)
+        if cancelled:
+            self.counts["cancelled"] += len(cancelled)
+            await self._finish_errors(cancelled, Reason.CANCELLED, CANCELLED_MESSAGE)
+        return Batch(batch.task_class, run)
 
     async def _run_group(self, lane: ModelLane, batch: Batch, started: int) -> None:
         first = batch.items[0].task

@@ -1,0 +1,198 @@
+"""`ectrans bench gateway`: what the HTTP gateway adds, with the no-op model (no model cost).
+
+- one HTTP client, one request at a time: client-side latency of `POST /v1/embeddings` (one input)
+  against the same task through the Python client in the same run; the difference is what HTTP and
+  the gateway add (the HTTP client's own cost included). `GET /health` at the same time shows HTTP's
+  floor: a round trip through uvicorn and FastAPI that touches no Redis;
+- closed loops of 1, 32 and 256 HTTP clients, each sending its next request when the last is
+  answered: requests/s end to end, latency percentiles and every non-200 answer, by status.
+
+The stack runs as processes (private Redis, dispatcher, worker, gateway), as `ectrans up` starts
+them; the load comes from this process, which shares the machine's cores with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from ectrans.bench.harness import ServiceStack, machine_info, note, run_async, size_for
+from ectrans.bench.workload import percentile, sample_texts
+from ectrans.client import AsyncClient
+from ectrans.common.redis_server import free_port
+
+MODELS_JSON = '{"noop": {"kind": "noop"}}'
+HEALTH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class GatewaySize:
+    single_requests: int
+    clients: tuple[int, ...]
+    seconds_per_level: float
+
+
+QUICK = GatewaySize(single_requests=300, clients=(1, 32, 256), seconds_per_level=4.0)
+FULL = GatewaySize(single_requests=2000, clients=(1, 32, 256), seconds_per_level=15.0)
+TINY = GatewaySize(single_requests=20, clients=(1, 32), seconds_per_level=0.5)  # the smoke test
+
+
+class GatewayStack(ServiceStack):
+    """The bench's service stack plus a gateway process on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        settings = {"MODELS_JSON": MODELS_JSON, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(self.port)}
+        super().__init__(serve_models="noop", settings=settings)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> GatewayStack:
+        super().launch()
+        self._spawn("gateway", "ectrans.services.gateway", "bench-g0")
+        return self
+
+    def wait_ready(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+        super().wait_ready(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.base}/ready", timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:  # refused while it starts, or 503 (HTTPError) until a worker serves
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the gateway was not ready after {timeout_s:.0f}s; logs in {self.log_dir}")
+
+
+def _summary(latencies_ms: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(latencies_ms, 50), 3),
+        "p90_ms": round(percentile(latencies_ms, 90), 3),
+        "p99_ms": round(percentile(latencies_ms, 99), 3),
+    }
+
+
+async def _post(http: aiohttp.ClientSession, body: dict[str, Any]) -> str:
+    """`200`, or the status and the error's code (`503 overloaded`)."""
+    async with http.post("/v1/embeddings", json=body) as answer:
+        data = await answer.read()
+        if answer.status == 200:
+            return "200"
+        try:
+            return f"{answer.status} {json.loads(data)['error']['code']}"
+        except (ValueError, KeyError, TypeError):
+            return str(answer.status)
+
+
+async def _one_at_a_time(stack: GatewayStack, http: aiohttp.ClientSession, texts: list[str]) -> dict[str, Any]:
+    """HTTP, the Python client and /health, interleaved request by request so that a noisy
+    neighbour hits all three alike."""
+    http_ms: list[float] = []
+    python_ms: list[float] = []
+    health_ms: list[float] = []
+    async with AsyncClient(stack.url, prefix=stack.prefix) as client:
+        for text in texts:
+            started = time.perf_counter()
+            status = await _post(http, {"model": "noop", "input": text, "priority": "realtime"})
+            http_ms.append((time.perf_counter() - started) * 1000)
+            if status != "200":
+                raise RuntimeError(f"the gateway answered {status}")
+            started = time.perf_counter()
+            result = await client.submit("noop", "noop", text, priority="realtime")
+            python_ms.append((time.perf_counter() - started) * 1000)
+            result.raise_for_status()
+            started = time.perf_counter()
+            async with http.get("/health") as answer:
+                await answer.read()
+            health_ms.append((time.perf_counter() - started) * 1000)
+    http_summary, python_summary = _summary(http_ms), _summary(python_ms)
+    return {
+        "http": http_summary,
+        "python_client": python_summary,
+        "health": _summary(health_ms),
+        "added_p50_ms": round(http_summary["p50_ms"] - python_summary["p50_ms"], 3),
+    }
+
+
+async def _closed_loop(http: aiohttp.ClientSession, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` loops each sending its next request once the last is answered, for `seconds`."""
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    stop_at = time.perf_counter() + seconds
+
+    async def one_client(index: int) -> None:
+        i = index
+        while time.perf_counter() < stop_at:
+            body = {"model": "noop", "input": texts[i % len(texts)]}
+            i += clients
+            started = time.perf_counter()
+            try:
+                statuses[await _post(http, body)] += 1
+            except aiohttp.ClientError as exc:
+                statuses[type(exc).__name__] += 1
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for index in range(clients):
+            tg.create_task(one_client(index))
+    elapsed = time.perf_counter() - started
+    answered = sum(statuses.values())
+    errors = {status: n for status, n in statuses.items() if status != "200"}
+    return {
+        "clients": clients,
+        "requests": answered,
+        "requests_per_s": round(statuses["200"] / elapsed, 1),
+        "errors": errors,
+        **_summary(latencies),
+    }
+
+
+async def _measure(stack: GatewayStack, size: GatewaySize) -> dict[str, Any]:
+    texts = sample_texts(4096, seed=17, mix="short")
+    connections = aiohttp.TCPConnector(limit=max(size.clients) + 8)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(stack.base, connector=connections, timeout=timeout) as http:
+        await _closed_loop(http, texts, 32, 1.0)  # warm-up: connections, the token counter, caches
+        single = await _one_at_a_time(stack, http, texts[: size.single_requests])
+        note(f"gateway: one client adds {single['added_p50_ms']:.2f} ms at p50 over the Python client")
+        levels = []
+        for clients in size.clients:
+            level = await _closed_loop(http, texts, clients, size.seconds_per_level)
+            levels.append(level)
+            note(f"gateway: {clients} clients → {level['requests_per_s']:,.0f} requests/s, errors {level['errors']}")
+    return {"one_at_a_time": single, "closed_loops": levels}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    size = size_for(quick, QUICK, FULL, TINY)
+    stack = GatewayStack()
+    with stack:
+        figures = run_async(lambda: _measure(stack, size))
+    best = max(level["requests_per_s"] for level in figures["closed_loops"])
+    at_256 = next((level for level in figures["closed_loops"] if level["clients"] == 256), None)
+    return {
+        "scenario": "gateway",
+        "quick": quick,
+        "added_p50_ms_at_1_client": figures["one_at_a_time"]["added_p50_ms"],
+        "best_requests_per_s": best,
+        "errors_at_256_clients": at_256["errors"] if at_256 else None,
+        **figures,
+        "targets": {"added_p50_ms_at_1_client": 1.0, "errors_at_256_clients": 0, "requests_per_s": 2000},
+        "how": (
+            "no-op model; private redis-server, dispatcher, worker and gateway processes; load from this process "
+            "with aiohttp (keep-alive connections); one_at_a_time interleaves HTTP, the Python client and /health "
+            "request by request, priority realtime; closed loops send one input per request"
+        ),
+        "machine": machine_info(),
+    }

@@ -1,0 +1,53 @@
+"""`python -m ectrans.services.gateway`: serve the HTTP API on uvicorn (uvloop, httptools)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+
+from ectrans.common.heartbeat import host_name
+from ectrans.common.lifecycle import run_main
+from ectrans.common.logs import setup_logging
+from ectrans.common.registry import load_registry
+from ectrans.services.gateway.app import create_app
+from ectrans.services.gateway.settings import GatewaySettings
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    """uvicorn stops gracefully on SIGTERM and then raises the signal again: end with status 0."""
+    raise SystemExit(0)
+
+
+def main() -> int:
+    settings = GatewaySettings()
+    setup_logging(settings.log_level, settings.log_format, "gateway")
+    registry = load_registry(settings.models_file, settings.models_json)
+    family = socket.AF_INET6 if ":" in settings.gateway_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.gateway_host, settings.gateway_port))  # port 0: a free one, named in the instance
+    port = sock.getsockname()[1]
+    host = f"[{settings.gateway_host}]" if family == socket.AF_INET6 else settings.gateway_host
+    app = create_app(settings, registry, instance=f"{host_name()}-{port}", address=f"http://{host}:{port}")
+    config = uvicorn.Config(
+        app,
+        loop="none",  # run_main already runs uvloop
+        http="httptools",
+        lifespan="on",
+        access_log=False,  # quiet: no line per request (the metrics count them)
+        log_config=None,  # uvicorn's loggers go through ours
+        log_level="debug" if settings.log_level == "DEBUG" else "warning",  # its start lines repeat ours
+        timeout_graceful_shutdown=int(settings.gateway_timeout_s),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    return run_main(lambda: server.serve(sockets=[sock]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

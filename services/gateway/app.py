@@ -1,0 +1,416 @@
+"""The gateway's FastAPI app: parse and check a request, submit its inputs as tasks through the
+shared `AsyncClient`, map the results (or the reason of the first error) to the response.
+
+No model code and no Redis key is spelled out here: tasks go through the client library, liveness
+through `common.presence`, token counts through `tokens.py`, errors through `errors.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import MaxConnectionsError, RedisError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from ectrans import __version__
+from ectrans.client import AsyncClient, TaskResult, TaskTimeout
+from ectrans.common.heartbeat import Heartbeat
+from ectrans.common.presence import live
+from ectrans.common.redis_conn import RedisClient, connect
+from ectrans.common.registry import ModelSpec
+from ectrans.common.schemas import Reason
+from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError, bad_request, render
+from ectrans.services.gateway.metrics import GatewayMetrics
+from ectrans.services.gateway.middleware import Guard
+from ectrans.services.gateway.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbedRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TEIError,
+    TranslateRequest,
+    TranslateResponse,
+)
+from ectrans.services.gateway.settings import GatewaySettings
+from ectrans.services.gateway.tokens import TokenCounter
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PRIORITY_HEADER = "x-ectrans-priority"
+DEADLINE_HEADER = "x-ectrans-deadline-ms"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "bad input (`bad_input`, `unknown_op`)",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "request body too large",
+        429: "overloaded (with Retry-After)",
+        500: "internal error",
+        503: "no live worker serves the model, or Redis is unreachable (with Retry-After)",
+        504: "deadline passed, or no answer within the gateway's timeout",
+    }.items()
+}
+
+
+def json_response(body: object, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")).encode(), status, media_type="application/json")
+
+
+class Gateway:
+    """What every request of one gateway process shares: one client (one reply stream), one Redis
+    connection for liveness questions, the token counters and the metrics."""
+
+    def __init__(
+        self, settings: GatewaySettings, registry: dict[str, ModelSpec], metrics: GatewayMetrics, instance: str
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.keys = settings.keys
+        self.client = AsyncClient(settings.redis_url, prefix=settings.prefix)
+        self.redis: RedisClient = connect(settings.redis_url, client_name=f"ectrans-gateway-{instance}")
+        self.tokens = TokenCounter(registry)
+        self.heartbeat = Heartbeat(
+            self.redis, self.keys, "gateway", instance, interval_s=settings.heartbeat_s, extra=self._beat_fields
+        )
+        self._stopping = asyncio.Event()
+        self._beating: asyncio.Task[None] | None = None
+        self.waiting_inputs = 0  # inputs submitted and not yet answered, for the heartbeat
+
+    def _beat_fields(self) -> dict[str, object]:
+        return {"waiting_inputs": self.waiting_inputs}
+
+    async def start(self) -> None:
+        await self.client.connect()
+        self._beating = asyncio.create_task(self.heartbeat.run(self._stopping))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._beating is not None:
+            await self._beating
+        await self.client.close()
+        await self.redis.aclose()
+
+    # Requests -------------------------------------------------------------------------------------
+
+    def embed_op(self, model: str) -> str:
+        """A no-op model answers the embedding endpoints with its own op: the HTTP path can then be
+        measured without a model (its vector is one number, the input's length in characters)."""
+        spec = self.registry.get(model)
+        return "noop" if spec is not None and spec.kind == "noop" else "embed"
+
+    async def check_lengths(self, model: str, texts: Sequence[str], *, truncate: bool, status: int) -> int:
+        """Total tokens of `texts`; an input over the model's limit is refused unless `truncate`."""
+        counts = await self.tokens.count(model, texts)
+        if counts is None:  # a model the dispatcher may know and this gateway does not: it decides
+            return 0
+        spec = self.registry[model]
+        if not truncate and spec.kind != "noop":
+            for index, count in enumerate(counts):
+                if count > spec.max_tokens:
+                    raise GatewayError(
+                        status,
+                        f"input {index} has {count} tokens, over the limit of {spec.max_tokens} of model {model!r};"
+                        " shorten it or set truncate=true",
+                        Reason.BAD_INPUT,
+                        "input",
+                    )
+        return sum(counts)
+
+    async def run(
+        self,
+        request: Request,
+        model: str,
+        op: str,
+        texts: Sequence[str],
+        *,
+        options: tuple[str | None, int | None],
+        params: dict[str, int] | None = None,
+    ) -> list[TaskResult]:
+        """Submit one task per text and wait for all; the first error result becomes a GatewayError.
+        A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
+        priority, deadline_ms = options
+        self.metrics.inputs.labels(model).inc(len(texts))
+        submitting = self.client.submit_many(
+            model,
+            op,
+            texts,
+            priority=priority,
+            deadline_ms=deadline_ms,
+            params=params,
+            timeout=self.settings.gateway_timeout_s,
+        )
+        self.waiting_inputs += len(texts)
+        try:
+            results = await until_disconnect(request, submitting)
+        except ClientGone:
+            self.metrics.cancelled.inc(len(texts))
+            closed = "the client closed the request; its tasks were cancelled"
+            raise GatewayError(CLIENT_CLOSED, closed, Reason.CANCELLED) from None
+        except TaskTimeout as exc:
+            waited = self.settings.gateway_timeout_s
+            raise GatewayError(504, f"no answer within {waited:g}s: {exc}", "timeout") from None
+        except MaxConnectionsError:  # the client's connection pool is exhausted: this gateway is overloaded
+            busy = "the gateway has too many requests in flight"
+            raise GatewayError(503, busy, Reason.OVERLOADED, retry_after_s=1) from None
+        except RedisError as exc:
+            logger.warning("[gateway] tasks not submitted: %s", exc)
+            raise GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1) from None
+        finally:
+            self.waiting_inputs -= len(texts)
+        for index, result in enumerate(results):
+            if not result.ok:
+                raise GatewayError.from_result(result, index, len(results))
+        return results
+
+    async def served_models(self) -> set[str]:
+        return {model for worker in await live(self.redis, self.keys, "worker") for model in worker.models}
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first. The body has been read by now,
+    so the next message from the server is `http.disconnect`: sent when the client goes away (or
+    after the response, when nobody waits any more)."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        handler.uncancel()
+        raise ClientGone from None
+    finally:
+        watcher.cancel()
+
+
+def request_options(request: Request, priority: str | None, deadline_ms: int | None) -> tuple[str | None, int | None]:
+    """`priority` and `deadline_ms` from the body, else from the `X-ECTrans-*` headers."""
+    if priority is None:
+        priority = request.headers.get(PRIORITY_HEADER)
+        if priority is not None and priority not in ("realtime", "batch"):
+            raise bad_request(f"header {PRIORITY_HEADER} must be realtime or batch, got {priority[:40]!r}", "priority")
+    if deadline_ms is None:
+        header = request.headers.get(DEADLINE_HEADER)
+        if header is not None:
+            if not header.strip().isdigit() or not 1 <= int(header) <= 24 * 3600 * 1000:
+                raise bad_request(f"header {DEADLINE_HEADER} must be a whole number of ms, got {header[:40]!r}")
+            deadline_ms = int(header)
+    return priority, deadline_ms
+
+
+def text_inputs(value: object, limit: int, param: str) -> list[str]:
+    """A list of texts from a string or a list of strings; token ids, empty lists and texts that are
+    not valid Unicode (lone surrogates) are refused."""
+    texts = [value] if isinstance(value, str) else value
+    assert isinstance(texts, list)
+    if not texts:
+        raise bad_request(f"'{param}' is an empty list", param)
+    if not all(isinstance(text, str) for text in texts):
+        raise bad_request(f"'{param}' holds token ids; ECTrans tokenizes itself, send text", param)
+    if len(texts) > limit:
+        raise bad_request(f"'{param}' has {len(texts)} items, over the limit of {limit}", param)
+    for index, text in enumerate(texts):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{param}[{index}] is not valid Unicode text", param) from None
+    return texts
+
+
+def vector(result: TaskResult) -> np.ndarray:
+    """An embedding from a task's output; the no-op model's `{"chars": n}` becomes the vector [n]."""
+    output = result.output
+    if isinstance(output, dict):
+        return np.asarray([float(output.get("chars", 0))], dtype=np.float32)
+    return np.asarray(output, dtype=np.float32)
+
+
+def create_app(
+    settings: GatewaySettings, registry: dict[str, ModelSpec], *, instance: str = "gateway-0", address: str = ""
+) -> FastAPI:
+    metrics = GatewayMetrics()
+    gateway = Gateway(settings, registry, metrics, instance)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        logger.info("[start] gateway %s ready on %s (API docs at /docs)", instance, address or "its socket")
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="ECTrans gateway",
+        version=__version__,
+        description="OpenAI- and TEI-compatible HTTP endpoints in front of ECTrans's task streams.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    app.add_middleware(
+        Guard,
+        api_keys=settings.gateway_api_keys,
+        max_body_bytes=settings.gateway_max_body_bytes,
+        metrics=metrics,
+    )
+    install_error_handlers(app)
+    add_task_routes(app, gateway)
+    add_model_and_probe_routes(app, gateway)
+    return app
+
+
+def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
+    settings = gateway.settings
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS, tags=["OpenAI"])
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
+        texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
+        options = request_options(request, body.priority, body.deadline_ms)
+        tokens = await gateway.check_lengths(body.model, texts, truncate=body.truncate, status=400)
+        results = await gateway.run(request, body.model, gateway.embed_op(body.model), texts, options=options)
+        vectors = [vector(result) for result in results]
+        if body.dimensions is not None and body.dimensions != vectors[0].shape[-1]:
+            raise bad_request(
+                f"model {body.model!r} makes {vectors[0].shape[-1]}-dimensional vectors; 'dimensions' must match",
+                "dimensions",
+            )
+        encode: Any = (
+            (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode())
+            if body.encoding_format == "base64"
+            else (lambda v: v.tolist())
+        )
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return json_response({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+    @app.post(
+        "/embed",
+        response_model=list[list[float]],
+        responses={code: {"model": TEIError} for code in (413, 422, 429, 503)},
+        tags=["TEI"],
+    )
+    async def embed(body: EmbedRequest, request: Request) -> Response:
+        """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
+        model = body.model or settings.gateway_default_model
+        texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
+        options = request_options(request, body.priority, body.deadline_ms)
+        await gateway.check_lengths(model, texts, truncate=body.truncate, status=413)
+        results = await gateway.run(request, model, gateway.embed_op(model), texts, options=options)
+        vectors = np.stack([vector(result) for result in results])
+        if body.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return json_response(vectors.tolist())
+
+    @app.post("/v1/translate", response_model=TranslateResponse, responses=ERRORS, tags=["ECTrans"])
+    async def translate(body: TranslateRequest, request: Request) -> Response:
+        """Translation (or any generation) with an encoder-decoder model."""
+        texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
+        options = request_options(request, body.priority, body.deadline_ms)
+        params = {k: v for k, v in (("num_beams", body.num_beams), ("max_new_tokens", body.max_new_tokens)) if v}
+        results = await gateway.run(request, body.model, "translate", texts, options=options, params=params)
+        data = [{"index": i, "text": str(r.output["text"])} for i, r in enumerate(results)]
+        return json_response({"object": "list", "data": data, "model": body.model})
+
+
+def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
+    registry, metrics = gateway.registry, gateway.metrics
+
+    @app.get("/v1/models", response_model=ModelList, tags=["OpenAI"])
+    async def models() -> ModelList:
+        """The registry, and which models a live worker serves now."""
+        served = await gateway.served_models()
+        cards = [
+            ModelCard(id=name, kind=spec.kind, ops=sorted(spec.ops), max_tokens=spec.max_tokens, served=name in served)
+            for name, spec in sorted(registry.items())
+        ]
+        return ModelList(data=cards)
+
+    @app.get("/health", tags=["probes"])
+    async def health() -> dict[str, str]:
+        """The process is up (a liveness probe)."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["probes"], responses={503: {"description": "not ready"}})
+    async def ready() -> Response:
+        """Redis answers and a live worker serves a model (a readiness probe)."""
+        try:
+            served = await gateway.served_models()
+        except RedisError as exc:
+            return json_response({"status": "unready", "reason": f"Redis unreachable: {exc}"}, 503)
+        if not served:
+            return json_response({"status": "unready", "reason": "no live worker serves a model"}, 503)
+        return json_response({"status": "ready", "models": sorted(served)})
+
+    @app.get("/metrics", tags=["probes"])
+    async def prometheus_metrics() -> Response:
+        """The gateway's own figures (Prometheus text format)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error in one of two shapes (TEI's on `/embed`), and never a stack trace."""
+
+    def is_tei(request: Request) -> bool:
+        return request.url.path == "/embed"
+
+    async def gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return render(exc, tei=is_tei(request))
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        message = f"{'.'.join(where) + ': ' if where else ''}{first.get('msg', 'invalid request')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problems)"
+        return render(bad_request(message, where[0] if where else None), tei=is_tei(request))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        error = GatewayError(exc.status_code, str(exc.detail), codes.get(exc.status_code, "bad_request"))
+        return render(error, tei=is_tei(request))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("[gateway] unexpected error on %s", request.url.path)
+        return render(GatewayError(500, "internal error", Reason.INTERNAL), tei=is_tei(request))
+
+    app.add_exception_handler(GatewayError, gateway_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,94 @@
+"""Every error leaves the gateway through here: a task's `reason` (or a gateway check) becomes one
+HTTP status and one body, in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) or,
+on TEI's `/embed`, in TEI's (`{"error", "error_type"}`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from starlette.responses import Response
+
+from ectrans.client import TaskResult
+from ectrans.common.schemas import Reason
+
+# nginx's "client closed request": only logs and metrics see it, the client is gone.
+CLIENT_CLOSED = 499
+
+REASON_STATUS = {
+    Reason.BAD_INPUT: 400,
+    Reason.UNKNOWN_OP: 400,
+    Reason.VERSION_MISMATCH: 400,
+    Reason.UNKNOWN_MODEL: 404,
+    Reason.OVERLOADED: 429,
+    Reason.DEAD_LETTER: 500,
+    Reason.INTERNAL: 500,
+    Reason.UNAVAILABLE: 503,
+    Reason.DEADLINE: 504,
+    Reason.CANCELLED: CLIENT_CLOSED,
+}
+# Seconds a client should wait before trying again: a full queue drains fast, a missing worker slowly.
+RETRY_AFTER_S = {Reason.OVERLOADED: 1, Reason.UNAVAILABLE: 5}
+
+
+@dataclass
+class GatewayError(Exception):
+    """A request answered with an error; `code` is the ECTrans reason or the gateway's own code."""
+
+    status: int
+    message: str
+    code: str
+    param: str | None = None
+    retry_after_s: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    @classmethod
+    def from_result(cls, result: TaskResult, index: int, count: int) -> GatewayError:
+        reason = result.reason or Reason.INTERNAL
+        which = f"input {index}: " if count > 1 else ""
+        return cls(
+            status=REASON_STATUS.get(reason, 500),
+            message=f"{which}{result.error or reason}",
+            code=reason,
+            param="input" if reason == Reason.BAD_INPUT else None,
+            retry_after_s=RETRY_AFTER_S.get(reason),
+        )
+
+
+def bad_request(message: str, param: str | None = None, code: str = Reason.BAD_INPUT) -> GatewayError:
+    return GatewayError(400, message, code, param)
+
+
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def _tei_type(status: int) -> str:
+    if status == 429:
+        return "Overloaded"
+    if status == 503:
+        return "Unhealthy"
+    if status == 401:
+        return "Unauthorized"
+    return "Validation" if status < 500 else "Backend"
+
+
+def render(error: GatewayError, *, tei: bool = False) -> Response:
+    status = error.status
+    body: dict[str, object]
+    if tei:
+        status = 422 if status == 400 else status  # TEI answers a request it cannot validate with 422
+        body = {"error": error.message, "error_type": _tei_type(status)}
+    else:
+        detail = {"message": error.message, "type": _openai_type(status), "param": error.param, "code": error.code}
+        body = {"error": detail}
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    return Response(json.dumps(body).encode(), status, headers, media_type="application/json")

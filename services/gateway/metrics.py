@@ -1,0 +1,38 @@
+"""The gateway's own figures for `GET /metrics`, in a registry of its own (never prometheus-client's
+global one, so that tests and benchmarks can run several gateways in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ectrans_gateway_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ("endpoint", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ectrans_gateway_request_seconds",
+            "Time from a request's arrival to the end of its response.",
+            ("endpoint",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge("ectrans_gateway_inflight_requests", "Requests being answered.", registry=self.registry)
+        self.inputs = Counter(
+            "ectrans_gateway_inputs", "Inputs submitted as tasks, by model.", ("model",), registry=self.registry
+        )
+        self.cancelled = Counter(
+            "ectrans_gateway_cancelled",
+            "Tasks cancelled because their HTTP client disconnected first.",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

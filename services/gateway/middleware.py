@@ -1,0 +1,98 @@
+"""One pure ASGI layer in front of every route: API keys, the body size limit and the request
+metrics. Pure ASGI (not `BaseHTTPMiddleware`) because it runs on every request's hot path."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ectrans.services.gateway.errors import GatewayError, render
+from ectrans.services.gateway.metrics import GatewayMetrics
+
+# Probes, metrics and the API docs answer without a key: they reveal no data.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+ENDPOINTS = frozenset({"/v1/embeddings", "/embed", "/v1/translate", "/v1/models", *OPEN_PATHS})
+
+
+class TooLarge(HTTPException):
+    """The body grew past the limit while it was read (no or a false Content-Length). An HTTPException,
+    so that the app's error handler answers it (FastAPI turns other errors raised while it reads a
+    body into a vague 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over the limit of {limit} bytes")
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, *, api_keys: list[str], max_body_bytes: int, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in api_keys]
+        self.max_body = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        started = time.perf_counter()
+        status = 500
+        self.metrics.inflight.inc()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, path)
+            if refusal is not None:
+                await render(refusal, tei=path == "/embed")(scope, receive, send_status)
+                return
+            try:
+                await self.app(scope, self._limited(receive), send_status)
+            except TooLarge:
+                await render(self._too_large(), tei=path == "/embed")(scope, receive, send_status)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    def _refusal(self, scope: Scope, path: str) -> GatewayError | None:
+        """A request refused before it is read: a missing or wrong key, or a declared body over the limit."""
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        if self.keys and path not in OPEN_PATHS and not self._authorised(headers.get(b"authorization", b"")):
+            return GatewayError(401, "a valid API key is required: send 'Authorization: Bearer <key>'", "unauthorized")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return self._too_large()
+        return None
+
+    def _authorised(self, header: bytes) -> bool:
+        scheme, _, key = header.partition(b" ")
+        # compare_digest against every key: the time taken says nothing about which key was close.
+        matches = [hmac.compare_digest(key.strip(), known) for known in self.keys]
+        return scheme.lower() == b"bearer" and any(matches)
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(413, TooLarge(self.max_body).detail, "body_too_large")
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` that stops a body arriving in chunks once it passes the limit."""
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise TooLarge(self.max_body)
+            return message
+
+        return limited

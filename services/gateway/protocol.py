@@ -1,0 +1,132 @@
+"""Request and response shapes of the HTTP API, apart from the handlers (as vLLM keeps them).
+
+`/v1/embeddings` follows OpenAI's embeddings API, `/embed` Hugging Face TEI's; both take ECTrans's
+own `priority` and `deadline_ms` as extra fields. Unknown fields are refused, so a typo is a 400,
+not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from ectrans.common.schemas import MAX_DEADLINE_MS, OP_PARAMS
+
+Priority = Literal["realtime", "batch"]
+Deadline = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS)]
+# OpenAI's `input` may also be token ids; they are refused with a clear message (see app.py).
+TokenIds = list[int]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ECTransOptions(Strict):
+    """ECTrans's own request fields (also accepted as `X-ECTrans-Priority`/`X-ECTrans-Deadline-Ms` headers)."""
+
+    priority: Priority | None = Field(None, description="`realtime` or `batch`; by default the server classifies.")
+    deadline_ms: Deadline | None = Field(None, description="Deadline relative to submission, in milliseconds.")
+
+
+class EmbeddingRequest(ECTransOptions):
+    """OpenAI `POST /v1/embeddings`."""
+
+    input: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
+    model: str = Field(description="A model name from the registry (see `GET /v1/models`).")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: little-endian float32 bytes, base64-encoded."
+    )
+    dimensions: int | None = Field(None, ge=1, description="Only the model's own dimension is accepted.")
+    user: str | None = Field(None, description="Accepted and ignored, as an end-user id for OpenAI's logs.")
+    truncate: bool = Field(False, description="Cut over-long inputs to the model's limit instead of refusing them.")
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class EmbedRequest(ECTransOptions):
+    """Hugging Face TEI `POST /embed`."""
+
+    inputs: str | list[str] = Field(description="Text, or a list of texts, to embed.")
+    normalize: bool = Field(True, description="L2-normalise each vector.")
+    truncate: bool = Field(False, description="Cut over-long inputs to the model's limit instead of refusing them.")
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="Only `Right` is supported.")
+    prompt_name: None = Field(None, description="Prompts are not supported.")
+    model: str | None = Field(None, description="ECTrans extension: the model (default: the gateway's default model).")
+
+
+class TranslateRequest(ECTransOptions):
+    """`POST /v1/translate`: encoder-decoder models (translation, summarisation)."""
+
+    model: str = Field(description="A seq2seq model name from the registry.")
+    input: str | list[str] = Field(
+        validation_alias=AliasChoices("input", "inputs"), description="Text or texts (`inputs` also accepted)."
+    )
+    num_beams: int | None = Field(None, ge=OP_PARAMS["num_beams"][0], le=OP_PARAMS["num_beams"][1])
+    max_new_tokens: int | None = Field(None, ge=OP_PARAMS["max_new_tokens"][0], le=OP_PARAMS["max_new_tokens"][1])
+
+
+class Translation(BaseModel):
+    index: int
+    text: str
+
+
+class TranslateResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Translation]
+    model: str
+
+
+class ModelCard(BaseModel):
+    """One registry entry, OpenAI-style, with what ECTrans knows of it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ectrans"
+    kind: str = Field(description="`encoder`, `seq2seq` or `noop`.")
+    ops: list[str]
+    max_tokens: int
+    served: bool = Field(description="True while at least one live worker serves it.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, used by every endpoint but `/embed`."""
+
+    error: ErrorDetail
+
+
+class TEIError(BaseModel):
+    """TEI's error shape, used by `/embed`."""
+
+    error: str
+    error_type: str

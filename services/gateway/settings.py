@@ -1,0 +1,59 @@
+"""Gateway settings (`ECTRANS_GATEWAY_*` and the common `ECTRANS_*`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from ectrans.common.settings import CommonSettings
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewaySettings(CommonSettings):
+    gateway_host: str = Field("127.0.0.1", description="Address the HTTP gateway listens on.")
+    gateway_port: int = Field(8000, ge=0, le=65535, description="Port the HTTP gateway listens on (0: a free one).")
+    gateway_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Bearer keys the gateway accepts (a JSON list, or comma-separated); none means no check, which is allowed"
+            " only on a loopback address."
+        ),
+    )
+    gateway_max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="Largest request body the gateway reads; larger ones get 413."
+    )
+    gateway_max_inputs: int = Field(2048, ge=1, description="Most inputs one request may carry (OpenAI allows 2048).")
+    gateway_timeout_s: float = Field(60.0, gt=0, description="How long a request waits for its results before 504.")
+    gateway_default_model: str = Field("minilm", description="Model for requests that name none (TEI's /embed).")
+    heartbeat_s: float = Field(2.0, gt=0, description="The gateway's heartbeat, for `ectrans health gateway`.")
+
+    @field_validator("gateway_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """`ECTRANS_GATEWAY_API_KEYS=k1,k2` as well as a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [k.strip() for k in text.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _keys_off_loopback(self) -> GatewaySettings:
+        if not self.gateway_api_keys and not is_loopback(self.gateway_host):
+            raise ValueError(
+                f"{self.gateway_host=} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS"
+                " (bearer keys clients must send), or listen on 127.0.0.1"
+            )
+        return self

@@ -1,0 +1,156 @@
+"""The gateway's HTTP surface without a stack behind it: every malformed request gets a 4xx in the
+endpoint's error shape (never a 500 or a stack trace), API keys, the body size limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from ectrans.client import TaskResult
+from ectrans.common.schemas import Reason
+from ectrans.services.gateway.errors import REASON_STATUS, RETRY_AFTER_S, GatewayError
+from tests.gateway_process import gateway_process
+
+MAX_BODY = 4096
+KEY = "k-" + "7" * 30
+
+# (method, path, body, extra headers, expected status)
+Case = tuple[str, str, bytes, dict[str, str], int]
+EMB, TEI, TR = "/v1/embeddings", "/embed", "/v1/translate"
+JSON = {"content-type": "application/json"}
+
+
+def body(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+CORPUS: dict[str, Case] = {
+    "empty body": ("POST", EMB, b"", JSON, 400),
+    "not JSON": ("POST", EMB, b"{model: minilm", JSON, 400),
+    "truncated JSON": ("POST", EMB, b'{"model": "minilm", "input": "x"', JSON, 400),
+    "JSON array": ("POST", EMB, body(["x"]), JSON, 400),
+    "JSON string": ("POST", EMB, body("x"), JSON, 400),
+    "JSON null": ("POST", EMB, b"null", JSON, 400),
+    "not UTF-8": ("POST", EMB, b'{"model": "minilm", "input": "\xff\xfe"}', JSON, 400),
+    "missing input": ("POST", EMB, body({"model": "minilm"}), JSON, 400),
+    "missing model": ("POST", EMB, body({"input": "x"}), JSON, 400),
+    "input a number": ("POST", EMB, body({"model": "minilm", "input": 5}), JSON, 400),
+    "input a dict": ("POST", EMB, body({"model": "minilm", "input": {"a": 1}}), JSON, 400),
+    "input mixed list": ("POST", EMB, body({"model": "minilm", "input": ["a", 1]}), JSON, 400),
+    "input empty list": ("POST", EMB, body({"model": "minilm", "input": []}), JSON, 400),
+    "token ids": ("POST", EMB, body({"model": "minilm", "input": [1, 2, 3]}), JSON, 400),
+    "token id lists": ("POST", EMB, body({"model": "minilm", "input": [[1, 2], [3]]}), JSON, 400),
+    "lone surrogate": ("POST", EMB, b'{"model": "minilm", "input": "a\\ud800b"}', JSON, 400),
+    "too many inputs": ("POST", EMB, body({"model": "minilm", "input": ["x"] * 9}), JSON, 400),
+    "model a list": ("POST", EMB, body({"model": ["minilm"], "input": "x"}), JSON, 400),
+    "bad encoding_format": ("POST", EMB, body({"model": "minilm", "input": "x", "encoding_format": "hex"}), JSON, 400),
+    "unknown field": ("POST", EMB, body({"model": "minilm", "input": "x", "temprature": 1}), JSON, 400),
+    "bad priority": ("POST", EMB, body({"model": "minilm", "input": "x", "priority": "urgent"}), JSON, 400),
+    "negative deadline": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": -5}), JSON, 400),
+    "huge deadline": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": 10**30}), JSON, 400),
+    "NaN deadline": ("POST", EMB, b'{"model": "minilm", "input": "x", "deadline_ms": NaN}', JSON, 400),
+    "float deadline": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": 1.5}), JSON, 400),
+    "zero dimensions": ("POST", EMB, body({"model": "minilm", "input": "x", "dimensions": 0}), JSON, 400),
+    "bad priority header": (
+        "POST",
+        EMB,
+        body({"model": "minilm", "input": "x"}),
+        {**JSON, "x-ectrans-priority": "now"},
+        400,
+    ),
+    "bad deadline header": (
+        "POST",
+        EMB,
+        body({"model": "minilm", "input": "x"}),
+        {**JSON, "x-ectrans-deadline-ms": "soon"},
+        400,
+    ),
+    "deep nesting": ("POST", EMB, b"[" * 1500 + b"]" * 1500, JSON, 400),
+    "text/plain body": ("POST", EMB, b"hello", {"content-type": "text/plain"}, 400),
+    "body over the limit": ("POST", EMB, body({"model": "minilm", "input": "x" * MAX_BODY}), JSON, 413),
+    "TEI: not JSON": ("POST", TEI, b"{", JSON, 422),
+    "TEI: missing inputs": ("POST", TEI, body({"normalize": True}), JSON, 422),
+    "TEI: normalize a string": ("POST", TEI, body({"inputs": "x", "normalize": "yes please"}), JSON, 422),
+    "TEI: left truncation": ("POST", TEI, body({"inputs": "x", "truncation_direction": "Left"}), JSON, 422),
+    "TEI: a prompt": ("POST", TEI, body({"inputs": "x", "prompt_name": "query"}), JSON, 422),
+    "TEI: over the limit": ("POST", TEI, body({"inputs": "x" * MAX_BODY}), JSON, 413),
+    "translate: beams 0": ("POST", TR, body({"model": "m", "input": "x", "num_beams": 0}), JSON, 400),
+    "translate: tokens 9999": ("POST", TR, body({"model": "m", "input": "x", "max_new_tokens": 9999}), JSON, 400),
+    "unknown path": ("POST", "/v1/chat/completions", body({}), JSON, 404),
+    "wrong method": ("GET", EMB, b"", {}, 405),
+}
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_server: Any) -> Iterator[str]:
+    settings = {"gateway_max_body_bytes": str(MAX_BODY), "gateway_max_inputs": "8"}
+    with gateway_process(redis_server.url, "tmalformed:", **settings) as base:
+        yield base
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_a_malformed_request_gets_a_clear_4xx(gateway: str, name: str) -> None:
+    method, path, content, headers, status = CORPUS[name]
+    response = httpx.request(method, gateway + path, content=content, headers=headers, timeout=10)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    if path == TEI:
+        assert isinstance(error, str) and response.json()["error_type"] == "Validation"
+    else:
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        message = error["message"]
+        assert message and "Traceback" not in message and len(message) < 500, message
+
+
+def test_a_body_streamed_past_the_limit_is_refused(gateway: str) -> None:
+    """No Content-Length (chunked): the limit is counted as the body arrives."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "minilm", "input": "'
+        for _ in range(MAX_BODY // 100 + 1):
+            yield b"x" * 100
+        yield b'"}'
+
+    response = httpx.post(gateway + EMB, content=chunks(), headers=JSON, timeout=10)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_api_keys(redis_server: Any) -> None:
+    with gateway_process(redis_server.url, "tkeys:", gateway_api_keys=f"other,{KEY}") as base:
+        request = {"model": "minilm", "input": []}  # refused after the key check: no stack needed
+        missing = httpx.post(base + EMB, json=request)
+        assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.post(base + EMB, json=request, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert httpx.post(base + TEI, json={"inputs": []}).status_code == 401
+        right = httpx.post(base + EMB, json=request, headers={"authorization": f"Bearer {KEY}"})
+        assert right.status_code == 400  # past the key check: the empty list is refused
+        assert httpx.get(base + "/health").status_code == 200  # probes need no key
+
+
+def test_every_reason_has_a_status() -> None:
+    reasons = {v for k, v in vars(Reason).items() if k.isupper()}
+    assert reasons == set(REASON_STATUS)
+    assert set(RETRY_AFTER_S) == {Reason.OVERLOADED, Reason.UNAVAILABLE}
+    dead = GatewayError.from_result(TaskResult("t", "error", error="gone", reason=Reason.DEAD_LETTER), 0, 1)
+    assert (dead.status, dead.code) == (500, "dead_letter")
+    mismatch = GatewayError.from_result(TaskResult("t", "error", reason=Reason.VERSION_MISMATCH), 2, 3)
+    assert mismatch.status == 400 and mismatch.message.startswith("input 2: ")
+
+
+def test_settings_refuse_a_public_address_without_keys() -> None:
+    from pydantic import ValidationError
+
+    from ectrans.services.gateway.settings import GatewaySettings
+
+    with pytest.raises(ValidationError, match="ECTRANS_GATEWAY_API_KEYS"):
+        GatewaySettings(gateway_host="0.0.0.0")
+    assert GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys="a, b").gateway_api_keys == ["a", "b"]
+    assert GatewaySettings(gateway_host="::1").gateway_api_keys == []
