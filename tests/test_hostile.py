@@ -340,10 +340,28 @@ float_arrays = hnp.arrays(
     shape=st.tuples(st.integers(0, 40), st.sampled_from([32, 31, 1])),
     elements=st.floats(allow_nan=True, allow_infinity=True, width=16),
 )
-payloads = st.fixed_dictionaries(
+wild_payloads = st.fixed_dictionaries(
     {"segment": st.sampled_from([1, 2, 3, 5, 6, 7])},
     optional={"ids": int_arrays, "types": int_arrays, "hidden": float_arrays},
 )
+
+
+@st.composite
+def near_payloads(draw: st.DrawFn) -> dict[str, Any]:
+    """Payloads of one consistent length, with values around the model's limits (vocabulary 109,
+    2 token types, width 32): most pass the checks, so the model gets to run them."""
+    tokens = draw(st.integers(1, 24))
+    body: dict[str, Any] = {"segment": draw(st.integers(1, 6))}
+    body["ids"] = draw(hnp.arrays(np.int32, tokens, elements=st.integers(0, 112)))
+    if draw(st.booleans()):
+        body["types"] = draw(hnp.arrays(np.int64, tokens, elements=st.integers(0, 2)))
+    if body["segment"] > 1:
+        values = st.floats(-7e4, 7e4, allow_nan=False, width=32) | st.sampled_from([float("nan"), float("inf")])
+        body["hidden"] = draw(hnp.arrays(np.float32, (tokens, 32), elements=values))
+    return body
+
+
+payloads = st.one_of(wild_payloads, near_payloads())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
