@@ -58,6 +58,7 @@ from ectrans.bench.harness import (
     cores,
     load_average,
     machine_info,
+    minilm_path,
     note,
     run_async,
     size_for,
@@ -69,7 +70,7 @@ from ectrans.bench.reference import ModelConfig
 from ectrans.bench.workload import Workload, percentile, ratio, realtime, sample_texts
 from ectrans.common.cost import CostModel
 from ectrans.common.redis_conn import RedisClient, connect, disconnect
-from ectrans.common.registry import build_spec, packaged_minilm_path
+from ectrans.common.registry import build_spec
 from ectrans.services.dispatcher.settings import DispatcherSettings
 from ectrans.services.worker.settings import WorkerSettings
 
@@ -599,7 +600,7 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
         fifo = resources.enter_context(ServiceStack(serve_models=MODEL, settings={"FIFO": "1"}).launch())
         from ectrans.models.device import resolve_device
 
-        spec = build_spec(MODEL, {"path": str(packaged_minilm_path())})
+        spec = build_spec(MODEL, {"path": str(minilm_path())})
         config = ModelConfig(str(spec.path), spec.max_tokens, str(resolve_device("auto")), threads=cores())
         baseline = PerRequest(config, plan)
         resources.callback(baseline.close)
