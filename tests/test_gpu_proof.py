@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_a_dry_run_refuses_to_write_into_docs() -> None:
 
 def test_headlines_pick_the_target_figures() -> None:
     split = {"weights_shared": 356 * 2**20, "executors_allocators": 0, "contexts": 2**30, "processes": 3}
-    steps = {
+    steps: dict[str, dict[str, Any]] = {
         "baselines": {"figures": {"throughput_ratio_vs_per_request": 6.1, "ratio_of_upper_bound": 0.93}},
         "memory": {
             "figures": {
