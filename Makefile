@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench gpu-proof clean
 
 $(BIN)/ectrans: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: lint typecheck unit  ## what CI runs
 
 bench: install  ## every benchmark scenario at its quick size
 	for s in baselines pipeline memory chaos durability scale mixed split gateway; do $(BIN)/ectrans bench $$s --quick --compact || exit 1; done
+
+# On a host with one CUDA GPU: every CUDA figure in one call (about 8 minutes on an H100), written to
+# docs/bench/gpu-proof.{json,md}. DRY=1 runs the same steps at their smallest size on the CPU and
+# writes to a temporary folder (the suite runs it: tests/test_gpu_proof.py).
+# Needs no venv: on the GPU host the packages come from wheels on PYTHONPATH (docs/status.md).
+gpu-proof:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m ectrans.bench.gpu_proof $(if $(DRY),--dry)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

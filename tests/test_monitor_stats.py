@@ -12,7 +12,6 @@ from ectrans.services.monitor.instances import GONE, LIVE, STALE, STOPPED, Track
 from ectrans.services.monitor.prometheus import stream_labels
 from ectrans.services.monitor.quiet import LineGate
 from ectrans.services.monitor.report import Snapshot, build_report, flatten, report_line, unflatten
-from ectrans.services.monitor.service import with_weights
 from ectrans.services.monitor.settings import MonitorSettings
 from ectrans.services.monitor.stats import Stopped, TaskEntry, Totals, Window, parse_dead_letter, parse_metrics
 
@@ -138,12 +137,6 @@ def test_report_line() -> None:
     assert line.startswith("batch 2.0/s p50 28ms p99 98ms (queue 6ms) 15tok/s size 4.0 pad 25% missed 1 | ")
     assert "errors 1 (bad_input 1)" in line
     assert "workers 1/1" in line and "cpu 0.0/0.0GiB 50%" in line
-
-
-def test_weights_are_counted_once_per_device() -> None:
-    holder = Beat("holder", "h-0", "h", 9, 0.0, 0.0, 1.0, fields={"device": "cuda", "weights_bytes": "500"})
-    devices = with_weights([DeviceState("cpu", "host", 1, 2, 0.0), DeviceState("cuda:0", "H100", 1, 2, 0.0)], [holder])
-    assert [d.weights_bytes for d in devices] == [None, 500]
 
 
 def test_warnings() -> None:

@@ -4,6 +4,9 @@ through CUDA IPC. Skipped without CUDA. On a GPU host (see docs/weight-sharing.m
     .venv/bin/pytest -m cuda tests/test_weights_cuda.py -s -p no:cacheprovider
 
 Device memory is NVML's `used` for the whole device, so run it on an otherwise idle GPU.
+Outputs are compared bit for bit with a private load in another process: the same kernels on the
+same shapes (cuBLAS picks its algorithm by shape; `CUBLAS_WORKSPACE_CONFIG` pins its workspace so
+split-K reductions cannot differ between processes).
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
+from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import ItemResult, Request
 from ectrans.models.loader import load_executor
 from ectrans.models.process_pool import SharedExecutorPool
-from ectrans.models.synthetic import make_prototype_marian
+from ectrans.models.synthetic import make_minilm_shape, make_prototype_marian
 from ectrans.models.weights import spec_to_wire
 from tests.test_weights import TEXTS, assert_same, run
 from tests.tiny_seq2seq import SENTENCES
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # inherited by the pools' processes
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda:0"
 PARAMS = {"num_beams": 1, "max_new_tokens": 8}
@@ -74,6 +78,11 @@ def prototype_reference(prototype: ModelSpec) -> list[ItemResult]:
 def test_k_executors_on_one_device_hold_the_weights_once(
     prototype: ModelSpec, prototype_reference: list[ItemResult], k: int
 ) -> None:
+    """Device memory split into what each part holds: the holder's allocator (the one copy of the
+    weights), each executor's allocator (activations), and the CUDA contexts (one per process,
+    about 400-500 MiB on an H100: as large as the weights here, so "an added executor costs less
+    than the weights" would not hold). Sharing saves what K private copies would add: the weights
+    K - 1 times over."""
     before = device_used()
     with contextlib.closing(SharedExecutorPool(prototype, 1, device=DEVICE)) as pool:
         assert_same(run(pool, "translate", SENTENCES, PARAMS), prototype_reference)
@@ -88,30 +97,56 @@ def test_k_executors_on_one_device_hold_the_weights_once(
         assert all(info["guarded"] for info in infos), "a CUDA kernel refused the write guard"
         total = device_used() - before
         weights = pool.weights_bytes
-        per_added = (total - one) / (k - 1) if k > 1 else 0.0
-        print(
-            "\n"
-            + json.dumps(
-                {
-                    "k": k,
-                    "weights_bytes": weights,
-                    "device_used_with_one": one,
-                    "device_used_with_k": total,
-                    "per_added_executor": per_added,
-                    "holder_reserved": pool.holder_info.get("cuda_reserved"),
-                    "executors_reserved": [info.get("cuda_reserved") for info in infos],
-                }
-            )
-        )
+        holder_reserved = int(pool.holder_info["cuda_reserved"])
+        executors_reserved = [int(info["cuda_reserved"]) for info in infos]
+    contexts = total - holder_reserved - sum(executors_reserved)
+    per_context = contexts / (k + 1)  # the holder's and each executor's
+    figures: dict[str, Any] = {
+        "k": k,
+        "weights_bytes": weights,
+        "device_used_with_one": one,
+        "device_used_with_k": total,
+        "holder_reserved": holder_reserved,
+        "executors_reserved": executors_reserved,
+        "contexts": contexts,
+        "per_context": per_context,
+    }
+    independent = None
+    if k == 4:  # K private copies, measured the same way
+        before = device_used()
+        with contextlib.closing(SharedExecutorPool(prototype, k, device=DEVICE, share=False, fork_server=False)) as own:
+            for future in [own.submit(Request("translate", SENTENCES, PARAMS)) for _ in range(4 * k)]:
+                assert_same(future.result(timeout=300)[0], prototype_reference)
+            independent = device_used() - before
+        figures |= {"independent": independent, "saving_vs_independent": 1 - total / independent}
+    print("\n" + json.dumps(figures))
     assert weights > 300 * 2**20
-    assert one > weights  # holder and one executor: the weights once, two contexts
-    if k > 1:
-        assert per_added < weights  # an executor adds its context and activations, not the weights
+    assert holder_reserved >= weights  # the holder holds the weights
+    assert all(reserved < weights for reserved in executors_reserved)  # executors hold no copy
+    assert 0 < per_context < 2**30
+    if independent is not None:
+        # Sharing saves the weights of every executor but one, less the holder's own context.
+        assert independent - total > (k - 1) * weights - per_context - 128 * 2**20
+
+
+def test_segment_compute_time_comes_from_cuda_events(prototype: ModelSpec) -> None:
+    """On CUDA the batch cost the worker fits must be the segments' run time on their streams,
+    not zero and not the service time with the waits between stages."""
+    executor = load_executor(prototype, device=DEVICE, threads=1)
+    try:
+        futures = [executor.submit(Request("translate", SENTENCES, PARAMS)) for _ in range(6)]
+        stats = [future.result(timeout=300)[1] for future in futures]
+    finally:
+        executor.close()
+    assert all(s.compute_ms > 0 for s in stats)
+    assert all(s.compute_ms <= s.service_ms * 1.01 for s in stats)
+    assert stats[-1].compute_ms < stats[-1].service_ms  # the last batch queued behind five others
 
 
 @pytest.fixture(scope="module")
-def minilm_pool() -> Iterator[SharedExecutorPool]:
-    spec = build_spec("minilm", {"path": str(packaged_minilm_path())})
+def minilm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedExecutorPool]:
+    # A model of MiniLM's shape built from its config: GPU hosts without network lack the package.
+    spec = build_spec("minilm", {"path": str(make_minilm_shape(tmp_path_factory.mktemp("minilm") / "model"))})
     pool = SharedExecutorPool(spec, 2, device=DEVICE)
     yield pool
     pool.close()

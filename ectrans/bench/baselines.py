@@ -41,6 +41,7 @@ from ectrans.bench.harness import (
     cores,
     load_average,
     machine_info,
+    minilm_path,
     note,
     poisson_run,
     progress,
@@ -52,7 +53,7 @@ from ectrans.bench.harness import (
 from ectrans.bench.reference import ModelConfig, ModelProcesses
 from ectrans.bench.workload import bulk, percentile, realtime
 from ectrans.client import AsyncClient
-from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
+from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.device import resolve_device
 
 SEED = 2024
@@ -113,7 +114,7 @@ def _multitask_k(device_type: str) -> int:
 
 
 def _minilm() -> ModelSpec:
-    return build_spec(MODEL, {"path": str(packaged_minilm_path())})
+    return build_spec(MODEL, {"path": str(minilm_path())})
 
 
 def _token_counts(spec: ModelSpec, texts: list[str]) -> list[int]:

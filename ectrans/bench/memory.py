@@ -38,9 +38,9 @@ from typing import Any
 
 import psutil
 
-from ectrans.bench.harness import cores, load_average, machine_info, markdown_table, note, write_report
+from ectrans.bench.harness import cores, load_average, machine_info, markdown_table, minilm_path, note, write_report
 from ectrans.bench.workload import load_sentences
-from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
+from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Request
 from ectrans.models.process_pool import SharedExecutorPool
 
@@ -85,6 +85,31 @@ FULL = Size(
     repeats=2,
     forked_baseline=True,
 )
+# ECTRANS_BENCH_SIZE=tiny: the smallest run that takes every code path (the GPU proof's dry run).
+TINY = Size(
+    models=("minilm",),
+    dtypes=("float32",),
+    ks=(1, 2),
+    batches=2,
+    embed_batch=4,
+    translate_batch=2,
+    new_tokens=2,
+    repeats=1,
+    forked_baseline=False,
+)
+# ECTRANS_BENCH_SIZE=gpu: the GPU proof's size (a few minutes on an H100): K = 1, 2, 4 on the
+# prototype-sized Marian, whose weights in fp32 are about the size of one CUDA context.
+GPU = Size(
+    models=("prototype-marian",),
+    dtypes=("float32",),
+    ks=(1, 2, 4),
+    batches=16,
+    embed_batch=32,
+    translate_batch=8,
+    new_tokens=8,
+    repeats=1,
+    forked_baseline=False,
+)
 DESCRIPTIONS = {
     "minilm": "all-MiniLM-L6-v2 (packaged), 22.7M parameters, embed",
     "prototype-marian": "Marian 6+6 layers, d_model 512, vocabulary 95k, about 93M parameters, random weights",
@@ -94,7 +119,7 @@ DESCRIPTIONS = {
 
 def model_path(name: str, root: Path) -> Path:
     if name == "minilm":
-        return packaged_minilm_path()
+        return minilm_path()
     from ectrans.models.synthetic import make_prototype_marian, make_t5_large_shape
 
     note(f"building {DESCRIPTIONS[name]}")
@@ -168,7 +193,26 @@ def snapshot(pool: SharedExecutorPool, gpu_baseline: int | None) -> dict[str, An
         if gpu is not None:
             result["device_used_added"] = gpu["device_used"] - gpu_baseline
             result["nvml_per_process"] = gpu["per_process"]
+            result["device_split"] = device_split(pool, result["device_used_added"], infos)
     return result
+
+
+def device_split(pool: SharedExecutorPool, added: int, infos: list[dict[str, Any]]) -> dict[str, int]:
+    """The device memory the group added, split by what holds it: the holder's allocator (the
+    shared weights), the executors' allocators (activations and caches, plus their own weights
+    when not shared) and the rest, the CUDA contexts (one per process: the holder and each
+    executor), which no allocator sees."""
+    holder = int(pool.holder_info.get("cuda_reserved", 0)) if pool.share else 0
+    executors = sum(int(info.get("cuda_reserved") or 0) for info in infos)
+    processes = len(infos) + (1 if pool.share else 0)
+    contexts = added - holder - executors
+    return {
+        "weights_shared": holder,
+        "executors_allocators": executors,
+        "contexts": contexts,
+        "processes": processes,
+        "per_context": contexts // max(1, processes),
+    }
 
 
 def drive(pool: SharedExecutorPool, op: str, batches: list[list[str]], params: dict[str, Any]) -> tuple[float, str]:
@@ -343,7 +387,7 @@ def compare(spec: ModelSpec, size: Size, gpu: bool) -> dict[str, Any]:
 def run(quick: bool) -> dict[str, Any]:
     import torch
 
-    size = QUICK if quick else FULL
+    size = {"tiny": TINY, "gpu": GPU}.get(os.environ.get("ECTRANS_BENCH_SIZE", ""), QUICK if quick else FULL)
     gpu = torch.cuda.is_available()
     result: dict[str, Any] = machine_info()
     result |= {

@@ -59,6 +59,7 @@ from ectrans.bench.harness import (
     cores,
     load_average,
     machine_info,
+    minilm_path,
     note,
     run_async,
     size_for,
@@ -70,7 +71,7 @@ from ectrans.bench.reference import ModelConfig
 from ectrans.bench.workload import Workload, percentile, ratio, realtime, sample_texts
 from ectrans.common.cost import CostModel
 from ectrans.common.redis_conn import RedisClient, connect, disconnect
-from ectrans.common.registry import build_spec, packaged_minilm_path
+from ectrans.common.registry import build_spec
 from ectrans.services.dispatcher.settings import DispatcherSettings
 from ectrans.services.worker.settings import WorkerSettings
 
@@ -597,12 +598,12 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
         # The three model copies load at once; the stacks first, so that they load while this process
         # imports torch for the per-request config and the run's metadata.
         # The bulk jobs join 4-8 sentences, past MiniLM's 256 tokens: cut them, as the per-request baseline does.
-        cut = {"MODELS_JSON": json.dumps({MODEL: {"path": str(packaged_minilm_path()), "truncate": True}})}
+        cut = {"MODELS_JSON": json.dumps({MODEL: {"path": str(minilm_path()), "truncate": True}})}
         ectrans = resources.enter_context(ServiceStack(serve_models=MODEL, settings=cut).launch())
         fifo = resources.enter_context(ServiceStack(serve_models=MODEL, settings={**cut, "FIFO": "1"}).launch())
         from ectrans.models.device import resolve_device
 
-        spec = build_spec(MODEL, {"path": str(packaged_minilm_path())})
+        spec = build_spec(MODEL, {"path": str(minilm_path())})
         config = ModelConfig(str(spec.path), spec.max_tokens, str(resolve_device("auto")), threads=cores())
         baseline = PerRequest(config, plan)
         resources.callback(baseline.close)

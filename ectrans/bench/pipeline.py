@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from ectrans.bench.harness import load_average, machine_info
+from ectrans.bench.harness import load_average, machine_info, minilm_path
 from ectrans.bench.workload import load_sentences
-from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
+from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Request
 from ectrans.models.encoder import EncoderTokenizer, embed_unsplit, read_pooling
 from ectrans.models.loader import load_executor, load_model
@@ -147,7 +147,7 @@ def _with_threads(work: Callable[[], None], threads: int) -> None:
 
 
 def bench_embed(size: Size, threads: int) -> dict[str, Any]:
-    spec = build_spec("minilm", {"path": str(packaged_minilm_path())})
+    spec = build_spec("minilm", {"path": str(minilm_path())})
     model = load_model(spec, torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"))
     device = next(model.parameters()).device
     tokenize = EncoderTokenizer(_tokenizer(spec.path), spec.max_tokens)

@@ -46,7 +46,7 @@ class BatchStats:
     tokens: int
     padded_tokens: int
     service_ms: float  # submitted to done, waits between stages included
-    compute_ms: float = 0.0  # the segments' own run time (0 where unmeasured, e.g. async CUDA streams)
+    compute_ms: float = 0.0  # the segments' own run time (on CUDA from events on their streams)
 
 
 class Executor(Protocol):

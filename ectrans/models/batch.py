@@ -51,6 +51,9 @@ class Job:
     nbytes: int = 0  # activation bytes, measured when parked
     compute_ms: float = 0.0  # run time of its segments so far
     ready: Any = None  # torch.cuda.Event recorded after the last segment that ran it
+    # (start, end) timing events of each segment run on a CUDA stream: compute time without the
+    # waits between stages, read once the last event has completed
+    spans: list[tuple[Any, Any]] = field(default_factory=list)
 
     @property
     def realtime(self) -> bool:
@@ -117,6 +120,8 @@ class Job:
         """Last stage: the segments' outputs as Python/numpy values, in input order."""
         if self.ready is not None:
             self.ready.synchronize()
+            self.compute_ms += sum(start.elapsed_time(end) for start, end in self.spans)
+            self.spans.clear()
         assert self.state is not None
         outputs = self.state.outputs
         if outputs is None or len(outputs) != len(self.positions):

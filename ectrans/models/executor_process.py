@@ -13,7 +13,9 @@ The supervisor (`process_pool.SharedExecutorPool`) talks to it in frames over tw
 Inside, batches run on the same `PipelinedExecutor` an in-process worker uses (`load_executor`
 with `model=`), so outputs are the same. If the holder goes away: on CUDA the IPC memory may be
 freed with it, so the process exits at once (`EXIT_HOLDER_LOST`) and the supervisor re-runs its
-batches; on CPU the mapped pages stay valid, so it serves on until told to reattach.
+batches; a CUDA result is sent only after the holder has answered a fence sent once the batch was
+done (`HolderLink`), so no batch computed on freed memory counts. On CPU the mapped pages stay
+valid, so it serves on until told to reattach.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ectrans.models.weights import AttachedModel, Manifest, mapped_weight_files,
 logger = logging.getLogger(__name__)
 
 EXIT_HOLDER_LOST = 75
+FENCE_TIMEOUT_S = 10.0
 _GUARD_REFUSED = "Cannot access data pointer of Tensor"
 _WARM_UP = "warm up"
 
@@ -54,7 +57,7 @@ class Session:
 
     executor: Executor
     attached: AttachedModel | None = None
-    holder: socket.socket | None = None
+    holder: HolderLink | None = None
     info: dict[str, Any] = field(default_factory=dict)
     closing: threading.Event = field(default_factory=threading.Event)
 
@@ -66,6 +69,63 @@ class Session:
             self.holder.close()
         if self.attached is not None:
             self.attached.release()
+
+    def holder_alive_since(self) -> bool:
+        """Whether the holder was still running after this call began (a fence; see `HolderLink`).
+        Always True for a private copy of the weights."""
+        return self.holder is None or self.holder.fence()
+
+
+class HolderLink:
+    """The connection to the holder: tells when the holder goes, and fences results.
+
+    The holder echoes every byte an executor sends. An echo proves the holder process was still
+    running after the byte was sent, so a batch that finished before `fence()` was called ran on
+    weights that were still there. On CUDA that matters: the holder's memory dies with it and a
+    kernel reading it afterwards computes garbage without an error.
+    """
+
+    def __init__(self, sock: socket.socket, on_lost: Callable[[], None]) -> None:
+        self.sock = sock
+        self.lost = False
+        self._on_lost = on_lost
+        self._cond = threading.Condition()
+        self._sent = 0
+        self._echoed = 0
+        self._thread = threading.Thread(target=self._watch, name="ectrans-holder-link", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            while data := self.sock.recv(4096):
+                with self._cond:
+                    self._echoed += len(data)
+                    self._cond.notify_all()
+        except OSError:
+            pass
+        with self._cond:
+            self.lost = True
+            self._cond.notify_all()
+        self._on_lost()
+
+    def fence(self, timeout: float = FENCE_TIMEOUT_S) -> bool:
+        """True once the holder has echoed a byte sent now; False if it is gone (or silent)."""
+        with self._cond:
+            if self.lost:
+                return False
+            self._sent += 1
+            wanted = self._sent
+            try:
+                self.sock.send(b"f")
+            except OSError:
+                return False
+            self._cond.wait_for(lambda: self._echoed >= wanted or self.lost, timeout)
+            return self._echoed >= wanted
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 def _private_bytes() -> int:
@@ -123,7 +183,7 @@ def open_session(args: dict[str, Any], socket_path: str, on_holder_lost: Callabl
     else:
         guard = bool(args["guard"])
         while True:
-            session = _attach(spec, socket_path, guard, build)
+            session = _attach(spec, socket_path, guard, build, on_holder_lost)
             attach_s = float(session.info["attach_s"])
             try:
                 _warm_up(session.executor)
@@ -139,7 +199,6 @@ def open_session(args: dict[str, Any], socket_path: str, on_holder_lost: Callabl
                     exc,
                 )
                 guard = False
-        threading.Thread(target=_watch_holder, args=(session, on_holder_lost), daemon=True).start()
     if args["mode"] == "load":
         _warm_up(session.executor)
     _trim_heap()
@@ -158,7 +217,9 @@ def open_session(args: dict[str, Any], socket_path: str, on_holder_lost: Callabl
     return session
 
 
-def _attach(spec: Any, socket_path: str, guard: bool, build: dict[str, Any]) -> Session:
+def _attach(
+    spec: Any, socket_path: str, guard: bool, build: dict[str, Any], on_lost: Callable[[Session], None]
+) -> Session:
     from ectrans.models.loader import load_executor
     from ectrans.models.weights import attach_model
 
@@ -177,25 +238,15 @@ def _attach(spec: Any, socket_path: str, guard: bool, build: dict[str, Any]) -> 
         "weights_bytes": manifest.weights_bytes,
         "holder_pid": manifest.holder_pid,
     }
-    return Session(executor, attached, sock, info)
+    session = Session(executor, attached, None, info)
+    session.holder = HolderLink(sock, lambda: None if session.closing.is_set() else on_lost(session))
+    return session
 
 
 def _trim_heap() -> None:
     """Give the C heap's free pages back to the kernel (glibc keeps what loading freed)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _watch_holder(session: Session, on_lost: Callable[[Session], None]) -> None:
-    holder = session.holder
-    assert holder is not None
-    try:
-        while holder.recv(4096):
-            pass
-    except OSError:
-        pass
-    if not session.closing.is_set():
-        on_lost(session)
 
 
 def _cuda_memory(device: str) -> dict[str, int]:
@@ -224,7 +275,12 @@ class Server:
             os._exit(EXIT_HOLDER_LOST)
         logger.warning("[weights] holder pid %s is gone; serving from the mapped weights until reattached", pid)
 
-    def _reply(self, batch_id: int, future: Future[tuple[list[ItemResult], BatchStats]]) -> None:
+    def _reply(self, session: Session, batch_id: int, future: Future[tuple[list[ItemResult], BatchStats]]) -> None:
+        if self.device.startswith("cuda") and not session.holder_alive_since():
+            # The batch may have read the holder's memory after it was freed: send nothing, exit,
+            # and let the supervisor rerun the batch on a replacement.
+            self._holder_lost(session)
+            return
         try:
             results, stats = future.result()
             message: dict[str, Any] = {
@@ -259,7 +315,9 @@ class Server:
                 request = Request(
                     str(raw["op"]), list(raw["inputs"]), dict(raw["params"]), bool(raw["realtime"]), int(raw["segment"])
                 )
-                session.executor.submit(request).add_done_callback(functools.partial(self._reply, int(message["id"])))
+                session.executor.submit(request).add_done_callback(
+                    functools.partial(self._reply, session, int(message["id"]))
+                )
             elif op == "attach":
                 session.close()
                 try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ectrans.common.registry import ModelSpec
+from ectrans.models.device import without_expandable_segments
 from ectrans.models.ipc import ChannelClosed, decode, private_stdout, read_frame, write_frame
 from ectrans.models.weights import spec_from_wire, spec_to_wire
 
@@ -83,12 +84,14 @@ def _hold(spec: ModelSpec, args: argparse.Namespace, report_fd: int) -> int:
     import torch
 
     from ectrans.common.codec import packb
-    from ectrans.models.device import resolve_device
+    from ectrans.models.device import ipc_allocator_problem, resolve_device
     from ectrans.models.loader import load_model
     from ectrans.models.weight_server import bind, serve
     from ectrans.models.weights import export_cpu, export_cuda, summary
 
     device = resolve_device(args.device)
+    if device.type == "cuda" and (problem := ipc_allocator_problem()):
+        raise HolderError(problem)
     started = time.perf_counter()
     model = load_model(spec, device)
     if device.type == "cuda":
@@ -120,8 +123,12 @@ def _hold(spec: ModelSpec, args: argparse.Namespace, report_fd: int) -> int:
                 f"--log-level={args.log_level}",
             ],
         )
+    # One export for every attach: each `_share_cuda_` call wraps the storage in another
+    # ref-counted sharing context with its own CUDA event, which would pile up per attach.
+    started = time.perf_counter()
+    payload = packb(export_cuda(model, spec).to_wire())
     info |= {
-        "export_s": 0.0,  # each attach gets fresh IPC handles, made when it asks
+        "export_s": round(time.perf_counter() - started, 3),
         **summary(model),
         "cuda_reserved": torch.cuda.memory_reserved(device),
         "cuda_allocated": torch.cuda.memory_allocated(device),
@@ -129,7 +136,7 @@ def _hold(spec: ModelSpec, args: argparse.Namespace, report_fd: int) -> int:
     listener = bind(args.socket)
     _report(report_fd, info | {"ev": "ready", "socket": str(args.socket), "pid": os.getpid()})
     logger.info("[weights] %s: %d bytes on %s; serving", spec.name, info["weights_bytes"], device)
-    serve(listener, lambda _request: (packb(export_cuda(model, spec).to_wire()), []), control_fd=0)
+    serve(listener, lambda _request: (payload, []), control_fd=0)
     return 0
 
 
@@ -215,7 +222,8 @@ class HolderProcess:
             f"--log-level={log_level}",
             f"--log-format={log_format}",
         ]
-        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        env = without_expandable_segments(os.environ)  # see device.ipc_allocator_problem
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.pid = self._proc.pid
         self._reader = threading.Thread(target=self._read, name=f"ectrans-holder-{spec.name}", daemon=True)
         self._reader.start()

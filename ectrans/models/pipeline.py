@@ -291,11 +291,16 @@ class PipelinedExecutor:
         with torch.cuda.stream(stream):
             if job.ready is not None:
                 stream.wait_event(job.ready)
+            # Timed on the stream, after the wait: the fitted batch cost must not include the time
+            # the batch spent queued behind other stages (the CPU clock would see only the launch).
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record(stream)
             state = to_device(job.state, self.device) if index == 0 else job.state
             use_on_stream(state, stream)
             job.state = segment(state)
-            job.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            job.ready = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             job.ready.record(stream)
+            job.spans.append((start, job.ready))
 
     def _finish(self, job: Job) -> None:
         try:

@@ -340,6 +340,7 @@ class SharedExecutorPool:
             "executors_pss": [m["pss"] for m in executors],
             "executors_private": [m["private"] for m in executors],
             "executors_cuda_reserved": [int(i.get("cuda_reserved", 0)) for i in self.executor_info()],
+            "holder_cuda_reserved": int(self.holder_info.get("cuda_reserved", 0)) if self.share else 0,
             "holder": holder,
             "zygote": zygote,
             "pss_sum": sum(m["pss"] for m in group),
@@ -517,6 +518,8 @@ class SharedExecutorPool:
                     self._reattach.remove(slot)
                 self._next_reattach_locked()
                 self._changed.notify_all()
+            elif event in ("result", "failed") and slot.holder_kill:
+                pass  # its holder died: the batch reruns on a replacement once this process is gone
             elif event in ("result", "failed"):
                 if "cuda" in message:
                     slot.info["cuda_allocated"], slot.info["cuda_reserved"] = message["cuda"]
@@ -725,7 +728,11 @@ def heartbeat_fields(executors: Sequence[object]) -> dict[str, object]:
     """What a worker adds to its heartbeat for its executor pools (none for in-process executors):
     the shared weights once per model and device, and each process's private memory, so the
     monitor can show the saving as measured."""
-    reports = [e.memory() for e in executors if isinstance(e, SharedExecutorPool)]
+    return memory_fields([e.memory() for e in executors if isinstance(e, SharedExecutorPool)])
+
+
+def memory_fields(reports: Sequence[dict[str, Any]]) -> dict[str, object]:
+    """The heartbeat fields for these pools' `memory()` reports (see `heartbeat_fields`)."""
     reports = [r for r in reports if r]
     if not reports:
         return {}
@@ -743,6 +750,7 @@ def heartbeat_fields(executors: Sequence[object]) -> dict[str, object]:
             "executors_pss": r["executors_pss"],
             "executors_private": r["executors_private"],
             "executors_cuda_reserved": r.get("executors_cuda_reserved", []),
+            "holder_cuda_reserved": r.get("holder_cuda_reserved", 0),
             "pss_sum": r["pss_sum"],
         }
         for r in reports

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    BertConfig,
+    BertModel,
     GenerationConfig,
     MarianConfig,
     MarianMTModel,
@@ -43,6 +45,8 @@ T5_LARGE_VOCAB = 32_128
 MARIAN_SPECIALS = ("</s>", "<unk>", "<pad>")  # opus-mt order for eos and unk (pad is last there)
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 BART_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MINILM_VOCAB = 30_522
 
 
 def vocabulary(specials: Sequence[str], size: int | None = None) -> dict[str, int]:
@@ -152,3 +156,40 @@ def make_t5_large_shape(path: Path, *, seed: int = 0, dtype: torch.dtype = torch
     model.tie_weights()
     model.train(False)
     return save(path, model, word_level_tokenizer(vocab, "$A </s>", 512), generation_config(**tokens))
+
+
+def make_minilm_shape(path: Path, *, seed: int = 0) -> Path:
+    """An all-MiniLM-L6-v2-shaped BERT (6 layers, hidden 384, 12 heads, vocabulary 30,522; about
+    22.7M parameters), random weights: the default model's cost where its package is not installed
+    (a GPU host without network)."""
+    vocab = vocabulary(BERT_SPECIALS, MINILM_VOCAB)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend,
+        model_max_length=256,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config)
+    model.train(False)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

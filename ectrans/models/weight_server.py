@@ -2,7 +2,8 @@
 
 An executor connects, sends `{"op": "attach", "pid": ...}`, and receives one frame: the manifest
 (msgpack) with, on CPU, the sealed memfd as an SCM_RIGHTS descriptor. It keeps the connection
-open: the holder logs who is attached, and an executor sees the holder go as end of stream.
+open: the holder logs who is attached, an executor sees the holder go as end of stream, and a
+byte the executor sends comes straight back (a fence: the holder was alive after that moment).
 Only processes of the holder's own user may connect (SO_PEERCRED).
 
 Imports neither torch nor numpy. The CPU holder, once it has exported, replaces itself with
@@ -58,6 +59,8 @@ def serve(listener: socket.socket, provide: Provide, control_fd: int) -> None:
             if key.data == "control":
                 if not os.read(control_fd, 4096):
                     logger.info("[weights] supervisor gone; holder exits (%d attached)", len(attached))
+                    for conn in attached:  # executors see the end of stream now, not at our exit
+                        conn.close()
                     return
             elif key.data == "accept":
                 conn, _ = listener.accept()
@@ -70,10 +73,22 @@ def serve(listener: socket.socket, provide: Provide, control_fd: int) -> None:
             else:
                 client = key.fileobj
                 assert isinstance(client, socket.socket)
-                if not client.recv(4096):
+                if not _echo(client):
                     selector.unregister(client)
                     logger.info("[weights] executor pid %d detached", attached.pop(client, -1))
                     client.close()
+
+
+def _echo(client: socket.socket) -> bool:
+    """Answer an attached executor's fence bytes, one for one (see `executor_process.HolderLink`);
+    False once it has gone."""
+    try:
+        data = client.recv(4096)
+        if data:
+            client.sendall(data)
+    except OSError:
+        return False
+    return bool(data)
 
 
 def _answer(conn: socket.socket, provide: Provide) -> int | None:

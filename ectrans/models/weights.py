@@ -9,7 +9,8 @@ distinct storage is exported once, so tensors that share a storage (tied embeddi
   more. The memfd travels to executors over a Unix socket (SCM_RIGHTS); no file is left behind in
   /dev/shm, and the memory is freed when the last process holding it goes.
 - CUDA: one IPC handle per storage from torch's own sharing machinery (`_share_cuda_`, as
-  `torch.multiprocessing.reductions` does), fresh for each executor; the holder keeps its tensors.
+  `torch.multiprocessing.reductions` does), made once and sent to every executor; the holder keeps
+  its tensors (the producer must outlive every importer, per torch's CUDA IPC rules).
 
 Attach (an executor): the model is built on the `meta` device from its config, then every
 parameter and buffer is replaced by a tensor over the shared memory (`torch.frombuffer` over a
@@ -301,8 +302,9 @@ def _advise_huge_pages(mapping: mmap.mmap) -> None:
 
 
 def export_cuda(model: nn.Module, spec: ModelSpec) -> Manifest:
-    """Fresh CUDA IPC handles for every storage (one set per executor, as torch's reductions give
-    one per send). The caller keeps `model` alive for as long as any executor may use them."""
+    """CUDA IPC handles for every storage. Call it once and give every executor the same manifest:
+    each call wraps the storages in another ref-counted sharing context and CUDA event. The caller
+    keeps `model` alive for as long as any executor may use them."""
     groups, empty = _groups(model)
     storages: list[StorageEntry] = []
     tensors = [_entry(t, names, is_param, -1, 0) for t, names, is_param in empty]

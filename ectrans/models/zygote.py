@@ -256,7 +256,6 @@ class Zygote:
 
 def preload(spec_wire: dict[str, Any] | None) -> None:
     """Import everything an executor needs (and the served model's modeling code) before forking."""
-    import torch
     import transformers
 
     import ectrans.common.codec
@@ -275,10 +274,20 @@ def preload(spec_wire: dict[str, Any] | None) -> None:
         spec = spec_from_wire(spec_wire)
         model = build_on_meta(spec)
         del model
-    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        raise SpawnError("CUDA was initialised while preloading; forked executors could not use it")
+    check_fork_safe()
     gc.collect()
     gc.freeze()  # the children share these objects; keep the collector from writing to their pages
+
+
+def check_fork_safe(maps: str | None = None) -> None:
+    """Refuse to fork executors from a process that has touched the CUDA driver: torch's own lazy
+    init, or any runtime call (`torch.cuda.device_count()` among them) that loaded libcuda."""
+    import torch
+
+    from ectrans.models.device import cuda_driver_loaded
+
+    if torch.cuda.is_initialized() or cuda_driver_loaded(maps):  # type: ignore[no-untyped-call]
+        raise SpawnError("the CUDA driver was initialised while preloading; forked executors could not use it")
 
 
 def _fork_child(args: dict[str, Any], fds: list[int], close: list[int]) -> int:

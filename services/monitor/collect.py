@@ -144,6 +144,7 @@ class Nvml:
 
     def __init__(self) -> None:
         self.available = False
+        self._unreadable: set[int] = set()
         try:
             import pynvml
 
@@ -154,19 +155,33 @@ class Nvml:
             logger.debug("NVML unavailable: %s", exc)
 
     def devices(self) -> list[DeviceState]:
+        """Every GPU NVML can read; one it cannot (a MIG parent, a GPU lost to a reset) is left out
+        alone, with a warning the first time."""
         if not self.available:
             return []
         try:
-            return [self._device(index) for index in range(self._nvml.nvmlDeviceGetCount())]
-        except self._nvml.NVMLError as exc:  # a driver reset or a lost GPU must not stop the monitor
+            count = self._nvml.nvmlDeviceGetCount()
+        except self._nvml.NVMLError as exc:  # a driver reset must not stop the monitor
             logger.warning("[nvml] cannot read the GPUs: %s", exc)
             return []
+        found = []
+        for index in range(count):
+            try:
+                found.append(self._device(index))
+            except self._nvml.NVMLError as exc:
+                if index not in self._unreadable:
+                    self._unreadable.add(index)
+                    logger.warning("[nvml] cannot read GPU %d: %s", index, exc)
+        return found
 
     def _device(self, index: int) -> DeviceState:
         nv = self._nvml
         handle = nv.nvmlDeviceGetHandleByIndex(index)
         memory = nv.nvmlDeviceGetMemoryInfo(handle)
-        util = nv.nvmlDeviceGetUtilizationRates(handle)
+        try:
+            busy = float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except nv.NVMLError:  # not supported with MIG enabled
+            busy = 0.0
         procs = {}
         try:
             for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
@@ -174,7 +189,7 @@ class Nvml:
         except nv.NVMLError:
             pass  # per-process figures need permissions some containers lack
         name = text(nv.nvmlDeviceGetName(handle))
-        return DeviceState(f"cuda:{index}", name, int(memory.used), int(memory.total), float(util.gpu), procs)
+        return DeviceState(f"cuda:{index}", name, int(memory.used), int(memory.total), busy, procs)
 
     def close(self) -> None:
         if self.available:
@@ -183,3 +198,19 @@ class Nvml:
                 self._nvml.nvmlShutdown()
             except self._nvml.NVMLError as exc:
                 logger.debug("nvmlShutdown: %s", exc)
+
+
+def nvml_pids_are_ours(status: str | None = None) -> bool:
+    """Whether NVML's process ids name processes of this pid namespace. NVML reports the host's
+    pids; inside a container (its own pid namespace: more than one id on `NSpid` of
+    /proc/self/status, or `status` for tests) they match nothing here."""
+    if status is None:
+        try:
+            with open("/proc/self/status") as file:
+                status = file.read()
+        except OSError:
+            return True
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return len(line.split()) <= 2
+    return True

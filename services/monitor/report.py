@@ -7,10 +7,11 @@ shippers and `ectrans top` all read the same numbers.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ectrans.services.monitor.collect import DeviceState, StreamState
+from ectrans.services.monitor.collect import DeviceState, StreamState, nvml_pids_are_ours
 from ectrans.services.monitor.hosts import host_figures, hosts_live
 from ectrans.services.monitor.instances import LIVE, InstanceState
 from ectrans.services.monitor.stats import ClassTotals, ClassWindow, Totals, Window, percentile
@@ -110,14 +111,50 @@ def device_figures(dev: DeviceState) -> dict[str, Any]:
     return figures
 
 
-def gpu_by_pid(snap: Snapshot, host: str) -> dict[int, int]:
-    """Device memory of processes on this host (NVML reports pids of the monitor's own host)."""
+def gpu_by_pid(snap: Snapshot, host: str, nvml_pids_usable: bool | None = None) -> dict[int, int]:
+    """Device memory each instance on this host holds, by its pid: NVML's per-process figures
+    summed over the instance and the processes it runs (a worker's weight holders and executor
+    processes, from its heartbeat). Where NVML's pids cannot be matched (a container has its own
+    pid namespace; NVML reports the host's) a worker's figure is its processes' torch allocator
+    view (reserved bytes; that leaves out each CUDA context)."""
+    usable = nvml_pids_are_ours() if nvml_pids_usable is None else nvml_pids_usable
     found: dict[int, int] = {}
     for dev in snap.devices:
         for pid, used in dev.processes.items():
             found[pid] = found.get(pid, 0) + used
-    pids = {i.pid for i in snap.instances if i.host == host}
-    return {pid: used for pid, used in found.items() if pid in pids}
+    figures: dict[int, int] = {}
+    for inst in snap.instances:
+        if inst.host != host:
+            continue
+        used = sum(found.get(pid, 0) for pid in process_group(inst)) if usable else 0
+        if not used:
+            used = allocator_reserved(inst)
+        if used:
+            figures[inst.pid] = used
+    return figures
+
+
+def process_group(inst: InstanceState) -> set[int]:
+    """The instance's pid and those of the processes it reports running for it."""
+    pids = {inst.pid}
+    for key in ("holder_pids", "executor_pids"):
+        pids |= {int(p) for p in inst.fields.get(key, "").split(",") if p.strip().isdigit()}
+    return pids
+
+
+def allocator_reserved(inst: InstanceState) -> int:
+    """CUDA memory the torch allocators of a worker's holders and executors have reserved."""
+    try:
+        detail = json.loads(inst.fields.get("weights", "[]"))
+    except ValueError:
+        return 0
+    if not isinstance(detail, list):
+        return 0
+    total = 0
+    for pool in detail:
+        if isinstance(pool, dict) and str(pool.get("device", "")).startswith("cuda"):
+            total += int(pool.get("holder_cuda_reserved") or 0) + sum(pool.get("executors_cuda_reserved") or [])
+    return total
 
 
 def build_report(snap: Snapshot, host: str, previous: Snapshot | None = None) -> Report:

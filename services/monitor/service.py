@@ -9,6 +9,7 @@ reads heartbeats, streams and devices; (3) judges instances and what is wrong; (
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -225,14 +226,22 @@ def served_models(beats: list[Beat]) -> set[str]:
 
 
 def with_weights(devices: list[DeviceState], beats: list[Beat]) -> list[DeviceState]:
-    """Attach the shared weights a weight holder reports (`weights_bytes`, `device`) to their device, once."""
+    """Attach to their device the shared weights each worker's pools hold (the `weights` detail of
+    its heartbeat, one entry per pool and so one copy per holder). A pool on `cuda` runs on the
+    current device, cuda:0."""
     by_name = {d.device: d for d in devices}
     for beat in beats:
-        size = beat.fields.get("weights_bytes", "")
-        if not size.isdigit():
+        if beat.service != "worker":
             continue
-        name = beat.fields.get("device", "cpu")
-        device = by_name.get("cuda:0" if name == "cuda" else name)
-        if device is not None:
-            device.weights_bytes = (device.weights_bytes or 0) + int(size)
+        try:
+            pools = json.loads(beat.fields.get("weights", "[]"))
+        except ValueError:
+            continue
+        for pool in pools if isinstance(pools, list) else []:
+            if not isinstance(pool, dict) or not pool.get("shared") or not pool.get("weights_bytes"):
+                continue
+            name = str(pool.get("device", "cpu"))
+            device = by_name.get("cuda:0" if name == "cuda" else name)
+            if device is not None:
+                device.weights_bytes = (device.weights_bytes or 0) + int(pool["weights_bytes"])
     return devices
