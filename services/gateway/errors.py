@@ -20,6 +20,7 @@ REASON_STATUS = {
     Reason.UNKNOWN_OP: 400,
     Reason.VERSION_MISMATCH: 400,
     Reason.UNKNOWN_MODEL: 404,
+    Reason.DUPLICATE_ID: 409,  # the gateway's own ids are unique; kept for a record read back by id
     Reason.OVERLOADED: 429,
     Reason.DEAD_LETTER: 500,
     Reason.INTERNAL: 500,
