@@ -132,3 +132,19 @@ def test_time_cap_leaves_fifo_mode_alone() -> None:
     batch = b.next_batch(now=1.0)
     assert batch is not None and len(batch.items) == 8
     assert CostModel(overhead_ms=5.0, ms_per_token=0.0).tokens_within(100.0) is None
+
+
+def test_bulk_due_replaces_max_wait_for_the_batch_class() -> None:
+    """A paced lane forms its bulk batch at `bulk_due` (its device about to be free), however long
+    that is past `max_wait_s`, or earlier once the batch is full."""
+    b = make(max_batch=3, wait_s=0.010)
+    b.add(pending(0, 10, arrived=0.0))
+    assert b.next_batch(now=0.050, bulk_due=0.100) is None
+    assert b.wait_hint(now=0.050, bulk_due=0.100) == 0.050
+    b.add(pending(1, 10, arrived=0.060))
+    batch = b.next_batch(now=0.100, bulk_due=0.100)
+    assert batch is not None and [p.task.id for p in batch.items] == ["t0", "t1"]
+    for i in range(3):
+        b.add(pending(2 + i, 10, arrived=0.2))
+    full = b.next_batch(now=0.2, bulk_due=0.5)
+    assert full is not None and len(full.items) == 3

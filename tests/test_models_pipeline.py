@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ectrans.common.registry import ModelSpec, build_spec
-from ectrans.models.api import Request
+from ectrans.models.api import Paced, Request
 from ectrans.models.encoder import EncoderTokenizer, Pooling, embed_unsplit
 from ectrans.models.loader import load_executor, load_model
 from ectrans.models.noop import NoopExecutor
@@ -327,3 +327,30 @@ def test_cuda_streams_give_the_cpu_results(tiny_bert: Path) -> None:
         for text, result in zip(batch, future.result(WAIT_S)[0], strict=True):
             np.testing.assert_allclose(result.output, expected[text], atol=1e-4)
     executor.close()
+
+
+# -- pacing ----------------------------------------------------------------------------------
+
+
+def test_pacing_reports_the_first_segment(log: list[tuple[str, str]]) -> None:
+    """Bulk batches not yet started by the first segment are counted; the one it runs is named with
+    its padded tokens; each start calls back. Real-time batches are not paced."""
+    executor = steps_executor(log)
+    assert isinstance(executor, Paced)
+    calls: list[int] = []
+    stop = executor.on_progress(lambda: calls.append(executor.bulk_waiting()))
+    first = step(executor, 0)
+    first.block_on = "big"
+    big = executor.submit(Request("embed", ["big", "xx"]))
+    assert first.entered.wait(WAIT_S)  # segment A runs the big batch
+    rest = [executor.submit(Request("embed", [f"b{i}"])) for i in range(2)]
+    rt = executor.submit(Request("embed", ["rt"], realtime=True))
+    front = executor.front_segment()
+    assert front is not None and front.padded_tokens == 2 * 3  # two texts of up to three characters
+    assert executor.bulk_waiting() == 2 and calls == [0]
+    first.gate.set()
+    for future in [big, *rest, rt]:
+        future.result(WAIT_S)
+    stop()
+    executor.close()
+    assert calls == [0, 1, 0] and executor.bulk_waiting() == 0 and executor.front_segment() is None

@@ -11,6 +11,10 @@ runs real-time work first; the parked batch resumes where it stopped once no rea
 So a real-time batch waits for at most the segment each stage is already running. Parked memory
 is counted (`parked_bytes`) and bounded (`park_limit_bytes`): a batch that would push the total
 over the limit runs instead of parking.
+
+Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
+segment and which one it runs since when, and calls back when it starts one, so the worker can
+form the next batch just before that segment is free.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Literal
 import torch
 
 from ectrans.common.registry import ModelSpec
-from ectrans.models.api import ItemResult, Request
+from ectrans.models.api import FrontSegment, ItemResult, ProgressCallbacks, Request
 from ectrans.models.batch import BatchFuture, Job, Tokenize, UnservableError, to_device, use_on_stream
 from ectrans.models.device import set_cpu_threads
 from ectrans.models.resume import Resume
@@ -104,6 +108,9 @@ class PipelinedExecutor:
         self._realtime_in_flight = 0
         self._parked_bytes = 0
         self._closing = False
+        self._bulk_ahead: set[int] = set()  # bulk jobs the first segment has not started
+        self._front: FrontSegment | None = None
+        self._progress = ProgressCallbacks()
         self._threads = [
             threading.Thread(target=self._stage_loop, args=(k,), name=f"ectrans-{spec.name}-{name}", daemon=True)
             for k, name in enumerate(names)
@@ -129,6 +136,7 @@ class PipelinedExecutor:
                 self._realtime_in_flight += 1
                 self._stages[0].rt.append(job)
             else:
+                self._bulk_ahead.add(job.id)
                 self._stages[0].batch.append(job)
             self._cond.notify_all()
         return future
@@ -153,6 +161,29 @@ class PipelinedExecutor:
         with self._cond:
             return self._realtime_in_flight
 
+    # -- pacing (see the module docstring) ----------------------------------------------------
+
+    def bulk_waiting(self) -> int:
+        with self._cond:
+            return len(self._bulk_ahead)
+
+    def front_segment(self) -> FrontSegment | None:
+        with self._cond:
+            return self._front
+
+    def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
+        return self._progress.add(callback)
+
+    def _front_started(self, job: Job) -> None:
+        with self._cond:
+            self._bulk_ahead.discard(job.id)
+            self._front = FrontSegment(time.monotonic(), job.padded_tokens)
+        self._progress()
+
+    def _front_finished(self) -> None:
+        with self._cond:
+            self._front = None
+
     # -- stage threads ---------------------------------------------------------------------
 
     def _stage_loop(self, k: int) -> None:
@@ -168,11 +199,16 @@ class PipelinedExecutor:
                     self._call_hook(BoundaryEvent(k - 1, self._stages[k].name, job.id, job.realtime, action))
                 if action == "park":
                     continue
+                paced = k == 1 and not job.realtime  # the first segment starts a bulk batch
+                if paced:
+                    self._front_started(job)
                 try:
                     forward = self._work(k, job)
                 except Exception as exc:  # a bug here must not stop the stage for every later batch
                     self._fail(job, RuntimeError(f"stage {self._stages[k].name!r} failed: {exc!r}"), exc)
                     forward = False
+                if paced:
+                    self._front_finished()
                 if forward:
                     self._hand_on(k, job)
 
@@ -322,7 +358,8 @@ class PipelinedExecutor:
 
     def _settle(self, job: Job) -> None:
         """A job left the pipeline: parked batches may resume once no real-time work is left."""
-        if job.realtime:
-            with self._cond:
+        with self._cond:
+            self._bulk_ahead.discard(job.id)  # e.g. answered without model work, or failed early
+            if job.realtime:
                 self._realtime_in_flight -= 1
                 self._cond.notify_all()
