@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from ectrans.common.schemas import Task
 
 ALL_CLASSES = frozenset({"realtime", "batch"})
+# The time cap on bulk batches holds this long after the last real-time task arrived: it bounds what a
+# real-time batch may wait behind, and only costs bulk throughput when there is none to protect.
+CAP_HOLD_S = 2.0
 
 
 @dataclass
@@ -69,12 +72,16 @@ class Batcher:
     seconds_per_token: float = 1e-3  # refined from the model's latency profile when known
     # Packed batches stay under this many padded tokens (set from the model's fitted cost), so one
     # segment of bulk work - what a real-time batch may wait behind - stays short. None: no cap.
+    # It applies while real-time work is about (see CAP_HOLD_S).
     batch_token_cap: int | None = None
+    realtime_seen: float | None = None  # when the latest real-time task arrived
     queues: dict[str, list[Pending]] = field(default_factory=lambda: {"realtime": [], "batch": []})
 
     def add(self, pending: Pending) -> None:
         # FIFO mode keeps one queue in arrival order: the baseline the scheduler is compared against.
         self.queues["batch" if self.fifo else pending.task.task_class].append(pending)
+        if pending.task.task_class == "realtime":
+            self.realtime_seen = max(pending.arrived, self.realtime_seen or pending.arrived)
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -102,6 +109,11 @@ class Batcher:
         cap = self.batch_token_cap
         return self.batch.token_budget if cap is None else max(1, min(self.batch.token_budget, cap))
 
+    def budget_at(self, now: float) -> int:
+        """The packed budget at `now`: the time cap only while real-time work is about."""
+        recent = self.realtime_seen is not None and now - self.realtime_seen < CAP_HOLD_S
+        return self.packed_budget if recent or self.queues["realtime"] else self.batch.token_budget
+
     def _ready(
         self, queue: list[Pending], policy: BatchPolicy, now: float, idle: bool = False, due: float | None = None
     ) -> bool:
@@ -110,7 +122,7 @@ class Batcher:
         timed_out = now - queue[0].arrived >= policy.max_wait_s if due is None else now >= due
         if idle or len(queue) >= policy.max_batch or timed_out:
             return True
-        budget = self.packed_budget if policy is self.batch and not self.fifo else policy.token_budget
+        budget = self.budget_at(now) if policy is self.batch and not self.fifo else policy.token_budget
         return sum(p.tokens for p in queue) >= budget
 
     def wait_hint(
@@ -174,7 +186,7 @@ class Batcher:
         by_closeness = sorted(queue, key=lambda p: (abs(p.tokens - anchor.tokens), p.arrived))
         taken: list[Pending] = []
         longest = 0
-        budget = self.packed_budget
+        budget = self.budget_at(now)
         for candidate in by_closeness:
             if len(taken) >= self.batch.max_batch:
                 break
