@@ -8,6 +8,7 @@ ordering below is forced by synchronisation, never by sleeping; results are chec
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -354,3 +355,46 @@ def test_pacing_reports_the_first_segment(log: list[tuple[str, str]]) -> None:
     stop()
     executor.close()
     assert calls == [0, 1, 0] and executor.bulk_waiting() == 0 and executor.front_segment() is None
+
+
+# -- alone on the CPU --------------------------------------------------------------------------
+
+
+class Probe(Step):
+    """A Step that also notes which thread ran it, on how many torch threads."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]], seen: list[tuple[str, str, str, int]], **kw: Any) -> None:
+        super().__init__(name, log, **kw)
+        self.seen = seen
+
+    def __call__(self, state: SegmentState) -> SegmentState:
+        texts: list[str] = state.extras["texts"]
+        self.seen.append((self.name, texts[0], threading.current_thread().name, torch.get_num_threads()))
+        return super().__call__(state)
+
+
+def test_a_lone_batch_runs_every_segment_on_all_threads(log: list[tuple[str, str]]) -> None:
+    """Alone in the pipeline, a batch runs all segments in the first one's thread on all threads;
+    a batch arriving meanwhile sends it down the pipeline at the next boundary."""
+    seen: list[tuple[str, str, str, int]] = []
+    steps = [Probe(name, log, seen, last=name == "C") for name in "ABC"]
+    executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=3)
+    assert executor.run_alone and executor.stage_threads == 1
+    assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:3"
+    first = "ectrans-steps-A"
+    assert seen == [(name, "solo", first, 3) for name in "ABC"]
+    seen.clear()
+    steps[0].block_on = "big"
+    big = executor.submit(Request("embed", ["big"]))
+    assert steps[0].entered.wait(WAIT_S)  # A runs the big batch, alone so far
+    other = executor.submit(Request("embed", ["other"]))
+    deadline = time.monotonic() + WAIT_S
+    while not executor._stages[1].batch:  # tokenised and waiting for segment A
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    steps[0].gate.set()
+    assert big.result(WAIT_S)[0][0].output == "big:3" and other.result(WAIT_S)[0][0].output == "other:3"
+    executor.close()
+    assert ("A", "big", first, 3) in seen
+    assert ("B", "big", "ectrans-steps-B", 1) in seen and ("C", "big", "ectrans-steps-C", 1) in seen
+    assert seen.index(("A", "other", first, 1)) > seen.index(("A", "big", first, 3))

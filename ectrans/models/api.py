@@ -74,6 +74,7 @@ class FrontSegment:
 
     started: float  # time.monotonic() when the segment started it
     padded_tokens: int
+    whole: bool = False  # it runs every segment there (alone in the pipeline), not just the first
 
 
 @runtime_checkable

@@ -12,6 +12,13 @@ So a real-time batch waits for at most the segment each stage is already running
 is counted (`parked_bytes`) and bounded (`park_limit_bytes`): a batch that would push the total
 over the limit runs instead of parking.
 
+Alone on the CPU: segment stages on separate threads give up intra-op parallelism (one request
+runs on one stage's share of the cores). So on a CPU a batch that finds the pipeline otherwise
+empty runs its segments one after another in the first segment's thread on all the executor's
+threads; work arriving meanwhile ends that at the next segment boundary, where the batch goes on
+down the pipeline as usual (so real-time cut-in still happens at segment boundaries). One client
+gets the whole machine; many clients get a full pipeline.
+
 Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
 segment and which one it runs since when, and calls back when it starts one, so the worker can
 form the next batch just before that segment is free.
@@ -65,6 +72,11 @@ class _Stage:
     pending: Job | None = None  # done here, waiting for room downstream
     parked: Job | None = None  # held back at this boundary for real-time work
     done: bool = False
+    busy: bool = False  # running a job now
+
+    @property
+    def idle(self) -> bool:
+        return not (self.busy or self.rt or self.batch) and self.pending is None and self.parked is None
 
 
 class PipelinedExecutor:
@@ -82,6 +94,7 @@ class PipelinedExecutor:
         park_limit_bytes: int = DEFAULT_PARK_LIMIT_BYTES,
         between_segments: BoundaryHook | None = None,
         resume: Resume | None = None,
+        run_alone: bool | None = None,
     ) -> None:
         if not segments:
             raise ValueError("a pipeline needs at least one segment")
@@ -95,9 +108,13 @@ class PipelinedExecutor:
         self.queue_depth = queue_depth
         self.park_limit_bytes = park_limit_bytes
         self._hook = between_segments
-        total_threads = threads or torch.get_num_threads()
+        self.total_threads = threads or torch.get_num_threads()
         # torch keeps one OpenMP team per calling thread: share the cores between segment stages.
-        self.stage_threads = max(1, total_threads // len(self.segments))
+        self.stage_threads = max(1, self.total_threads // len(self.segments))
+        # A batch alone in the pipeline runs on all threads (CPU only: a GPU's parallelism is not threads).
+        if run_alone is None:
+            run_alone = self.device.type == "cpu"
+        self.run_alone = run_alone and len(self.segments) > 1 and self.total_threads > self.stage_threads
         self._streams: list[Any] = [None] * len(self.segments)
         if self.device.type == "cuda":
             self._streams = [torch.cuda.Stream(device=self.device) for _ in self.segments]  # type: ignore[no-untyped-call]
@@ -174,10 +191,10 @@ class PipelinedExecutor:
     def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self._progress.add(callback)
 
-    def _front_started(self, job: Job) -> None:
+    def _front_started(self, job: Job, alone: bool) -> None:
         with self._cond:
             self._bulk_ahead.discard(job.id)
-            self._front = FrontSegment(time.monotonic(), job.padded_tokens)
+            self._front = FrontSegment(time.monotonic(), job.padded_tokens, whole=alone)
         self._progress()
 
     def _front_finished(self) -> None:
@@ -199,18 +216,26 @@ class PipelinedExecutor:
                     self._call_hook(BoundaryEvent(k - 1, self._stages[k].name, job.id, job.realtime, action))
                 if action == "park":
                     continue
+                alone = k == 1 and self.run_alone and self._alone(job)
                 paced = k == 1 and not job.realtime  # the first segment starts a bulk batch
                 if paced:
-                    self._front_started(job)
+                    self._front_started(job, alone)
+                self._set_busy(k, True)
+                last = k  # the stage whose segment ran last
                 try:
-                    forward = self._work(k, job)
+                    if alone:
+                        last = self._run_alone(job)
+                        forward = last > 0
+                    else:
+                        forward = self._work(k, job)
                 except Exception as exc:  # a bug here must not stop the stage for every later batch
                     self._fail(job, RuntimeError(f"stage {self._stages[k].name!r} failed: {exc!r}"), exc)
                     forward = False
                 if paced:
                     self._front_finished()
                 if forward:
-                    self._hand_on(k, job)
+                    self._hand_on(last, job)
+                self._set_busy(k, False)
 
     def _next_step(self, k: int) -> Step | None:
         """Block until stage k has something to do; None once it is closed and drained."""
@@ -274,6 +299,41 @@ class PipelinedExecutor:
         with self._cond:
             if not self._deliver(k + 1, job):
                 self._stages[k].pending = job
+                self._cond.notify_all()  # stage k's own thread delivers it (it may be another's job)
+
+    def _set_busy(self, k: int, busy: bool) -> None:
+        with self._cond:
+            self._stages[k].busy = busy
+
+    # -- alone on the CPU (see the module docstring) ------------------------------------------
+
+    def _alone(self, job: Job) -> bool:
+        """Nothing but `job` in the segment stages, and no other work on its way to the first one."""
+        with self._cond:
+            if self._realtime_in_flight > int(job.realtime):
+                return False
+            first = self._stages[1]
+            if first.rt or first.batch or first.parked is not None:
+                return False
+            return all(stage.idle for stage in self._stages[2:-1])
+
+    def _run_alone(self, job: Job) -> int:
+        """Run `job`'s segments from the first on, on all threads, while it stays alone; the stage
+        of the last segment run (0 when one failed)."""
+        set_cpu_threads(self.total_threads)
+        try:
+            index = 0
+            while True:
+                if not self._work_segment(index, job):
+                    return 0
+                index += 1
+                if index == len(self.segments) or not self._alone(job):
+                    return index
+                if self._hook is not None:
+                    name = self.segments[index].name
+                    self._call_hook(BoundaryEvent(index, name, job.id, job.realtime, "run"))
+        finally:
+            set_cpu_threads(self.stage_threads)
 
     def _call_hook(self, event: BoundaryEvent) -> None:
         assert self._hook is not None
@@ -291,10 +351,13 @@ class PipelinedExecutor:
         if k == len(self._stages) - 1:
             self._finish(job)
             return False
+        return self._work_segment(k - 1, job)
+
+    def _work_segment(self, index: int, job: Job) -> bool:
         try:
-            self._run_segment(k - 1, job)
+            self._run_segment(index, job)
         except Exception as exc:
-            name = self.segments[k - 1].name
+            name = self.segments[index].name
             self._fail(job, RuntimeError(f"segment {name!r} of model {self.spec.name!r} failed: {exc!r}"), exc)
             return False
         return True

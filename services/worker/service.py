@@ -102,15 +102,15 @@ class ModelLane:
             free.discard("batch")
             return None
         front = self.paced.front_segment()
-        segment_ms = None if front is None else self.segment_ms(front.padded_tokens)
-        if front is None or segment_ms is None:  # the segment is free, or its cost not yet known: at once
+        busy_ms = None if front is None else self.segment_ms(front.padded_tokens, whole=front.whole)
+        if front is None or busy_ms is None:  # the segment is free, or its cost not yet known: at once
             return time.monotonic()
-        return front.started + segment_ms / 1000.0 - PACE_LEAD_S
+        return front.started + busy_ms / 1000.0 - PACE_LEAD_S
 
-    def segment_ms(self, padded_tokens: int) -> float | None:
-        """Predicted run time of one segment on a batch: from the fitted cost, else in proportion to
-        the latest batch; None before any."""
-        segments = max(self.cost.segments, 1)
+    def segment_ms(self, padded_tokens: int, *, whole: bool = False) -> float | None:
+        """Predicted run time of one segment (`whole`: of every segment) on a batch: from the fitted
+        cost, else in proportion to the latest batch; None before any."""
+        segments = 1 if whole else max(self.cost.segments, 1)
         if self.fitted is not None:
             return self.fitted.batch_ms(padded_tokens) / segments
         if self.last_batch is not None:
