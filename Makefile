@@ -32,7 +32,7 @@ unit: install
 test: lint typecheck unit  ## what CI runs
 
 bench: install  ## every benchmark scenario at its quick size
-	for s in baselines pipeline memory chaos durability scale mixed split; do $(BIN)/ectrans bench $$s --quick --compact || exit 1; done
+	for s in baselines pipeline memory chaos durability scale mixed split serve; do $(BIN)/ectrans bench $$s --quick --compact || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

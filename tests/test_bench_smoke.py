@@ -130,3 +130,17 @@ def test_bench_split_tiny_prints_its_json(tmp_path: Path) -> None:
     assert result["profile_s"] > 0 and result["client_threads"] == 1
     assert (tmp_path / "split.md").read_text().startswith("# Benchmark `split`")
     assert (tmp_path / "split.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_serve_tiny_prints_its_json(tmp_path: Path) -> None:
+    result = run_tiny_bench("serve", tmp_path, timeout_s=210)
+    assert result["scenario"] == "serve" and result["device"]
+    assert {"per_request", "arrival_batch_8", "sorted_batch_32"} <= set(result["bare_loops_tasks_per_s"])
+    assert all(rate > 0 for rate in result["bare_loops_tasks_per_s"].values())
+    assert [row["clients"] for row in result["closed"]] == [1, 8]
+    for row in result["closed"]:
+        assert row["answered"] > 0 and row["p50_ms"] > 0 and row["server_batches"]["batches"] > 0, row
+    assert set(result["ratios"]) == {"clients_1", "clients_8"} and all(r > 0 for r in result["ratios"].values())
+    assert result["open"][0]["answered"] > 0 and result["open_kept_at_top_load"] > 0

@@ -9,4 +9,5 @@ SCENARIOS = {
     "chaos": "ectrans.bench.chaos",
     "scale": "ectrans.bench.scale",
     "durability": "ectrans.bench.durability",
+    "serve": "ectrans.bench.serve",
 }
