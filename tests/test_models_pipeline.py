@@ -347,7 +347,7 @@ def test_pacing_reports_the_first_segment(log: list[tuple[str, str]]) -> None:
     rest = [executor.submit(Request("embed", [f"b{i}"])) for i in range(2)]
     rt = executor.submit(Request("embed", ["rt"], realtime=True))
     front = executor.front_segment()
-    assert front is not None and front.padded_tokens == 2 * 3  # two texts of up to three characters
+    assert front is not None and front.padded_tokens == 2 * 3 and front.share == 0.5  # of two segments
     assert executor.bulk_waiting() == 2 and calls == [0]
     first.gate.set()
     for future in [big, *rest, rt]:

@@ -49,7 +49,9 @@ class BatchStats:
     tokens: int
     padded_tokens: int
     service_ms: float  # submitted to done, waits between stages included
-    compute_ms: float = 0.0  # the segments' own run time (0 where unmeasured, e.g. async CUDA streams)
+    # The segments' own run time, as on their own stages' threads (0 where unmeasured, e.g. async
+    # CUDA streams): what one segment of a batch holds a real-time batch back.
+    compute_ms: float = 0.0
 
 
 class Executor(Protocol):
@@ -74,7 +76,9 @@ class FrontSegment:
 
     started: float  # time.monotonic() when the segment started it
     padded_tokens: int
-    whole: bool = False  # it runs every segment there (alone in the pipeline), not just the first
+    # The share of the batch's cost (`BatchStats.compute_ms`, as fitted) that keeps the segment busy:
+    # 1/N of N segments; when it runs every segment there on more threads, less than the whole.
+    share: float = 1.0
 
 
 @runtime_checkable

@@ -13,11 +13,13 @@ is counted (`parked_bytes`) and bounded (`park_limit_bytes`): a batch that would
 over the limit runs instead of parking.
 
 Alone on the CPU: segment stages on separate threads give up intra-op parallelism (one request
-runs on one stage's share of the cores). So on a CPU a batch that finds the pipeline otherwise
+runs on one stage's share of the cores). So on a CPU a bulk batch that finds the pipeline otherwise
 empty runs its segments one after another in the first segment's thread on all the executor's
-threads; work arriving meanwhile ends that at the next segment boundary, where the batch goes on
-down the pipeline as usual (so real-time cut-in still happens at segment boundaries). One client
-gets the whole machine; many clients get a full pipeline.
+threads (real-time batches, short by nature, keep their stages' threads: on a busy host a small
+batch on several threads can stall behind other processes). Work arriving meanwhile ends that at
+the next segment boundary, where the batch goes on down the pipeline as usual (so real-time
+cut-in still happens at segment boundaries). One client gets the whole machine; many clients
+get a full pipeline.
 
 Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
 segment and which one it runs since when, and calls back when it starts one, so the worker can
@@ -194,7 +196,8 @@ class PipelinedExecutor:
     def _front_started(self, job: Job, alone: bool) -> None:
         with self._cond:
             self._bulk_ahead.discard(job.id)
-            self._front = FrontSegment(time.monotonic(), job.padded_tokens, whole=alone)
+            share = self.stage_threads / self.total_threads if alone else 1 / len(self.segments)
+            self._front = FrontSegment(time.monotonic(), job.padded_tokens, share)
         self._progress()
 
     def _front_finished(self) -> None:
@@ -216,8 +219,8 @@ class PipelinedExecutor:
                     self._call_hook(BoundaryEvent(k - 1, self._stages[k].name, job.id, job.realtime, action))
                 if action == "park":
                     continue
-                alone = k == 1 and self.run_alone and self._alone(job)
                 paced = k == 1 and not job.realtime  # the first segment starts a bulk batch
+                alone = paced and self.run_alone and self._alone(job)
                 if paced:
                     self._front_started(job, alone)
                 self._set_busy(k, True)
@@ -308,9 +311,9 @@ class PipelinedExecutor:
     # -- alone on the CPU (see the module docstring) ------------------------------------------
 
     def _alone(self, job: Job) -> bool:
-        """Nothing but `job` in the segment stages, and no other work on its way to the first one."""
+        """Nothing but bulk `job` in the segment stages, and no other work on its way to the first one."""
         with self._cond:
-            if self._realtime_in_flight > int(job.realtime):
+            if self._realtime_in_flight:
                 return False
             first = self._stages[1]
             if first.rt or first.batch or first.parked is not None:
@@ -319,13 +322,20 @@ class PipelinedExecutor:
 
     def _run_alone(self, job: Job) -> int:
         """Run `job`'s segments from the first on, on all threads, while it stays alone; the stage
-        of the last segment run (0 when one failed)."""
+        of the last segment run (0 when one failed).
+
+        Its compute time counts as on the stages' own threads (times the thread ratio, as if intra-op
+        parallelism scaled perfectly): the fitted cost then says how long a segment holds real-time
+        work back once the batch runs down the pipeline, which is when real-time work is about."""
         set_cpu_threads(self.total_threads)
+        scale = self.total_threads / self.stage_threads
         try:
             index = 0
             while True:
+                before = job.compute_ms
                 if not self._work_segment(index, job):
                     return 0
+                job.compute_ms += (job.compute_ms - before) * (scale - 1)
                 index += 1
                 if index == len(self.segments) or not self._alone(job):
                     return index

@@ -20,8 +20,10 @@ from ectrans.common.schemas import Task
 
 ALL_CLASSES = frozenset({"realtime", "batch"})
 # The time cap on bulk batches holds this long after the last real-time task arrived: it bounds what a
-# real-time batch may wait behind, and only costs bulk throughput when there is none to protect.
-CAP_HOLD_S = 2.0
+# real-time batch may wait behind, and only costs bulk throughput when there is none to protect. Long,
+# so that a node serving real-time work at all keeps it between arrivals; the first real-time task
+# after a longer bulk-only stretch may wait for one uncapped segment (admission sees that cost).
+CAP_HOLD_S = 60.0
 
 
 @dataclass
@@ -109,10 +111,14 @@ class Batcher:
         cap = self.batch_token_cap
         return self.batch.token_budget if cap is None else max(1, min(self.batch.token_budget, cap))
 
-    def budget_at(self, now: float) -> int:
-        """The packed budget at `now`: the time cap only while real-time work is about."""
+    def cap_in_force(self, now: float) -> bool:
+        """Whether the time cap applies at `now`: while real-time work is about."""
         recent = self.realtime_seen is not None and now - self.realtime_seen < CAP_HOLD_S
-        return self.packed_budget if recent or self.queues["realtime"] else self.batch.token_budget
+        return self.batch_token_cap is not None and (recent or bool(self.queues["realtime"]))
+
+    def budget_at(self, now: float) -> int:
+        """The packed budget at `now`: lowered by the time cap while it is in force."""
+        return self.packed_budget if self.cap_in_force(now) else self.batch.token_budget
 
     def _ready(
         self, queue: list[Pending], policy: BatchPolicy, now: float, idle: bool = False, due: float | None = None

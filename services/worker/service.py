@@ -102,20 +102,19 @@ class ModelLane:
             free.discard("batch")
             return None
         front = self.paced.front_segment()
-        busy_ms = None if front is None else self.segment_ms(front.padded_tokens, whole=front.whole)
+        busy_ms = None if front is None else self.busy_ms(front.padded_tokens, front.share)
         if front is None or busy_ms is None:  # the segment is free, or its cost not yet known: at once
             return time.monotonic()
         return front.started + busy_ms / 1000.0 - PACE_LEAD_S
 
-    def segment_ms(self, padded_tokens: int, *, whole: bool = False) -> float | None:
-        """Predicted run time of one segment (`whole`: of every segment) on a batch: from the fitted
-        cost, else in proportion to the latest batch; None before any."""
-        segments = 1 if whole else max(self.cost.segments, 1)
+    def busy_ms(self, padded_tokens: int, share: float) -> float | None:
+        """Predicted time `share` of a batch's cost takes: from the fitted cost, else in proportion to
+        the latest batch; None before any."""
         if self.fitted is not None:
-            return self.fitted.batch_ms(padded_tokens) / segments
+            return self.fitted.batch_ms(padded_tokens) * share
         if self.last_batch is not None:
             tokens, ms = self.last_batch
-            return ms * padded_tokens / max(tokens, 1) / segments
+            return ms * padded_tokens / max(tokens, 1) * share
         return None
 
 
@@ -565,7 +564,8 @@ class Worker:
         if self.settings.batch_segment_ms > 0 and not self.settings.fifo:  # FIFO (the baseline) runs uncapped
             cap = model.tokens_within(self.settings.batch_segment_ms * model.segments)
             lane.batcher.batch_token_cap = cap
-            if cap is not None:  # batches larger than the cap came before it: not what runs from now on
+            if cap is not None and lane.batcher.cap_in_force(time.monotonic()):
+                # Batches larger than the cap came before it: not what runs from now on.
                 model = dataclasses.replace(model, max_batch_tokens=min(model.max_batch_tokens, cap))
         lane.cost_published = time.monotonic()
         try:
