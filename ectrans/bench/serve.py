@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ectrans.bench.harness import (
     RESULT_TIMEOUT_S,
     ServiceStack,
@@ -117,7 +119,7 @@ async def one_task(client: AsyncClient, text: str, outcome: Outcome) -> None:
     started = time.perf_counter()
     try:
         result = await client.submit(MODEL, "embed", text, timeout=RESULT_TIMEOUT_S)
-    except ECTransError as exc:  # a timeout: counted, the run goes on
+    except (ECTransError, RedisError) as exc:  # a timeout, or the client refusing load: counted
         outcome.errors[type(exc).__name__] += 1
         return
     if result.ok:
