@@ -34,7 +34,7 @@ unit: install
 test: lint typecheck unit  ## what CI runs
 
 bench: install  ## every benchmark scenario at its quick size
-	for s in baselines pipeline memory chaos durability scale mixed split gateway; do $(BIN)/ectrans bench $$s --quick --compact || exit 1; done
+	for s in baselines pipeline memory chaos durability scale mixed split gateway serve; do $(BIN)/ectrans bench $$s --quick --compact || exit 1; done
 
 # On a host with one CUDA GPU: every CUDA figure in one call (about 8 minutes on an H100), written to
 # docs/bench/gpu-proof.{json,md}. DRY=1 runs the same steps at their smallest size on the CPU and

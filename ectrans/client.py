@@ -7,7 +7,8 @@
         vectors = client.embed(["a", "b"])
 
 Each client owns a reply stream that workers push its results to; one reader loop resolves every
-task in flight, so thousands of tasks share one client without polling per task.
+task in flight, so thousands of tasks share one client without polling per task. Submissions go out
+through one writer (`ectrans.sender`): any number of concurrent calls share one connection.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ectrans.common.keys import TASK_CLASSES, Keys
 from ectrans.common.local_stack import with_local_stack
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 from ectrans.common.settings import CommonSettings
+from ectrans.sender import Command, Sender, SenderClosed
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ class AsyncClient:
         self.reply_stream = self.keys.reply(self.client_id)
         self._redis: RedisClient | None = None
         self._reader_redis: RedisClient | None = None
+        self._sender: Sender | None = None
+        self._connecting = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[TaskResult]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -137,14 +141,23 @@ class AsyncClient:
         await self.close()
 
     async def connect(self) -> None:
-        if self._redis is None:
-            self._redis = connect(self.url, client_name=f"ectrans-client-{self.client_id[:8]}")
-            # The blocking reader gets its own connection so submissions never wait behind it.
-            self._reader_redis = connect(self.url)
-            await self._redis.ping()
-            self._reader = asyncio.create_task(self._read_replies())
+        async with self._connecting:  # many first calls at once connect once
+            if self._redis is None:
+                name = f"ectrans-client-{self.client_id[:8]}"
+                redis = connect(self.url, client_name=name)
+                # The blocking reader gets its own connection so submissions never wait behind it.
+                self._reader_redis = connect(self.url, client_name=name)
+                await redis.ping()
+                self._sender = Sender(redis)
+                self._sender.start()
+                self._redis = redis
+                self._closing = False
+                self._reader = asyncio.create_task(self._read_replies())
 
     async def close(self) -> None:
+        if self._sender is not None:
+            await self._sender.close()  # what callers queued still goes out
+            self._sender = None
         if self._reader is not None:
             # redis-py can swallow a cancel during a blocking XREAD, so the reader is stopped
             # cooperatively: the flag ends its loop, dropping its connection ends the wait.
@@ -194,9 +207,8 @@ class AsyncClient:
             # Trimming is housekeeping, done now and then rather than after every read: a command
             # sent here would go out before the callers just answered get to run.
             if unread >= TRIM_EVERY or (unread and time.monotonic() - trimmed_at >= TRIM_AFTER_S):
-                if self._redis is not None:
-                    with contextlib.suppress(RedisError):  # results are delivered either way
-                        await self._redis.xtrim(self.reply_stream, minid=_next_id(last), approximate=False)
+                with contextlib.suppress(RedisError, SenderClosed):  # results are delivered either way
+                    await self._send([("XTRIM", self.reply_stream, "MINID", "=", _next_id(last))])
                 unread, trimmed_at = 0, time.monotonic()
 
     async def submit_many(
@@ -217,9 +229,8 @@ class AsyncClient:
 
         With `segment` k > 0 the inputs are split payloads: the state after the model's first k
         units, computed by the caller with model `revision` (see `ectrans.split`)."""
-        if self._redis is None:
+        if self._sender is None:
             await self.connect()
-        assert self._redis is not None
         loop = asyncio.get_running_loop()
         ids = [uuid.uuid4().hex for _ in inputs]
         futures = [loop.create_future() for _ in inputs]
@@ -256,27 +267,20 @@ class AsyncClient:
         `embed`, ...) that is itself cancelled does this for its unanswered tasks."""
         if not ids:
             return
-        if self._redis is None:
+        if self._sender is None:
             await self.connect()
-        assert self._redis is not None
-        pipe = self._redis.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.set(self.keys.cancelled(task_id), b"1", ex=CANCEL_TTL_S)
+        commands = [("SET", self.keys.cancelled(task_id), b"1", "EX", CANCEL_TTL_S) for task_id in ids]
         try:
-            await pipe.execute()
-        except RedisError as exc:  # best effort: the tasks then run, and their results are dropped
+            await self._send(commands)
+        except (RedisError, SenderClosed) as exc:  # best effort: the tasks then run, and their results are dropped
             logger.warning("[client] %d tasks not cancelled: %s", len(ids), exc)
 
-    async def _send(self, commands: list[tuple[Any, ...]]) -> None:
-        """All commands in one round trip: a lone one as a plain command (a pipeline costs more)."""
-        assert self._redis is not None
-        if len(commands) == 1:
-            await self._redis.execute_command(*commands[0])
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        await pipe.execute()
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+        """Send `commands` through the client's one writer, together with every other call's; their
+        replies in order. Raises SenderClosed once the client is closed."""
+        if self._sender is None:
+            raise SenderClosed("the client is closed")
+        return await self._sender.execute(commands)
 
     def _shared_fields(
         self, *, priority: str | None, deadline_ms: int | None, on_miss: str | None, params: dict[str, int] | None
@@ -295,14 +299,11 @@ class AsyncClient:
     async def model_state(self, model: str) -> tuple[CostModel | None, dict[str, int]]:
         """What the server publishes about `model`: its fitted batch cost (None until workers have
         served enough batches) and the length of each class's queue."""
-        if self._redis is None:
+        if self._sender is None:
             await self.connect()
-        assert self._redis is not None
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.cost(model))
-        for task_class in TASK_CLASSES:
-            pipe.xlen(self.keys.queue(model, task_class))
-        raw, *lengths = await pipe.execute()
+        commands: list[Command] = [("HGETALL", self.keys.cost(model))]
+        commands += [("XLEN", self.keys.queue(model, task_class)) for task_class in TASK_CLASSES]
+        raw, *lengths = await self._send(commands)
         cost = CostModel.from_fields({k.decode(): v.decode() for k, v in raw.items()})
         return cost, dict(zip(TASK_CLASSES, map(int, lengths), strict=True))
 
@@ -340,7 +341,8 @@ class AsyncClient:
 
 
 class Client:
-    """The synchronous twin of AsyncClient: same methods, run on a private event loop thread."""
+    """The synchronous twin of AsyncClient: same methods, run on a private event loop thread. Any
+    number of threads may call one Client at once; their calls share its connections."""
 
     def __init__(self, url: str | None = None, *, prefix: str | None = None) -> None:
         self._loop = asyncio.new_event_loop()
@@ -363,6 +365,9 @@ class Client:
 
     def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
         return self._call(self._async.translate(texts, **options))
+
+    def model_state(self, model: str) -> tuple[CostModel | None, dict[str, int]]:
+        return self._call(self._async.model_state(model))
 
     def close(self) -> None:
         if self._thread.is_alive():

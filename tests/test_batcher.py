@@ -116,6 +116,7 @@ def test_time_cap_keeps_packed_batches_small_but_never_empty() -> None:
     for i in range(8):
         b.add(pending(i, 100, arrived=0.0))
     b.batch_token_cap = CostModel(overhead_ms=20.0, ms_per_token=1.0).tokens_within(320.0)  # 300 tokens
+    b.realtime_seen = 0.5  # real-time work about: the cap holds
     assert b.batch_token_cap == 300 and b.packed_budget == 300
     batch = b.next_batch(now=1.0)
     assert batch is not None and batch.padded_tokens == 300  # 3 of 100 tokens, not all 8
@@ -132,3 +133,41 @@ def test_time_cap_leaves_fifo_mode_alone() -> None:
     batch = b.next_batch(now=1.0)
     assert batch is not None and len(batch.items) == 8
     assert CostModel(overhead_ms=5.0, ms_per_token=0.0).tokens_within(100.0) is None
+
+
+def test_bulk_due_replaces_max_wait_for_the_batch_class() -> None:
+    """A paced lane forms its bulk batch at `bulk_due` (its device about to be free), however long
+    that is past `max_wait_s`, or earlier once the batch is full."""
+    b = make(max_batch=3, wait_s=0.010)
+    b.add(pending(0, 10, arrived=0.0))
+    assert b.next_batch(now=0.050, bulk_due=0.100) is None
+    assert b.wait_hint(now=0.050, bulk_due=0.100) == 0.050
+    b.add(pending(1, 10, arrived=0.060))
+    batch = b.next_batch(now=0.100, bulk_due=0.100)
+    assert batch is not None and [p.task.id for p in batch.items] == ["t0", "t1"]
+    for i in range(3):
+        b.add(pending(2 + i, 10, arrived=0.2))
+    full = b.next_batch(now=0.2, bulk_due=0.5)
+    assert full is not None and len(full.items) == 3
+
+
+def test_time_cap_holds_only_while_real_time_work_is_about() -> None:
+    """With no real-time task for CAP_HOLD_S, bulk batches fill the whole token budget; a real-time
+    arrival brings the cap back at once."""
+    from ectrans.services.worker.batcher import CAP_HOLD_S
+
+    b = make(max_batch=32, budget=10_000)
+    b.batch_token_cap = 300
+    for i in range(8):
+        b.add(pending(i, 100, arrived=0.0))
+    batch = b.next_batch(now=1.0)
+    assert batch is not None and len(batch.items) == 8  # nothing real-time seen: uncapped
+    b.add(pending(20, 10, arrived=2.0, task_class="realtime"))
+    for i in range(8):
+        b.add(pending(30 + i, 100, arrived=2.0))
+    first = b.next_batch(now=2.01)
+    assert first is not None and first.task_class == "realtime"
+    capped = b.next_batch(now=2.01)
+    assert capped is not None and len(capped.items) == 3
+    rest = b.next_batch(now=2.0 + CAP_HOLD_S)
+    assert rest is not None and len(rest.items) == 5  # the hold is over

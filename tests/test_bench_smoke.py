@@ -139,3 +139,17 @@ def test_bench_gateway_tiny_prints_its_json(tmp_path: Path) -> None:
     assert single["http"]["p50_ms"] > 0 and single["python_client"]["p50_ms"] > 0
     assert [level["clients"] for level in result["closed_loops"]] == [1, 32]
     assert all(level["requests_per_s"] > 0 and not level["errors"] for level in result["closed_loops"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bench_serve_tiny_prints_its_json(tmp_path: Path) -> None:
+    result = run_tiny_bench("serve", tmp_path, timeout_s=210)
+    assert result["scenario"] == "serve" and result["device"]
+    assert {"per_request", "arrival_batch_8", "sorted_batch_32"} <= set(result["bare_loops_tasks_per_s"])
+    assert all(rate > 0 for rate in result["bare_loops_tasks_per_s"].values())
+    assert [row["clients"] for row in result["closed"]] == [1, 8]
+    for row in result["closed"]:
+        assert row["answered"] > 0 and row["p50_ms"] > 0 and row["server_batches"]["batches"] > 0, row
+    assert set(result["ratios"]) == {"clients_1", "clients_8"} and all(r > 0 for r in result["ratios"].values())
+    assert result["open"][0]["answered"] > 0 and result["open_kept_at_top_load"] > 0

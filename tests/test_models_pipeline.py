@@ -8,6 +8,7 @@ ordering below is forced by synchronisation, never by sleeping; results are chec
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ectrans.common.registry import ModelSpec, build_spec
-from ectrans.models.api import Request
+from ectrans.models.api import Paced, Request
 from ectrans.models.encoder import EncoderTokenizer, Pooling, embed_unsplit
 from ectrans.models.loader import load_executor, load_model
 from ectrans.models.noop import NoopExecutor
@@ -328,3 +329,73 @@ def test_cuda_streams_give_the_cpu_results(tiny_bert: Path) -> None:
         for text, result in zip(batch, future.result(WAIT_S)[0], strict=True):
             np.testing.assert_allclose(result.output, expected[text], atol=1e-4)
     executor.close()
+
+
+# -- pacing ----------------------------------------------------------------------------------
+
+
+def test_pacing_reports_the_first_segment(log: list[tuple[str, str]]) -> None:
+    """Bulk batches not yet started by the first segment are counted; the one it runs is named with
+    its padded tokens; each start calls back. Real-time batches are not paced."""
+    executor = steps_executor(log)
+    assert isinstance(executor, Paced)
+    calls: list[int] = []
+    stop = executor.on_progress(lambda: calls.append(executor.bulk_waiting()))
+    first = step(executor, 0)
+    first.block_on = "big"
+    big = executor.submit(Request("embed", ["big", "xx"]))
+    assert first.entered.wait(WAIT_S)  # segment A runs the big batch
+    rest = [executor.submit(Request("embed", [f"b{i}"])) for i in range(2)]
+    rt = executor.submit(Request("embed", ["rt"], realtime=True))
+    front = executor.front_segment()
+    assert front is not None and front.padded_tokens == 2 * 3 and front.share == 0.5  # of two segments
+    assert executor.bulk_waiting() == 2 and calls == [0]
+    first.gate.set()
+    for future in [big, *rest, rt]:
+        future.result(WAIT_S)
+    stop()
+    executor.close()
+    assert calls == [0, 1, 0] and executor.bulk_waiting() == 0 and executor.front_segment() is None
+
+
+# -- alone on the CPU --------------------------------------------------------------------------
+
+
+class Probe(Step):
+    """A Step that also notes which thread ran it, on how many torch threads."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]], seen: list[tuple[str, str, str, int]], **kw: Any) -> None:
+        super().__init__(name, log, **kw)
+        self.seen = seen
+
+    def __call__(self, state: SegmentState) -> SegmentState:
+        texts: list[str] = state.extras["texts"]
+        self.seen.append((self.name, texts[0], threading.current_thread().name, torch.get_num_threads()))
+        return super().__call__(state)
+
+
+def test_a_lone_batch_runs_every_segment_on_all_threads(log: list[tuple[str, str]]) -> None:
+    """Alone in the pipeline, a batch runs all segments in the first one's thread on all threads;
+    a batch arriving meanwhile sends it down the pipeline at the next boundary."""
+    seen: list[tuple[str, str, str, int]] = []
+    steps = [Probe(name, log, seen, last=name == "C") for name in "ABC"]
+    executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=3)
+    assert executor.run_alone and executor.stage_threads == 1
+    assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:3"
+    first = "ectrans-steps-A"
+    assert seen == [(name, "solo", first, 3) for name in "ABC"]
+    seen.clear()
+    steps[0].block_on = "big"
+    big = executor.submit(Request("embed", ["big"]))
+    assert steps[0].entered.wait(WAIT_S)  # A runs the big batch, alone so far
+    other = executor.submit(Request("embed", ["other"]))
+    deadline = time.monotonic() + WAIT_S
+    while not executor._stages[1].batch:  # tokenised and waiting for segment A
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    steps[0].gate.set()
+    assert big.result(WAIT_S)[0][0].output == "big:3" and other.result(WAIT_S)[0][0].output == "other:3"
+    executor.close()
+    assert ("A", "big", first, 3) in seen
+    assert ("B", "big", "ectrans-steps-B", 1) in seen and ("C", "big", "ectrans-steps-C", 1) in seen
+    assert seen.index(("A", "other", first, 1)) > seen.index(("A", "big", first, 3))

@@ -10,6 +10,7 @@ SCENARIOS = {
     "scale": "ectrans.bench.scale",
     "durability": "ectrans.bench.durability",
     "gateway": "ectrans.bench.gateway",
+    "serve": "ectrans.bench.serve",
 }
 # Scenarios that draw a plot (matplotlib, the `bench` extra): checked before their run starts.
 PLOTTED = frozenset({"baselines", "mixed", "split"})

@@ -7,11 +7,14 @@ CUDA streams) and completes a future per batch, one `ItemResult` per input, in i
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ectrans.common.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,7 +49,9 @@ class BatchStats:
     tokens: int
     padded_tokens: int
     service_ms: float  # submitted to done, waits between stages included
-    compute_ms: float = 0.0  # the segments' own run time (on CUDA from events on their streams)
+    # The segments' own run time, as on their own stages' threads (on CUDA from events on their
+    # streams): what one segment of a batch holds a real-time batch back.
+    compute_ms: float = 0.0
 
 
 class Executor(Protocol):
@@ -63,3 +68,59 @@ class Executor(Protocol):
     def close(self) -> None:
         """Finish queued batches, then release threads and memory."""
         ...
+
+
+@dataclass(frozen=True)
+class FrontSegment:
+    """The bulk batch a paced executor's first segment is running (what the next batch will follow)."""
+
+    started: float  # time.monotonic() when the segment started it
+    padded_tokens: int
+    # The share of the batch's cost (`BatchStats.compute_ms`, as fitted) that keeps the segment busy:
+    # 1/N of N segments; when it runs every segment there on more threads, less than the whole.
+    share: float = 1.0
+
+
+@runtime_checkable
+class Paced(Protocol):
+    """An executor that tells the worker when it is about to need its next bulk batch.
+
+    The worker then forms that batch as late as it can, from everything queued by then, instead of
+    handing the executor small batches early that would only wait inside it."""
+
+    def bulk_waiting(self) -> int:
+        """Bulk batches submitted that the first segment has not started yet."""
+        ...
+
+    def front_segment(self) -> FrontSegment | None:
+        """The bulk batch the first segment runs now; None while it runs none."""
+        ...
+
+    def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the executor's threads) whenever the first segment starts a bulk
+        batch; returns the function that stops it."""
+        ...
+
+
+class ProgressCallbacks:
+    """The callbacks of `Paced.on_progress`, called from executor threads; one that fails is logged
+    and never stops the thread that called it."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+
+    def add(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return remove
+
+    def __call__(self) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback()
+            except Exception:
+                logger.exception("[models] progress callback failed")

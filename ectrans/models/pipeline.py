@@ -11,6 +11,19 @@ runs real-time work first; the parked batch resumes where it stopped once no rea
 So a real-time batch waits for at most the segment each stage is already running. Parked memory
 is counted (`parked_bytes`) and bounded (`park_limit_bytes`): a batch that would push the total
 over the limit runs instead of parking.
+
+Alone on the CPU: segment stages on separate threads give up intra-op parallelism (one request
+runs on one stage's share of the cores). So on a CPU a bulk batch that finds the pipeline otherwise
+empty runs its segments one after another in the first segment's thread on all the executor's
+threads (real-time batches, short by nature, keep their stages' threads: on a busy host a small
+batch on several threads can stall behind other processes). Work arriving meanwhile ends that at
+the next segment boundary, where the batch goes on down the pipeline as usual (so real-time
+cut-in still happens at segment boundaries). One client gets the whole machine; many clients
+get a full pipeline.
+
+Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
+segment and which one it runs since when, and calls back when it starts one, so the worker can
+form the next batch just before that segment is free.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from typing import Any, Literal
 import torch
 
 from ectrans.common.registry import ModelSpec
-from ectrans.models.api import ItemResult, Request
+from ectrans.models.api import FrontSegment, ItemResult, ProgressCallbacks, Request
 from ectrans.models.batch import BatchFuture, Job, Tokenize, UnservableError, to_device, use_on_stream
 from ectrans.models.device import set_cpu_threads
 from ectrans.models.resume import Resume
@@ -61,6 +74,11 @@ class _Stage:
     pending: Job | None = None  # done here, waiting for room downstream
     parked: Job | None = None  # held back at this boundary for real-time work
     done: bool = False
+    busy: bool = False  # running a job now
+
+    @property
+    def idle(self) -> bool:
+        return not (self.busy or self.rt or self.batch) and self.pending is None and self.parked is None
 
 
 class PipelinedExecutor:
@@ -78,6 +96,7 @@ class PipelinedExecutor:
         park_limit_bytes: int = DEFAULT_PARK_LIMIT_BYTES,
         between_segments: BoundaryHook | None = None,
         resume: Resume | None = None,
+        run_alone: bool | None = None,
     ) -> None:
         if not segments:
             raise ValueError("a pipeline needs at least one segment")
@@ -91,9 +110,13 @@ class PipelinedExecutor:
         self.queue_depth = queue_depth
         self.park_limit_bytes = park_limit_bytes
         self._hook = between_segments
-        total_threads = threads or torch.get_num_threads()
+        self.total_threads = threads or torch.get_num_threads()
         # torch keeps one OpenMP team per calling thread: share the cores between segment stages.
-        self.stage_threads = max(1, total_threads // len(self.segments))
+        self.stage_threads = max(1, self.total_threads // len(self.segments))
+        # A batch alone in the pipeline runs on all threads (CPU only: a GPU's parallelism is not threads).
+        if run_alone is None:
+            run_alone = self.device.type == "cpu"
+        self.run_alone = run_alone and len(self.segments) > 1 and self.total_threads > self.stage_threads
         self._streams: list[Any] = [None] * len(self.segments)
         if self.device.type == "cuda":
             self._streams = [torch.cuda.Stream(device=self.device) for _ in self.segments]  # type: ignore[no-untyped-call]
@@ -104,6 +127,9 @@ class PipelinedExecutor:
         self._realtime_in_flight = 0
         self._parked_bytes = 0
         self._closing = False
+        self._bulk_ahead: set[int] = set()  # bulk jobs the first segment has not started
+        self._front: FrontSegment | None = None
+        self._progress = ProgressCallbacks()
         self._threads = [
             threading.Thread(target=self._stage_loop, args=(k,), name=f"ectrans-{spec.name}-{name}", daemon=True)
             for k, name in enumerate(names)
@@ -129,6 +155,7 @@ class PipelinedExecutor:
                 self._realtime_in_flight += 1
                 self._stages[0].rt.append(job)
             else:
+                self._bulk_ahead.add(job.id)
                 self._stages[0].batch.append(job)
             self._cond.notify_all()
         return future
@@ -153,6 +180,30 @@ class PipelinedExecutor:
         with self._cond:
             return self._realtime_in_flight
 
+    # -- pacing (see the module docstring) ----------------------------------------------------
+
+    def bulk_waiting(self) -> int:
+        with self._cond:
+            return len(self._bulk_ahead)
+
+    def front_segment(self) -> FrontSegment | None:
+        with self._cond:
+            return self._front
+
+    def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
+        return self._progress.add(callback)
+
+    def _front_started(self, job: Job, alone: bool) -> None:
+        with self._cond:
+            self._bulk_ahead.discard(job.id)
+            share = self.stage_threads / self.total_threads if alone else 1 / len(self.segments)
+            self._front = FrontSegment(time.monotonic(), job.padded_tokens, share)
+        self._progress()
+
+    def _front_finished(self) -> None:
+        with self._cond:
+            self._front = None
+
     # -- stage threads ---------------------------------------------------------------------
 
     def _stage_loop(self, k: int) -> None:
@@ -168,13 +219,26 @@ class PipelinedExecutor:
                     self._call_hook(BoundaryEvent(k - 1, self._stages[k].name, job.id, job.realtime, action))
                 if action == "park":
                     continue
+                paced = k == 1 and not job.realtime  # the first segment starts a bulk batch
+                alone = paced and self.run_alone and self._alone(job)
+                if paced:
+                    self._front_started(job, alone)
+                self._set_busy(k, True)
+                last = k  # the stage whose segment ran last
                 try:
-                    forward = self._work(k, job)
+                    if alone:
+                        last = self._run_alone(job)
+                        forward = last > 0
+                    else:
+                        forward = self._work(k, job)
                 except Exception as exc:  # a bug here must not stop the stage for every later batch
                     self._fail(job, RuntimeError(f"stage {self._stages[k].name!r} failed: {exc!r}"), exc)
                     forward = False
+                if paced:
+                    self._front_finished()
                 if forward:
-                    self._hand_on(k, job)
+                    self._hand_on(last, job)
+                self._set_busy(k, False)
 
     def _next_step(self, k: int) -> Step | None:
         """Block until stage k has something to do; None once it is closed and drained."""
@@ -238,6 +302,48 @@ class PipelinedExecutor:
         with self._cond:
             if not self._deliver(k + 1, job):
                 self._stages[k].pending = job
+                self._cond.notify_all()  # stage k's own thread delivers it (it may be another's job)
+
+    def _set_busy(self, k: int, busy: bool) -> None:
+        with self._cond:
+            self._stages[k].busy = busy
+
+    # -- alone on the CPU (see the module docstring) ------------------------------------------
+
+    def _alone(self, job: Job) -> bool:
+        """Nothing but bulk `job` in the segment stages, and no other work on its way to the first one."""
+        with self._cond:
+            if self._realtime_in_flight:
+                return False
+            first = self._stages[1]
+            if first.rt or first.batch or first.parked is not None:
+                return False
+            return all(stage.idle for stage in self._stages[2:-1])
+
+    def _run_alone(self, job: Job) -> int:
+        """Run `job`'s segments from the first on, on all threads, while it stays alone; the stage
+        of the last segment run (0 when one failed).
+
+        Its compute time counts as on the stages' own threads (times the thread ratio, as if intra-op
+        parallelism scaled perfectly): the fitted cost then says how long a segment holds real-time
+        work back once the batch runs down the pipeline, which is when real-time work is about."""
+        set_cpu_threads(self.total_threads)
+        scale = self.total_threads / self.stage_threads
+        try:
+            index = 0
+            while True:
+                before = job.compute_ms
+                if not self._work_segment(index, job):
+                    return 0
+                job.compute_ms += (job.compute_ms - before) * (scale - 1)
+                index += 1
+                if index == len(self.segments) or not self._alone(job):
+                    return index
+                if self._hook is not None:
+                    name = self.segments[index].name
+                    self._call_hook(BoundaryEvent(index, name, job.id, job.realtime, "run"))
+        finally:
+            set_cpu_threads(self.stage_threads)
 
     def _call_hook(self, event: BoundaryEvent) -> None:
         assert self._hook is not None
@@ -255,10 +361,13 @@ class PipelinedExecutor:
         if k == len(self._stages) - 1:
             self._finish(job)
             return False
+        return self._work_segment(k - 1, job)
+
+    def _work_segment(self, index: int, job: Job) -> bool:
         try:
-            self._run_segment(k - 1, job)
+            self._run_segment(index, job)
         except Exception as exc:
-            name = self.segments[k - 1].name
+            name = self.segments[index].name
             self._fail(job, RuntimeError(f"segment {name!r} of model {self.spec.name!r} failed: {exc!r}"), exc)
             return False
         return True
@@ -327,7 +436,8 @@ class PipelinedExecutor:
 
     def _settle(self, job: Job) -> None:
         """A job left the pipeline: parked batches may resume once no real-time work is left."""
-        if job.realtime:
-            with self._cond:
+        with self._cond:
+            self._bulk_ahead.discard(job.id)  # e.g. answered without model work, or failed early
+            if job.realtime:
                 self._realtime_in_flight -= 1
                 self._cond.notify_all()

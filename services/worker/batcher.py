@@ -5,6 +5,11 @@ throughput: the task with the highest response ratio, (wait + predicted service)
 service, anchors the batch so that no long job starves; it is filled with the tasks closest to it
 in length until the token budget (batch × padded length) or the batch size is reached, which
 keeps padding waste low.
+
+When the model's executor is paced, the worker passes `bulk_due`: the moment its first segment is
+about to be free. A bulk batch is then formed at that moment from everything queued (or at once
+when full), not after `max_wait_s`: formed earlier, it would only wait inside the executor while
+tasks arriving meanwhile wait for the one after it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ from dataclasses import dataclass, field
 from ectrans.common.schemas import Task
 
 ALL_CLASSES = frozenset({"realtime", "batch"})
+# The time cap on bulk batches holds this long after the last real-time task arrived: it bounds what a
+# real-time batch may wait behind, and only costs bulk throughput when there is none to protect. Long,
+# so that a node serving real-time work at all keeps it between arrivals; the first real-time task
+# after a longer bulk-only stretch may wait for one uncapped segment (admission sees that cost).
+CAP_HOLD_S = 60.0
 
 
 @dataclass
@@ -64,12 +74,16 @@ class Batcher:
     seconds_per_token: float = 1e-3  # refined from the model's latency profile when known
     # Packed batches stay under this many padded tokens (set from the model's fitted cost), so one
     # segment of bulk work - what a real-time batch may wait behind - stays short. None: no cap.
+    # It applies while real-time work is about (see CAP_HOLD_S).
     batch_token_cap: int | None = None
+    realtime_seen: float | None = None  # when the latest real-time task arrived
     queues: dict[str, list[Pending]] = field(default_factory=lambda: {"realtime": [], "batch": []})
 
     def add(self, pending: Pending) -> None:
         # FIFO mode keeps one queue in arrival order: the baseline the scheduler is compared against.
         self.queues["batch" if self.fifo else pending.task.task_class].append(pending)
+        if pending.task.task_class == "realtime":
+            self.realtime_seen = max(pending.arrived, self.realtime_seen or pending.arrived)
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -97,39 +111,67 @@ class Batcher:
         cap = self.batch_token_cap
         return self.batch.token_budget if cap is None else max(1, min(self.batch.token_budget, cap))
 
-    def _ready(self, queue: list[Pending], policy: BatchPolicy, now: float, idle: bool = False) -> bool:
+    def cap_in_force(self, now: float) -> bool:
+        """Whether the time cap applies at `now`: while real-time work is about."""
+        recent = self.realtime_seen is not None and now - self.realtime_seen < CAP_HOLD_S
+        return self.batch_token_cap is not None and (recent or bool(self.queues["realtime"]))
+
+    def budget_at(self, now: float) -> int:
+        """The packed budget at `now`: lowered by the time cap while it is in force."""
+        return self.packed_budget if self.cap_in_force(now) else self.batch.token_budget
+
+    def _ready(
+        self, queue: list[Pending], policy: BatchPolicy, now: float, idle: bool = False, due: float | None = None
+    ) -> bool:
         if not queue:
             return False
-        if idle or len(queue) >= policy.max_batch or now - queue[0].arrived >= policy.max_wait_s:
+        timed_out = now - queue[0].arrived >= policy.max_wait_s if due is None else now >= due
+        if idle or len(queue) >= policy.max_batch or timed_out:
             return True
-        budget = self.packed_budget if policy is self.batch and not self.fifo else policy.token_budget
+        budget = self.budget_at(now) if policy is self.batch and not self.fifo else policy.token_budget
         return sum(p.tokens for p in queue) >= budget
 
     def wait_hint(
-        self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES, *, idle: bool = False
+        self,
+        now: float,
+        free: set[str] | frozenset[str] = ALL_CLASSES,
+        *,
+        idle: bool = False,
+        bulk_due: float | None = None,
     ) -> float | None:
-        """Seconds until a queue of a class in `free` becomes ready by age; None when there is none."""
+        """Seconds until a queue of a class in `free` becomes ready by age (the batch class by
+        `bulk_due` when given); None when there is none."""
         hints = [
-            0.0 if idle else max(0.0, queue[0].arrived + policy.max_wait_s - now)
+            0.0 if idle else max(0.0, self._due(name, queue, policy, bulk_due) - now)
             for name, policy in (("realtime", self.realtime), ("batch", self.batch))
             if (queue := self.queues[name]) and name in free
         ]
         return min(hints) if hints else None
 
+    @staticmethod
+    def _due(name: str, queue: list[Pending], policy: BatchPolicy, bulk_due: float | None) -> float:
+        return bulk_due if name == "batch" and bulk_due is not None else queue[0].arrived + policy.max_wait_s
+
     def next_batch(
-        self, now: float, free: set[str] | frozenset[str] = ALL_CLASSES, *, idle: bool = False
+        self,
+        now: float,
+        free: set[str] | frozenset[str] = ALL_CLASSES,
+        *,
+        idle: bool = False,
+        bulk_due: float | None = None,
     ) -> Batch | None:
         """The next batch to run, among classes with a free in-flight slot (`free`).
 
         `idle` says the model has no batch in flight: then waiting for batch-mates only leaves the
         device unused, so whatever is queued goes at once (work-conserving batching: under load the
         device is busy and batches fill while it works; a lone task at low load does not wait).
+        `bulk_due`: when the batch class is ready, instead of its `max_wait_s` (a paced executor).
         """
         rt = self.queues["realtime"]
         if "realtime" in free and self._ready(rt, self.realtime, now, idle):
             return Batch("realtime", self._take_fifo(rt, self.realtime))
         queue = self.queues["batch"]
-        if "batch" not in free or not self._ready(queue, self.batch, now, idle):
+        if "batch" not in free or not self._ready(queue, self.batch, now, idle, bulk_due):
             return None
         if self.fifo:
             return Batch("fifo", self._take_fifo(queue, self.batch))
@@ -150,7 +192,7 @@ class Batcher:
         by_closeness = sorted(queue, key=lambda p: (abs(p.tokens - anchor.tokens), p.arrived))
         taken: list[Pending] = []
         longest = 0
-        budget = self.packed_budget
+        budget = self.budget_at(now)
         for candidate in by_closeness:
             if len(taken) >= self.batch.max_batch:
                 break

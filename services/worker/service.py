@@ -14,13 +14,14 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ectrans.common.cost import OnlineCost
+from ectrans.common.cost import CostModel, OnlineCost
 from ectrans.common.heartbeat import Heartbeat, default_instance
 from ectrans.common.keys import TASK_CLASSES, WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
@@ -30,7 +31,7 @@ from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
 from ectrans.common.schemas import Reason, Task, TaskError
 from ectrans.common.split import check_split
-from ectrans.models.api import BatchStats, Executor, ItemResult, Request
+from ectrans.models.api import BatchStats, Executor, ItemResult, Paced, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.cancel import CANCELLED_MESSAGE, split_cancelled
 from ectrans.services.worker.settings import WorkerSettings
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 METRICS_MAXLEN = 10_000
 REALTIME_INFLIGHT = 2
 TOUCH_LIMIT = 10  # claim idle times after which a held task is left to peers (see `_touch_loop`)
+# A paced lane forms its next bulk batch this long before the first segment is predicted free:
+# the time to take it from the queues, submit it and tokenise it.
+PACE_LEAD_S = 0.003
 
 
 def _text_field(record: Fields, name: str) -> str:
@@ -70,12 +74,52 @@ class ModelLane:
         self.wakeup = asyncio.Event()
         self.cost = OnlineCost(segments=len(getattr(executor, "segments", [None])))
         self.cost_published = 0.0
+        self.fitted: CostModel | None = None  # the last fit of `cost`, refreshed once a second
+        self.last_batch: tuple[int, float] | None = None  # padded tokens and ms of the latest batch (before a fit)
+        # A paced executor gets its bulk batches just before it can start them (FIFO, the baseline, is not paced).
+        self.paced = executor if isinstance(executor, Paced) and not settings.fifo else None
 
     def free_classes(self) -> set[str]:
         return {c for c, n in self.inflight.items() if n < self.limits[c]}
 
     def slot_class(self, batch: Batch) -> str:
         return "realtime" if batch.task_class == "realtime" else "batch"
+
+    def follow_progress(self) -> Callable[[], None]:
+        """Wake the scheduler whenever a paced executor's first segment starts a bulk batch; returns the undo."""
+        if self.paced is None:
+            return lambda: None
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(self.wakeup.set)
+
+        return self.paced.on_progress(wake)
+
+    def bulk_due(self, free: set[str]) -> float | None:
+        """When the next bulk batch should be formed (paced executors; None: by `max_wait_s`). While a
+        bulk batch still waits for the first segment, none: tasks arriving meanwhile join the next one
+        (the batch class leaves `free`). While the segment runs one, just before its predicted end."""
+        if self.paced is None:
+            return None
+        if self.paced.bulk_waiting() > 0:
+            free.discard("batch")
+            return None
+        front = self.paced.front_segment()
+        busy_ms = None if front is None else self.busy_ms(front.padded_tokens, front.share)
+        if front is None or busy_ms is None:  # the segment is free, or its cost not yet known: at once
+            return time.monotonic()
+        return front.started + busy_ms / 1000.0 - PACE_LEAD_S
+
+    def busy_ms(self, padded_tokens: int, share: float) -> float | None:
+        """Predicted time `share` of a batch's cost takes: from the fitted cost, else in proportion to
+        the latest batch; None before any."""
+        if self.fitted is not None:
+            return self.fitted.batch_ms(padded_tokens) * share
+        if self.last_batch is not None:
+            tokens, ms = self.last_batch
+            return ms * padded_tokens / max(tokens, 1) * share
+        return None
 
 
 def model_settings(settings: WorkerSettings, spec: ModelSpec) -> WorkerSettings:
@@ -366,15 +410,19 @@ class Worker:
     # 2. Scheduling ------------------------------------------------------------------------------
 
     async def _schedule_loop(self, lane: ModelLane, tg: asyncio.TaskGroup) -> None:
-        while not self._stopping.is_set():
-            await self._expire(lane)
-            batch = await self._next_batch(lane)  # waits for a ready batch of a class with a free slot
-            if batch is None:
-                continue
-            lane.inflight[lane.slot_class(batch)] += 1
-            task = tg.create_task(self._run_batch(lane, batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+        unfollow = lane.follow_progress()
+        try:
+            while not self._stopping.is_set():
+                await self._expire(lane)
+                batch = await self._next_batch(lane)  # waits for a ready batch of a class with a free slot
+                if batch is None:
+                    continue
+                lane.inflight[lane.slot_class(batch)] += 1
+                task = tg.create_task(self._run_batch(lane, batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        finally:
+            unfollow()
         await self._hand_back(lane)
 
     async def _next_batch(self, lane: ModelLane) -> Batch | None:
@@ -382,11 +430,13 @@ class Worker:
             now = time.monotonic()
             free = lane.free_classes()
             idle = not any(lane.inflight.values())  # nothing running: waiting for batch-mates only idles the device
-            batch = lane.batcher.next_batch(now, free, idle=idle)
+            due = lane.bulk_due(free)
+            batch = lane.batcher.next_batch(now, free, idle=idle, bulk_due=due)
             if batch is not None:
                 return batch
             lane.wakeup.clear()
-            hint = lane.batcher.wait_hint(now, free, idle=idle)  # a finished batch or a new task sets `wakeup`
+            # A finished batch, a new task or (paced) the first segment starting a batch sets `wakeup`.
+            hint = lane.batcher.wait_hint(now, free, idle=idle, bulk_due=due)
             await wait_or_timeout(lane.wakeup, 0.25 if hint is None else max(hint, 0.0005))
             await self._expire(lane)
         return None
@@ -562,15 +612,18 @@ class Worker:
         size bulk batches so one of their segments runs within `batch_segment_ms`."""
         if observe:
             lane.cost.observe(stats.padded_tokens, stats.compute_ms or stats.service_ms)
+            lane.last_batch = (stats.padded_tokens, stats.compute_ms or stats.service_ms)
         if time.monotonic() - lane.cost_published < 1.0:  # before the fit: a least-squares per batch is waste
             return
         model = lane.cost.model()
         if model is None:
             return
+        lane.fitted = model
         if lane.settings.batch_segment_ms > 0 and not lane.settings.fifo:  # FIFO (the baseline) runs uncapped
             cap = model.tokens_within(lane.settings.batch_segment_ms * model.segments)
             lane.batcher.batch_token_cap = cap
-            if cap is not None:  # batches larger than the cap came before it: not what runs from now on
+            if cap is not None and lane.batcher.cap_in_force(time.monotonic()):
+                # Batches larger than the cap came before it: not what runs from now on.
                 model = dataclasses.replace(model, max_batch_tokens=min(model.max_batch_tokens, cap))
         lane.cost_published = time.monotonic()
         try:

@@ -31,7 +31,8 @@ class WorkerSettings(CommonSettings):
         ge=0,
         description=(
             "Target run time of one segment of a bulk batch: what a real-time batch may wait behind. Bulk"
-            " batches are sized from the model's fitted cost to stay under it (0: only `token_budget`)."
+            " batches are sized from the model's fitted cost to stay under it while real-time work is about"
+            " (until 60 s after the last real-time task; 0: only `token_budget`)."
         ),
     )
     fifo: bool = Field(False, description="One FIFO queue for both classes (the baseline to compare against).")

@@ -1,0 +1,171 @@
+"""The client at any concurrency: thousands of calls at once on one client, one sync client shared by
+many threads, all on a few connections (the no-op model: only the path is measured)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ectrans.client import AsyncClient, Client
+from ectrans.common.redis_conn import RedisClient, connect, is_cluster
+from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.models.noop import NoopExecutor
+from ectrans.sender import Sender, SenderClosed
+from tests.stack import running_stack
+from tests.tiny_encoders import HIDDEN, SENTENCES, make_tiny_bert
+
+NOOP: ModelSpec = build_spec("noop", {"kind": "noop"})
+CONCURRENT_CALLS = 10_000
+
+
+@asynccontextmanager
+async def noop_stack(redis_url: str, prefix: str) -> AsyncIterator[None]:
+    async with running_stack(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}):
+        yield
+
+
+async def connections_named(redis_url: str, name: str) -> int:
+    """How many connections the server holds under a client name (single Redis only)."""
+    admin = connect(redis_url)
+    try:
+        listing = await admin.client_list()
+        return sum(1 for entry in listing if entry.get("name") == name)
+    finally:
+        await admin.aclose()
+
+
+def client_name(client: AsyncClient) -> str:
+    return f"ectrans-client-{client.client_id[:8]}"
+
+
+def test_ten_thousand_concurrent_submits_share_two_connections(redis_url: str, prefix: str) -> None:
+    """Each call a separate `submit`, all at once: every task answered, with the client holding its
+    writer's and its reader's connection only (a connection per call hits redis-py's pool limit)."""
+
+    async def scenario() -> None:
+        async with noop_stack(redis_url, prefix), AsyncClient(redis_url, prefix=prefix) as client:
+            texts = [f"text {i}" for i in range(CONCURRENT_CALLS)]
+            results = await asyncio.gather(*(client.submit("noop", "noop", t, timeout=120) for t in texts))
+            assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+            assert [r.output["chars"] for r in results] == [len(t) for t in texts]
+            assert client._sender is not None and client._sender.flushes < CONCURRENT_CALLS / 10  # coalesced
+            assert client._redis is not None
+            if not is_cluster(client._redis):
+                assert await connections_named(redis_url, client_name(client)) <= 2
+
+    asyncio.run(scenario())
+
+
+def test_ten_thousand_concurrent_embeds_and_model_state(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """`embed` calls (a tiny BERT) and `model_state` calls, all at once on one client."""
+    from ectrans.models.loader import load_executor
+
+    spec = build_spec("bert", {"path": str(make_tiny_bert(tmp_path / "bert"))})
+    executor = load_executor(spec, device="cpu", threads=1)
+
+    async def scenario() -> None:
+        async with (
+            running_stack(redis_url, prefix, {"bert": spec}, {"bert": executor}),
+            AsyncClient(redis_url, prefix=prefix) as client,
+        ):
+            texts = [SENTENCES[i % len(SENTENCES)] for i in range(CONCURRENT_CALLS)]
+            embeds = asyncio.gather(*(client.embed([t], model="bert", timeout=300) for t in texts))
+            states = asyncio.gather(*(client.model_state("bert") for _ in range(100)))
+            vectors, lengths = await asyncio.gather(embeds, states)
+            by_text = {t: v for t, v in zip(texts, vectors, strict=True)}
+            for text, vector in zip(texts, vectors, strict=True):  # the same text, the same vector
+                assert vector.shape == (1, HIDDEN) and np.allclose(vector, by_text[text], atol=1e-5)
+            assert all(set(state) == {"realtime", "batch"} for _, state in lengths)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        executor.close()
+
+
+@contextmanager
+def stack_in_thread(redis_url: str, prefix: str) -> Iterator[None]:
+    ready, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            async with noop_stack(redis_url, prefix):
+                ready.set()
+                await asyncio.to_thread(stop.wait)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def test_many_threads_share_one_sync_client(redis_url: str, prefix: str) -> None:
+    """200 threads (past the pool's 100), released together, each submitting on the same Client."""
+    threads_count, per_thread = 200, 5
+    barrier = threading.Barrier(threads_count)
+    answers: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    with stack_in_thread(redis_url, prefix), Client(redis_url, prefix=prefix) as client:
+
+        def user(n: int) -> None:
+            try:
+                barrier.wait(30)
+                texts = [f"user {n} call {i}" for i in range(per_thread)]
+                results = [client.submit("noop", "noop", t, timeout=120) for t in texts]
+                answers[n] = [str(r.output["chars"]) if r.ok else str(r.error) for r in results]
+            except BaseException as exc:  # reported below with the thread's number
+                errors.append(exc)
+
+        workers = [threading.Thread(target=user, args=(n,)) for n in range(threads_count)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(180)
+
+    assert not errors, errors[:3]
+    assert answers == {n: [str(len(f"user {n} call {i}")) for i in range(per_thread)] for n in range(threads_count)}
+
+
+def test_sender_coalesces_and_drops_cancelled_calls(redis_url: str, prefix: str) -> None:
+    """Calls queued while a round trip is out go in the next one together; a call cancelled before
+    its turn is never sent; an error reply fails only the call it belongs to."""
+
+    async def scenario(redis: RedisClient) -> None:
+        sender = Sender(redis)
+        sender.start()
+        key = f"{prefix}counter"
+        calls = [asyncio.create_task(sender.execute([("INCR", key)])) for _ in range(50)]
+        dropped = asyncio.create_task(sender.execute([("INCRBY", key, 1000)]))
+        dropped.cancel()
+        bad = asyncio.create_task(sender.execute([("INCR", key), ("HGET", key, "field")]))  # wrong type
+        replies = await asyncio.gather(*calls)
+        assert sorted(r[0] for r in replies) == list(range(1, 51))
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await bad
+        assert sender.flushes <= 2 and sender.largest_flush >= 50
+        assert await redis.get(key) == b"51"  # the cancelled INCRBY never went out
+        await sender.close()
+        with pytest.raises(SenderClosed):
+            await sender.execute([("PING",)])
+
+    async def main() -> None:
+        redis = connect(redis_url)
+        try:
+            await scenario(redis)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
