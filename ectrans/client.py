@@ -14,13 +14,14 @@ through one writer (`ectrans.sender`): any number of concurrent calls share one 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -109,6 +110,36 @@ class TaskResult:
             latency_ms=float(text.get("latency_ms", 0) or 0),
             fields=text,
         )
+
+
+class TaskHandle:
+    """One submitted task. `await handle` (or `await handle.result(timeout)`) gives its terminal record;
+    `await handle.cancel()` asks workers to drop it if they have not started it: the record then says
+    `cancelled` (or is the result, for a task already running)."""
+
+    def __init__(self, client: AsyncClient, task_id: str, future: asyncio.Future[TaskResult]) -> None:
+        self.id = task_id
+        self.future = future
+        self._client = client
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def __await__(self) -> Generator[Any, None, TaskResult]:
+        return self.result().__await__()
+
+    async def result(self, timeout: float | None = None) -> TaskResult:
+        """The terminal record; TaskTimeout if none came within `timeout` (the handle stays usable)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.future), timeout)
+        except TimeoutError:
+            raise TaskTimeout(f"task {self.id} unanswered after {timeout}s") from None
+
+    async def cancel(self) -> None:
+        await self._client.cancel([self.id])
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id!r}, done={self.done()})"
 
 
 class AsyncClient:
@@ -211,7 +242,7 @@ class AsyncClient:
                     await self._send([("XTRIM", self.reply_stream, "MINID", "=", _next_id(last))])
                 unread, trimmed_at = 0, time.monotonic()
 
-    async def submit_many(
+    async def submit_tasks(
         self,
         model: str,
         op: str,
@@ -221,45 +252,101 @@ class AsyncClient:
         deadline_ms: int | None = None,
         on_miss: str | None = None,
         params: dict[str, int] | None = None,
-        timeout: float | None = 30.0,
         segment: int = 0,
         revision: str = "",
-    ) -> list[TaskResult]:
-        """Submit one task per input (one round trip) and wait for all their terminal records.
+        truncate: bool = False,
+    ) -> list[TaskHandle]:
+        """Submit one task per input (one round trip, shared with concurrent calls) and return at once
+        with a handle per task: await it (or `.result(timeout)`), `.cancel()` it, or pass the handles
+        to `as_completed` / `wait`.
 
         With `segment` k > 0 the inputs are split payloads: the state after the model's first k
-        units, computed by the caller with model `revision` (see `ectrans.split`)."""
+        units, computed by the caller with model `revision` (see `ectrans.split`). `truncate` cuts
+        an input over the model's token limit instead of having it refused."""
         if self._sender is None:
             await self.connect()
         loop = asyncio.get_running_loop()
-        ids = [uuid.uuid4().hex for _ in inputs]
-        futures = [loop.create_future() for _ in inputs]
-        self._waiting.update(zip(ids, futures, strict=True))
+        # Ids start with the client's id, so a per-tenant ACL (docs/security.md) can confine results
+        # and cancel marks to the tenant's prefix; the random part keeps them unguessable.
+        ids = [f"{self.client_id[:64]}.{uuid.uuid4().hex}" for _ in inputs]
+        handles = [TaskHandle(self, task_id, loop.create_future()) for task_id in ids]
+        self._waiting.update((h.id, h.future) for h in handles)
         # Flat XADDs, the fields every task of the call shares built once: about a fifth less client CPU
         # per task than `xadd` with a dict per task.
         head = ("XADD", self.keys.tasks, "*", "model", model, "op", op)
         tail = self._shared_fields(priority=priority, deadline_ms=deadline_ms, on_miss=on_miss, params=params)
         if segment:
             tail += ["segment", str(segment), "revision", revision]
+        if truncate:
+            tail += ["truncate", "1"]
         commands = [(*head, "input", text, "id", task_id, *tail) for task_id, text in zip(ids, inputs, strict=True)]
         try:
             await self._send(commands)
+        except BaseException:
+            self._forget(ids)
+            raise
+        return handles
+
+    async def submit_many(
+        self,
+        model: str,
+        op: str,
+        inputs: Sequence[str | bytes],
+        *,
+        timeout: float | None = 30.0,
+        **options: Any,
+    ) -> list[TaskResult]:
+        """Submit one task per input and wait for all their terminal records (options as for
+        `submit_tasks`). TaskTimeout if not all arrive within `timeout`; `wait` returns what did."""
+        handles = await self.submit_tasks(model, op, inputs, **options)
+        futures = [h.future for h in handles]
+        try:
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
         except TimeoutError:
             unanswered = sum(f.cancelled() or not f.done() for f in futures)  # wait_for cancelled the rest
-            raise TaskTimeout(f"{unanswered} of {len(ids)} tasks unanswered after {timeout}s") from None
+            raise TaskTimeout(f"{unanswered} of {len(handles)} tasks unanswered after {timeout}s") from None
         except asyncio.CancelledError:
             # The caller gave up (a closed HTTP request, Ctrl-C): tasks no worker has started are
             # dropped, not computed. Written in the background: a cancelled call returns at once.
-            abandoned = [task_id for task_id, f in zip(ids, futures, strict=True) if f.cancelled() or not f.done()]
+            abandoned = [h.id for h in handles if h.future.cancelled() or not h.future.done()]
             if abandoned:
                 writing = asyncio.create_task(self.cancel(abandoned))
                 self._cancelling.add(writing)
                 writing.add_done_callback(self._cancelling.discard)
             raise
         finally:
-            for task_id in ids:
-                self._waiting.pop(task_id, None)
+            self._forget([h.id for h in handles])
+
+    async def as_completed(
+        self, handles: Sequence[TaskHandle], timeout: float | None = None
+    ) -> AsyncIterator[TaskResult]:
+        """Each task's terminal record as it arrives; TaskTimeout, after those that came, when the
+        rest have not within `timeout` (they are not cancelled: await or cancel their handles)."""
+        pending = {h.future: h for h in handles}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(list(pending), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TaskTimeout(f"{len(pending)} of {len(handles)} tasks unanswered after {timeout}s")
+            for future in done:
+                pending.pop(future)
+                yield future.result()
+
+    async def wait(
+        self, handles: Sequence[TaskHandle], timeout: float | None = None
+    ) -> tuple[list[TaskResult], list[TaskHandle]]:
+        """What arrived within `timeout` (in the handles' order), and the handles still waiting
+        (not cancelled: await them later, or cancel them)."""
+        futures = [h.future for h in handles]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout)
+        arrived = [h.future.result() for h in handles if h.future.done()]
+        return arrived, [h for h in handles if not h.future.done()]
+
+    def _forget(self, ids: Sequence[str]) -> None:
+        for task_id in ids:
+            self._waiting.pop(task_id, None)
 
     async def cancel(self, ids: Sequence[str]) -> None:
         """Ask workers to drop these tasks: one not started yet ends with a `cancelled` error record
@@ -318,10 +405,11 @@ class AsyncClient:
         priority: str | None = None,
         deadline_ms: int | None = None,
         timeout: float | None = 30.0,
+        truncate: bool = False,
     ) -> np.ndarray:
         """Sentence embeddings, one row per text; raises TaskFailed on any error result."""
         results = await self.submit_many(
-            model, "embed", texts, priority=priority, deadline_ms=deadline_ms, timeout=timeout
+            model, "embed", texts, priority=priority, deadline_ms=deadline_ms, timeout=timeout, truncate=truncate
         )
         return np.stack([np.asarray(r.raise_for_status().output, dtype=np.float32) for r in results])
 
@@ -334,10 +422,34 @@ class AsyncClient:
         max_new_tokens: int | None = None,
         priority: str | None = None,
         timeout: float | None = 60.0,
+        truncate: bool = False,
     ) -> list[str]:
         params = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
-        results = await self.submit_many(model, "translate", texts, priority=priority, params=params, timeout=timeout)
+        results = await self.submit_many(
+            model, "translate", texts, priority=priority, params=params, timeout=timeout, truncate=truncate
+        )
         return [str(r.raise_for_status().output["text"]) for r in results]
+
+
+class SyncTaskHandle:
+    """A TaskHandle for the sync `Client`: `.result(timeout)`, `.cancel()`, `.done()`."""
+
+    def __init__(self, client: Client, handle: TaskHandle) -> None:
+        self.id = handle.id
+        self.handle = handle
+        self._client = client
+
+    def done(self) -> bool:
+        return self.handle.done()
+
+    def result(self, timeout: float | None = None) -> TaskResult:
+        return self._client._call(self.handle.result(timeout))
+
+    def cancel(self) -> None:
+        self._client._call(self.handle.cancel())
+
+    def __repr__(self) -> str:
+        return f"SyncTaskHandle({self.id!r}, done={self.done()})"
 
 
 class Client:
@@ -368,6 +480,36 @@ class Client:
 
     def model_state(self, model: str) -> tuple[CostModel | None, dict[str, int]]:
         return self._call(self._async.model_state(model))
+
+    def submit_tasks(self, model: str, op: str, inputs: Sequence[str], **options: Any) -> list[SyncTaskHandle]:
+        handles = self._call(self._async.submit_tasks(model, op, inputs, **options))
+        return [SyncTaskHandle(self, handle) for handle in handles]
+
+    def cancel(self, ids: Sequence[str]) -> None:
+        self._call(self._async.cancel(ids))
+
+    def as_completed(self, handles: Sequence[SyncTaskHandle], timeout: float | None = None) -> Iterator[TaskResult]:
+        """Each task's terminal record as it arrives; TaskTimeout when the rest have not within `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = concurrent.futures.wait  # on the futures the client's loop resolves
+        pending = {asyncio.run_coroutine_threadsafe(h.handle.result(), self._loop) for h in handles}
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = waiting(pending, timeout=left, return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                for future in pending:
+                    future.cancel()
+                raise TaskTimeout(f"{len(pending)} of {len(handles)} tasks unanswered after {timeout}s")
+            for future in done:
+                yield future.result()
+
+    def wait(
+        self, handles: Sequence[SyncTaskHandle], timeout: float | None = None
+    ) -> tuple[list[TaskResult], list[SyncTaskHandle]]:
+        """What arrived within `timeout`, and the handles still waiting."""
+        arrived, rest = self._call(self._async.wait([h.handle for h in handles], timeout))
+        still = {id(h) for h in rest}
+        return arrived, [h for h in handles if id(h.handle) in still]
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -242,6 +242,9 @@ def test_each_service_works_under_its_documented_acl_user(
                     tenant = AsyncClient(urls["tenant-alice"], prefix=PREFIX, client_id="alice-c1")
                     await stack.enter_async_context(tenant)
                     assert [r.status for r in await tenant.submit_many("noop", "noop", ["three"])] == ["ok"]
+                    (handle,) = await tenant.submit_tasks("noop", "noop", ["four"])
+                    await handle.cancel()  # its own cancel marks: within the tenant's prefix
+                    assert (await handle).status in ("ok", "error")
 
                 async def recovered() -> bool:
                     names = ("orphan-in", "orphan-q", "poison")
@@ -292,6 +295,7 @@ def assert_refused_beyond_their_role(port: int, passwords: dict[str, str], versi
             ("tenant-alice", lambda r: r.xread({keys.reply("c1"): "0"})),  # another client's replies
             ("tenant-alice", lambda r: r.hgetall(keys.result("orphan-in"))),  # another's result
             ("tenant-alice", lambda r: r.delete(keys.reply("c1"))),
+            ("tenant-alice", lambda r: r.set(keys.cancelled("c1.another-clients-task"), "1")),
         ]
     else:  # said plainly in docs/security.md: on 6.2 a client can read the ingress stream
         assert as_user["client"].xread({keys.tasks: "0"}) is not None

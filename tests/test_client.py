@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ectrans.client import AsyncClient, Client
+from ectrans.client import AsyncClient, Client, TaskTimeout
 from ectrans.common.redis_conn import RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.noop import NoopExecutor
@@ -75,7 +75,7 @@ def test_ten_thousand_concurrent_embeds_and_model_state(redis_url: str, prefix: 
             AsyncClient(redis_url, prefix=prefix) as client,
         ):
             texts = [SENTENCES[i % len(SENTENCES)] for i in range(CONCURRENT_CALLS)]
-            embeds = asyncio.gather(*(client.embed([t], model="bert", timeout=300) for t in texts))
+            embeds = asyncio.gather(*(client.embed([t], model="bert", timeout=300, truncate=True) for t in texts))
             states = asyncio.gather(*(client.model_state("bert") for _ in range(100)))
             vectors, lengths = await asyncio.gather(embeds, states)
             by_text = {t: v for t, v in zip(texts, vectors, strict=True)}
@@ -169,3 +169,64 @@ def test_sender_coalesces_and_drops_cancelled_calls(redis_url: str, prefix: str)
             await redis.aclose()
 
     asyncio.run(main())
+
+
+# Task handles: submit now, collect later ----------------------------------------------------------------
+
+SLOW: ModelSpec = build_spec("slow", {"kind": "noop", "delay_ms": 400})
+
+
+def test_task_handles_wait_as_completed_and_cancel(redis_url: str, prefix: str) -> None:
+    """A slow device (one batch at a time, 400 ms each): handles can be awaited, time out without
+    being lost, stream out as they complete, come back partially from `wait`, and a handle cancelled
+    before its batch starts ends with a `cancelled` record that the model never computed."""
+    worker = {"max_inflight_batches": 1, "batch_max_batch": 1, "rt_max_batch": 1}
+
+    async def scenario() -> None:
+        stack = running_stack(redis_url, prefix, {"slow": SLOW}, {"slow": NoopExecutor(SLOW)}, worker=worker)
+        async with stack, AsyncClient(redis_url, prefix=prefix) as client:
+            first, second, third, fourth = await client.submit_tasks(
+                "slow", "noop", ["a", "bb", "ccc", "dddd"], priority="batch"
+            )
+            assert all(h.id.startswith(f"{client.client_id}.") for h in (first, second, third, fourth))
+            with pytest.raises(TaskTimeout):
+                await first.result(timeout=0.05)  # not lost: awaited again below
+            await fourth.cancel()  # queued behind three 400 ms batches: dropped before it runs
+            arrived, pending = await client.wait([first, second, third], timeout=0.6)
+            assert [r.output["chars"] for r in arrived] == [1] and pending == [second, third]
+            streamed = [r.output["chars"] async for r in client.as_completed(pending, timeout=10)]
+            assert sorted(streamed) == [2, 3]
+            assert (await first).output["chars"] == 1
+            cancelled = await fourth
+            assert cancelled.reason == "cancelled" and cancelled.output is None
+            late = await client.submit_tasks("slow", "noop", ["x"] * 3)
+            with pytest.raises(TaskTimeout):
+                async for _ in client.as_completed(late, timeout=0.5):
+                    pass
+            assert [r.ok for r in await asyncio.gather(*late)] == [True] * 3
+
+    asyncio.run(scenario())
+
+
+def test_sync_handles(redis_url: str, prefix: str) -> None:
+    async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
+        async with noop_stack(redis_url, prefix):
+            ready.set()
+            await stop.wait()
+
+    loop = asyncio.new_event_loop()
+    stop, ready = asyncio.Event(), threading.Event()
+    server = threading.Thread(target=loop.run_until_complete, args=(serve(stop, ready),))
+    server.start()
+    try:
+        assert ready.wait(30)
+        with Client(redis_url, prefix=prefix) as client:
+            handles = client.submit_tasks("noop", "noop", ["a", "bb", "ccc"])
+            assert sorted(r.output["chars"] for r in client.as_completed(handles, timeout=30)) == [1, 2, 3]
+            assert handles[1].result(timeout=5).output["chars"] == 2
+            arrived, pending = client.wait(handles, timeout=5)
+            assert len(arrived) == 3 and pending == []
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        server.join(30)
+        loop.close()

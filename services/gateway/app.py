@@ -141,6 +141,7 @@ class Gateway:
         *,
         options: tuple[str | None, int | None],
         params: dict[str, int] | None = None,
+        truncate: bool = False,
     ) -> list[TaskResult]:
         """Submit one task per text and wait for all; the first error result becomes a GatewayError.
         A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
@@ -154,6 +155,7 @@ class Gateway:
             deadline_ms=deadline_ms,
             params=params,
             timeout=self.settings.gateway_timeout_s,
+            truncate=truncate,
         )
         self.waiting_inputs += len(texts)
         try:
@@ -299,7 +301,8 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
         texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
         tokens = await gateway.check_lengths(body.model, texts, truncate=body.truncate, status=400)
-        results = await gateway.run(request, body.model, gateway.embed_op(body.model), texts, options=options)
+        op = gateway.embed_op(body.model)
+        results = await gateway.run(request, body.model, op, texts, options=options, truncate=body.truncate)
         vectors = [vector(result) for result in results]
         if body.dimensions is not None and body.dimensions != vectors[0].shape[-1]:
             raise bad_request(
@@ -327,7 +330,8 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
         texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
         options = request_options(request, body.priority, body.deadline_ms)
         await gateway.check_lengths(model, texts, truncate=body.truncate, status=413)
-        results = await gateway.run(request, model, gateway.embed_op(model), texts, options=options)
+        op = gateway.embed_op(model)
+        results = await gateway.run(request, model, op, texts, options=options, truncate=body.truncate)
         vectors = np.stack([vector(result) for result in results])
         if body.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
