@@ -266,6 +266,8 @@ def load_registry(models_file: Path | None = None, models_json: str | None = Non
         if not isinstance(data, dict):
             raise RegistryError("ECTRANS_MODELS_JSON must be a JSON object of model entries")
         added = data.get("models", data)
+        if not isinstance(added, dict):
+            raise RegistryError("ECTRANS_MODELS_JSON: 'models' must be an object of model entries")
         entries.update(added)
         sources.update(dict.fromkeys(added, "ECTRANS_MODELS_JSON"))
     return {name: build_spec(name, entry, sources[name]) for name, entry in entries.items()}

@@ -147,7 +147,7 @@ class AsyncClient:
 
     def __init__(self, url: str | None = None, *, prefix: str | None = None, client_id: str | None = None) -> None:
         if url is None or prefix is None:  # $ECTRANS_REDIS_URL/_PREFIX, else the stack `ectrans up` runs here
-            settings = with_local_stack(CommonSettings())
+            settings = with_local_stack(CommonSettings(), url)  # a given URL keeps the local stack's prefix out
             url, prefix = url or settings.redis_url, prefix or settings.prefix
         self.url = url
         self.keys = Keys(prefix)
@@ -177,8 +177,14 @@ class AsyncClient:
                 name = f"ectrans-client-{self.client_id[:8]}"
                 redis = connect(self.url, client_name=name)
                 # The blocking reader gets its own connection so submissions never wait behind it.
-                self._reader_redis = connect(self.url, client_name=name)
-                await redis.ping()
+                reader = connect(self.url, client_name=name)
+                try:
+                    await redis.ping()
+                except BaseException:
+                    await redis.aclose()
+                    await reader.aclose()
+                    raise
+                self._reader_redis = reader
                 self._sender = Sender(redis)
                 self._sender.start()
                 self._redis = redis
@@ -186,6 +192,8 @@ class AsyncClient:
                 self._reader = asyncio.create_task(self._read_replies())
 
     async def close(self) -> None:
+        if self._cancelling:  # cancel marks of abandoned calls go out before the writer closes
+            await asyncio.wait(set(self._cancelling), timeout=2)
         if self._sender is not None:
             await self._sender.close()  # what callers queued still goes out
             self._sender = None
@@ -198,8 +206,6 @@ class AsyncClient:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, RedisConnectionError):
                 await asyncio.wait_for(self._reader, BLOCK_MS / 1000 + 2)
             self._reader = None
-        if self._cancelling:
-            await asyncio.wait(set(self._cancelling), timeout=2)
         for fut in self._waiting.values():
             fut.cancel()
         self._waiting.clear()
@@ -231,16 +237,25 @@ class AsyncClient:
                 for entry_id, raw in entries:
                     last = entry_id.decode()
                     unread += 1
-                    result = TaskResult.from_fields(raw)
-                    fut = self._waiting.pop(result.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(result)
+                    self._resolve(last, raw)
             # Trimming is housekeeping, done now and then rather than after every read: a command
             # sent here would go out before the callers just answered get to run.
             if unread >= TRIM_EVERY or (unread and time.monotonic() - trimmed_at >= TRIM_AFTER_S):
                 with contextlib.suppress(RedisError, SenderClosed):  # results are delivered either way
                     await self._send([("XTRIM", self.reply_stream, "MINID", "=", _next_id(last))])
                 unread, trimmed_at = 0, time.monotonic()
+
+    def _resolve(self, entry_id: str, raw: dict[bytes, bytes]) -> None:
+        """Resolve the task a reply entry answers. An entry that is no record (anyone allowed to write
+        reply streams could add one) is skipped: it must not stop the reader every waiter relies on."""
+        try:
+            result = TaskResult.from_fields(raw)
+        except Exception as exc:
+            logger.warning("[client] skipped reply entry %s that is no task record: %r", entry_id, exc)
+            return
+        fut = self._waiting.pop(result.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
 
     async def submit_tasks(
         self,

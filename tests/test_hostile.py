@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from ectrans.client import AsyncClient
 from ectrans.common import codec
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.schemas import Limits, Reason, Task, TaskError, parse_task
@@ -391,3 +392,29 @@ def test_the_split_property_reached_the_model() -> None:
     if not RAN:
         pytest.skip("the property test did not run")
     assert len(set(RAN)) >= 2, f"payloads run on the model, by split point: {RAN}"
+
+
+# 6. A reply entry that is no record cannot stop a client's reader --------------------------------------
+
+
+def test_junk_in_a_reply_stream_does_not_stop_the_clients_reader(redis_url: str, prefix: str) -> None:
+    """Anyone allowed to write reply streams (the shared client user) can add entries to another
+    client's: the client skips what is no record and keeps resolving its own tasks."""
+
+    async def scenario() -> None:
+        async with (
+            running_stack(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}) as stack,
+            AsyncClient(redis_url, prefix=prefix) as client,
+        ):
+            junk: list[dict[str, str | bytes]] = [
+                {"id": "x", "encoding": "msgpack", "output": b"\xc1 not msgpack", "status": "ok"},
+                {"id": "y", "latency_ms": "soon"},
+                {b"\xff\xfe".decode("latin-1"): b"\xff"},
+            ]
+            for fields in junk:
+                entry: Any = fields
+                await stack.redis.xadd(stack.keys.reply(client.client_id), entry)
+            results = await client.submit_many("noop", "noop", ["after the junk", "and again"], timeout=20)
+            assert [r.output["chars"] for r in results] == [14, 9]
+
+    asyncio.run(scenario())

@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -58,11 +58,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "bad input (`bad_input`, `unknown_op`)",
         401: "missing or wrong API key",
         404: "unknown model",
+        409: "the task's id belongs to another task (`duplicate_id`; not produced by the gateway's own ids)",
         413: "request body too large",
         429: "overloaded (with Retry-After)",
         500: "internal error",
         503: "no live worker serves the model, or Redis is unreachable (with Retry-After)",
         504: "deadline passed, or no answer within the gateway's timeout",
+        499: "the client closed the request; its tasks were cancelled (seen in logs and metrics only)",
     }.items()
 }
 
@@ -167,9 +169,6 @@ class Gateway:
         except TaskTimeout as exc:
             waited = self.settings.gateway_timeout_s
             raise GatewayError(504, f"no answer within {waited:g}s: {exc}", "timeout") from None
-        except MaxConnectionsError:  # the client's connection pool is exhausted: this gateway is overloaded
-            busy = "the gateway has too many requests in flight"
-            raise GatewayError(503, busy, Reason.OVERLOADED, retry_after_s=1) from None
         except RedisError as exc:
             logger.warning("[gateway] tasks not submitted: %s", exc)
             raise GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1) from None

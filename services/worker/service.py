@@ -29,7 +29,7 @@ from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group,
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
-from ectrans.common.schemas import Reason, Task, TaskError
+from ectrans.common.schemas import TASK_ID_RE, Reason, Task, TaskError, reply_to_of
 from ectrans.common.split import check_split
 from ectrans.models.api import BatchStats, Executor, ItemResult, Paced, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
@@ -355,8 +355,7 @@ class Worker:
             try:
                 task = Task.from_fields(raw)
             except TaskError as err:
-                record = error_record(entry_id, err.reason, err.message, submitted_ms=int(entry_id.split("-")[0]))
-                broken.append(Finish(entry_id, record, stream, entry_id))
+                broken.append(self._unreadable(stream, entry_id, raw, err))
                 continue
             try:
                 split_tokens[entry_id] = check_split(task, lane.spec).tokens if task.is_split else 0
@@ -369,27 +368,43 @@ class Worker:
                 continue
             tasks.append((entry_id, task))
             self._held[(stream, entry_id)] = time.monotonic()
-        if broken:  # answered, or only acknowledged where the entry is gone (empty record): one call
-            await self.writer.write(broken)
-        if not tasks:
-            return
-        texts = [t.input for _, t in tasks if not t.is_split]
-        counted = iter(lane.executor.count_tokens(texts) if texts else [])
-        arrived = time.monotonic()
+        queued: set[str] = set()
         too_long: list[Finish] = []
-        for entry_id, task in tasks:
-            tokens = split_tokens[entry_id] if task.is_split else next(counted)
-            if not task.is_split and self._refuses_length(lane.spec, task, tokens):
-                too_long.append(
-                    Finish(task.id, self._too_long_record(lane.spec, task), stream, entry_id, task.reply_to)
-                )
-                continue
-            lane.batcher.add(Pending(entry_id, stream, task, min(tokens, lane.spec.max_tokens), arrived))
-        lane.wakeup.set()
-        if too_long:
-            await self.writer.write(too_long)
-            for finish in too_long:
-                self._held.pop((stream, finish.entry_id), None)
+        try:
+            if broken:  # answered, or only acknowledged where the entry is gone (empty record): one call
+                await self._write(broken)
+            texts = [t.input for _, t in tasks if not t.is_split]
+            counted = iter(lane.executor.count_tokens(texts) if texts else [])
+            arrived = time.monotonic()
+            for entry_id, task in tasks:
+                tokens = split_tokens[entry_id] if task.is_split else next(counted)
+                if not task.is_split and self._refuses_length(lane.spec, task, tokens):
+                    record = self._too_long_record(lane.spec, task)
+                    too_long.append(Finish(task.id, record, stream, entry_id, task.reply_to))
+                    continue
+                lane.batcher.add(Pending(entry_id, stream, task, min(tokens, lane.spec.max_tokens), arrived))
+                queued.add(entry_id)
+            if queued:
+                lane.wakeup.set()
+            if too_long:
+                await self._write(too_long)
+        finally:
+            # Whatever did not reach the local queues is not held: left pending, it is claimed again
+            # (by a peer or by this worker after the idle time) instead of being skipped as ours.
+            for entry_id, _ in tasks:
+                if entry_id not in queued:
+                    self._held.pop((stream, entry_id), None)
+
+    def _unreadable(self, stream: str, entry_id: str, raw: dict[bytes, bytes], err: TaskError) -> Finish:
+        """A queue entry that is no task (written by hand, or corrupted): answered under the task id
+        it names, never under the queue's entry ID (which could be another task's result key), or
+        only acknowledged, with a warning, when it names none."""
+        task_id = raw.get(b"id", b"").decode("utf-8", "replace")
+        if not TASK_ID_RE.match(task_id):
+            logger.warning("[worker] unreadable entry %s of %s acknowledged: %s", entry_id, stream, err.message)
+            return Finish(entry_id, {}, stream, entry_id)
+        record = error_record(task_id, err.reason, err.message, submitted_ms=now_ms())
+        return Finish(task_id, record, stream, entry_id, reply_to_of(raw))
 
     @staticmethod
     def _refuses_length(spec: ModelSpec, task: Task, tokens: int) -> bool:
@@ -445,8 +460,10 @@ class Worker:
         expired = lane.batcher.take_expired(now_ms())
         if expired:
             self.counts["deadline"] += len(expired)
-            await self._finish_errors(expired, Reason.DEADLINE, "deadline passed while the task was queued")
-            self._release(expired)
+            try:
+                await self._finish_errors(expired, Reason.DEADLINE, "deadline passed while the task was queued")
+            finally:  # not written: left pending for a claim, not held as ours
+                self._release(expired)
 
     async def _run_batch(self, lane: ModelLane, batch: Batch) -> None:
         try:
