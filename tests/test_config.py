@@ -46,3 +46,13 @@ def test_config_reports_an_invalid_value(monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setenv("ECTRANS_RT_MAX_BATCH", "0")
     assert cli.main(["config"]) == 1
     assert "rt_max_batch" in capsys.readouterr().out
+
+
+def test_config_never_prints_a_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ECTRANS_GATEWAY_API_KEYS", '["sk-one-secret", "sk-two-secret"]')
+    monkeypatch.setenv("ECTRANS_REDIS_URL", "redis://user:hunter2-secret@127.0.0.1:7/0")
+    assert cli.main(["config", "--json"]) == 0
+    shown = capsys.readouterr().out
+    assert "secret" not in shown
+    report = json.loads(shown)
+    assert report["gateway"]["gateway_api_keys"]["value"] == "<2 set>"

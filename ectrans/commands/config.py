@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from rich.table import Table
 from ectrans.common.redis_conn import redact
 from ectrans.common.settings import ENV_PREFIX, CommonSettings
 from ectrans.services.dispatcher.settings import DispatcherSettings
+from ectrans.services.gateway.settings import GatewaySettings
 from ectrans.services.monitor.settings import MonitorSettings
 from ectrans.services.worker.settings import WorkerSettings
 
@@ -26,11 +28,16 @@ SERVICES: dict[str, type[CommonSettings]] = {
     "dispatcher": DispatcherSettings,
     "worker": WorkerSettings,
     "monitor": MonitorSettings,
+    "gateway": GatewaySettings,
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
+
+# Settings holding secrets: shown as set or not, never their values.
+SECRET = re.compile(r"password|api_keys|secret|token$")
 
 
 def effective(settings: BaseSettings) -> dict[str, dict[str, Any]]:
@@ -40,6 +47,8 @@ def effective(settings: BaseSettings) -> dict[str, dict[str, Any]]:
         value = getattr(settings, name)
         if isinstance(value, str) and "://" in value:
             value = redact(value)
+        elif SECRET.search(name) and value:
+            value = f"<{len(value)} set>" if isinstance(value, list | tuple) else "<set>"
         if f"{ENV_PREFIX}{name.upper()}" in os.environ:
             source = "env"
         elif name in settings.model_fields_set:
