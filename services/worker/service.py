@@ -1,5 +1,8 @@
 """The worker service: model queues → batches on the device → results, acked atomically.
 
+Why one module of this length: the worker's six jobs (lanes, loading, reading, scheduling,
+completing, recovery) share its state; splitting it into modules is planned (docs/architecture.md).
+
 Three loops share the event loop and never wait on torch: the reader pulls entries from Redis
 (real-time streams listed first), one scheduler per model forms batches and submits them to the
 model's executor (which runs them on its own threads), and completions write results through
