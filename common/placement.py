@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from ectrans.common.heartbeat import METRICS_MAXLEN
 from ectrans.common.keys import TASK_CLASSES, WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.presence import live
@@ -30,11 +31,11 @@ from ectrans.common.recovery import Entry, Reclaimer, ensure_group, read_group
 from ectrans.common.redis_conn import RedisClient
 from ectrans.common.results import Finish, ResultWriter, error_record
 from ectrans.common.schemas import Reason, Task, TaskError, entry_ms
+from ectrans.common.task_errors import task_error_record
 
 logger = logging.getLogger(__name__)
 
 DRAIN_BATCH = 256
-METRICS_MAXLEN = 10_000
 
 
 @dataclass
@@ -172,15 +173,7 @@ class Placement:
         except TaskError:
             record = error_record(entry_id, Reason.UNAVAILABLE, self.message(model), submitted_ms=entry_ms(entry_id))
             return Finish(entry_id, record, stream, entry_id)
-        record = error_record(
-            task.id,
-            Reason.UNAVAILABLE,
-            self.message(model),
-            submitted_ms=task.submitted_ms,
-            task_class=task.task_class,
-            model=task.model,
-            op=task.op,
-        )
+        record = task_error_record(task, Reason.UNAVAILABLE, self.message(model))
         return Finish(task.id, record, stream, entry_id, task.reply_to)
 
     async def _publish(self, model: str, count: int) -> None:

@@ -4,20 +4,18 @@ real HTTP to it while the dispatcher and worker run in the test's process (tests
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from pathlib import Path
 
 import httpx
 
 from ectrans.common.redis_server import free_port
+from ectrans.launch import ServiceProcess, stop_all, wait_ready
 
 START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 20.0
 
 
 @contextmanager
@@ -34,37 +32,18 @@ def gateway_process(redis_url: str, prefix: str, **settings: str) -> Iterator[st
         "ECTRANS_HEARTBEAT_S": "0.5",
         **{f"ECTRANS_{key.upper()}": value for key, value in settings.items()},
     }
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ectrans.services.gateway"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="ectrans-gateway-") as log_dir:
+        gateway = ServiceProcess("gateway", "gateway", env, log=Path(log_dir) / "gateway.log").start()
         try:
-            _wait_healthy(base, process, log)
+            wait_ready([gateway], lambda: _healthy(base), START_TIMEOUT_S, "the gateway")
             yield base
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_all([gateway], STOP_GRACE_S)
 
 
-def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: IO[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with code {process.returncode}: {_tail(log)}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"the gateway did not answer /health in {START_TIMEOUT_S:.0f}s: {_tail(log)}")
-
-
-def _tail(log: IO[bytes]) -> str:
-    log.seek(0)
-    return log.read().decode(errors="replace")[-3000:]
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

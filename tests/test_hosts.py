@@ -11,8 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +27,7 @@ from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.redis_server import RedisServer
 from ectrans.common.redis_topology import LocalCluster
 from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.launch import ServiceProcess, stop_all
 from ectrans.models.noop import NoopExecutor
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings
@@ -75,20 +74,14 @@ class Host:
 
     def __init__(self, name: str, workers: int, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[ServiceProcess] = []
         for index in range(workers):
             instance = f"{name}-{index}"
-            with open(log_dir / f"{instance}.log", "wb") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "ectrans.services.worker"],
-                        env={**env, "ECTRANS_HOST": name, "ECTRANS_INSTANCE": instance},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        # The first process leads a new group; the others join it.
-                        process_group=0 if index == 0 else self.processes[0].pid,
-                    )
-                )
+            # The first process leads a new group; the others join it.
+            group = 0 if index == 0 else self.processes[0].pid
+            worker_env = {**env, "ECTRANS_HOST": name, "ECTRANS_INSTANCE": instance}
+            worker = ServiceProcess(instance, "worker", worker_env, log=log_dir / f"{instance}.log", group=group)
+            self.processes.append(worker.start())
 
     @property
     def consumers(self) -> list[str]:
@@ -96,24 +89,16 @@ class Host:
 
     def freeze(self) -> None:
         """SIGSTOP the whole group, so what it holds stays held while the test looks at it."""
-        os.killpg(self.processes[0].pid, signal.SIGSTOP)
+        self.processes[0].signal_group(signal.SIGSTOP)
 
     def kill(self) -> None:
         """SIGKILL the whole group: no handler runs, nothing is handed back (a host losing power)."""
-        os.killpg(self.processes[0].pid, signal.SIGKILL)
+        self.processes[0].signal_group(signal.SIGKILL)
         for proc in self.processes:
-            proc.wait(timeout=10)
+            proc.wait(10)
 
     def stop(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.processes, 30.0)
 
 
 @contextmanager

@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.redis_server import RedisServer, free_port
 from ectrans.common.redis_topology import LocalCluster, command
+from ectrans.launch import ServiceProcess, stop_all, wait_ready_async
 
 SINGLE, CLUSTER = "single", "cluster"  # `topology`: one Redis, or a 3-master Redis Cluster
 # Redis under `appendfsync everysec` may lose up to ~2 s of acknowledged writes to a SIGKILL: while
@@ -85,47 +85,6 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 # 1. The stack as processes ---------------------------------------------------------------------------
 
 
-@dataclass
-class Service:
-    name: str  # also the consumer/instance name
-    module: str
-    env: dict[str, str]
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module],
-                env=self.env,
-                cwd=self.log.parent,  # no developer's .env file is read by accident
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.alive():
-            assert self.process is not None
-            self.process.send_signal(sig)
-
-    def wait(self, timeout_s: float) -> int | None:
-        assert self.process is not None
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-
 class ChaosStack:
     """Redis with AOF in a fixed directory and port (or a 3-master cluster, each node so), plus named
     service processes."""
@@ -150,7 +109,7 @@ class ChaosStack:
         self.serve_models = serve_models
         self.models_json = models_json
         self.settings = settings
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, ServiceProcess] = {}
 
     @property
     def redis_server(self) -> RedisServer:
@@ -194,38 +153,28 @@ class ChaosStack:
         env |= {f"ECTRANS_{k.upper()}": v for k, v in {**self.settings, **extra}.items()}
         return env
 
-    def start_service(self, name: str, kind: str, extra: dict[str, str] | None = None) -> Service:
+    def start_service(self, name: str, kind: str, extra: dict[str, str] | None = None) -> ServiceProcess:
         env = self.env({"INSTANCE": name, **(extra or {})})
-        service = Service(name, f"ectrans.services.{kind}", env, self.work_dir / f"{name}.log")
-        service.start()
-        self.services[name] = service
+        # cwd: no developer's .env file is read by accident.
+        service = ServiceProcess(name, kind, env, log=self.work_dir / f"{name}.log", cwd=self.work_dir)
+        self.services[name] = service.start()
         return service
 
     async def wait_ready(self, names: list[str], redis: RedisClient, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Each named process has beaten its heartbeat: the pid field tells a restart from its predecessor."""
-        deadline = time.monotonic() + timeout_s
-        waiting = set(names)
-        while waiting:
-            for name in list(waiting):
-                service = self.services[name]
-                if not service.alive():
-                    raise RuntimeError(f"{name} exited with {service.process and service.process.returncode}; "
-                                       f"see {service.log}")  # fmt: skip
-                kind = service.module.rsplit(".", 1)[-1]
-                pid = await redis.hget(self.keys.heartbeat(kind, name), "pid")
+        waiting = {name: self.services[name] for name in names}
+
+        async def beating() -> bool:
+            for name, service in list(waiting.items()):
+                pid = await redis.hget(self.keys.heartbeat(service.kind, name), "pid")
                 if pid is not None and int(pid) == service.pid:
-                    waiting.discard(name)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout_s:.0f}s: {sorted(waiting)}; logs in {self.work_dir}")
-            await asyncio.sleep(0.1)
+                    del waiting[name]
+            return not waiting
+
+        await wait_ready_async(list(waiting.values()), beating, timeout_s, f"services {sorted(names)}")
 
     def stop(self) -> None:
-        for service in self.services.values():
-            service.signal(signal.SIGTERM)
-        for service in self.services.values():
-            if service.process is not None and service.wait(GRACE_S + 10) is None:
-                service.signal(signal.SIGKILL)
-                service.wait(10)
+        stop_all(self.services.values(), GRACE_S + 10)
         self.stop_redis()
 
 
@@ -353,9 +302,10 @@ class Phase:
     stopped: set[str] = field(default_factory=set)  # services a fault stopped on purpose
 
 
-def _logged(log: Path, pattern: str) -> int:
+def _logged(service: ServiceProcess, pattern: str) -> int:
     """Sum of the numbers a service logged in lines matching `pattern` (one group)."""
-    return sum(int(m) for m in re.findall(pattern, log.read_text(errors="replace")))
+    assert service.log is not None
+    return sum(int(m) for m in re.findall(pattern, service.log.read_text(errors="replace")))
 
 
 def kill_worker(victim: str, *, restart: bool, at_least: int = 1) -> Fault:
@@ -363,8 +313,7 @@ def kill_worker(victim: str, *, restart: bool, at_least: int = 1) -> Fault:
 
     async def fault(p: Phase) -> dict[str, Any]:
         held = await wait_holding(p.redis, p.queues, WORKER_GROUP, victim, at_least=at_least, timeout_s=5.0)
-        p.stack.services[victim].signal(signal.SIGKILL)
-        await asyncio.to_thread(p.stack.services[victim].wait, 10)
+        await asyncio.to_thread(p.stack.services[victim].kill)
         abandoned = await pending_of(p.redis, p.queues, WORKER_GROUP, victim)
         if restart:
             p.stack.start_service(victim, "worker")
@@ -390,8 +339,8 @@ def term_worker(victim: str, *, at_least: int = 1) -> Fault:
             "held_at_signal": held,
             "exit_code": code,
             "exit_s": round(time.monotonic() - sent, 2),
-            "in_flight_batches": _logged(service.log, r"draining (\d+) in-flight batches"),
-            "handed_back": _logged(service.log, r"handed back (\d+) queued tasks"),
+            "in_flight_batches": _logged(service, r"draining (\d+) in-flight batches"),
+            "handed_back": _logged(service, r"handed back (\d+) queued tasks"),
         }
 
     return fault
@@ -399,8 +348,7 @@ def term_worker(victim: str, *, at_least: int = 1) -> Fault:
 
 async def kill_dispatcher(p: Phase) -> dict[str, Any]:
     held = await wait_holding(p.redis, [p.stack.keys.tasks], DISPATCHER_GROUP, "d0", at_least=1, timeout_s=1.0)
-    p.stack.services["d0"].signal(signal.SIGKILL)
-    await asyncio.to_thread(p.stack.services["d0"].wait, 10)
+    await asyncio.to_thread(p.stack.services["d0"].kill)
     abandoned = await pending_of(p.redis, [p.stack.keys.tasks], DISPATCHER_GROUP, "d0")
     p.stack.start_service("d0", "dispatcher")
     return {"held_at_kill": held, "abandoned": abandoned}

@@ -27,6 +27,7 @@ from ectrans.bench.harness import ServiceStack, machine_info, note, run_async, s
 from ectrans.bench.workload import percentile, sample_texts
 from ectrans.client import AsyncClient
 from ectrans.common.redis_server import free_port
+from ectrans.launch import wait_ready
 
 MODELS_JSON = '{"noop": {"kind": "noop"}}'
 HEALTH_TIMEOUT_S = 60.0
@@ -55,22 +56,19 @@ class GatewayStack(ServiceStack):
 
     def launch(self) -> GatewayStack:
         super().launch()
-        self._spawn("gateway", "ectrans.services.gateway", "bench-g0")
+        self._spawn("gateway", "gateway", "bench-g0")
         return self
 
     def wait_ready(self, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
         super().wait_ready(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                with urllib.request.urlopen(f"{self.base}/ready", timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:  # refused while it starts, or 503 (HTTPError) until a worker serves
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the gateway was not ready after {timeout_s:.0f}s; logs in {self.log_dir}")
+        wait_ready(self.processes.values(), self._answers_ready, timeout_s, "the gateway")
+
+    def _answers_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base}/ready", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:  # refused while it starts, or 503 (HTTPError) until a worker serves
+            return False
 
 
 def _summary(latencies_ms: list[float]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from ectrans.client import AsyncClient
 from ectrans.common.heartbeat import process_memory
 from ectrans.common.keys import Keys
 from ectrans.common.redis_server import RedisServer
+from ectrans.launch import ServiceProcess, check_alive, stop_all, wait_ready
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +232,7 @@ class ServiceStack:
         self._server: RedisServer | None = None
         self._external_url = redis_url
         self.url = redis_url or ""
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, ServiceProcess] = {}
 
     def env(self, instance: str) -> dict[str, str]:
         env = {
@@ -256,9 +257,9 @@ class ServiceStack:
         if self._external_url is None:
             self._server = RedisServer().start()
             self.url = self._server.url
-        self._spawn("dispatcher", "ectrans.services.dispatcher", "bench-d0")
+        self._spawn("dispatcher", "dispatcher", "bench-d0")
         for index in range(self.workers):
-            self._spawn(f"worker-{index}", "ectrans.services.worker", f"bench-w{index}")
+            self._spawn(f"worker-{index}", "worker", f"bench-w{index}")
         return self
 
     def start(self) -> ServiceStack:
@@ -266,38 +267,23 @@ class ServiceStack:
         self.wait_ready()
         return self
 
-    def _spawn(self, name: str, module: str, instance: str) -> None:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "ectrans.bench.tied", str(os.getpid()), module],  # dies with the bench
-                env=self.env(instance),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C on the bench reaches the services through stop()
-            )
+    def _spawn(self, name: str, kind: str, instance: str) -> None:
+        # Tied: dies with the bench; own session: a Ctrl-C on the bench reaches it through stop().
+        log = self.log_dir / f"{name}.log"
+        self.processes[name] = ServiceProcess(name, kind, self.env(instance), log=log, tied=True).start()
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Every service has written its heartbeat (a worker does so once its models are loaded)."""
         wanted = [self.keys.heartbeat("dispatcher", "bench-d0")]
         wanted += [self.keys.heartbeat("worker", f"bench-w{i}") for i in range(self.workers)]
         client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + timeout_s
         try:
-            while time.monotonic() < deadline:
-                self.check_alive()
-                if all(client.exists(key) for key in wanted):
-                    return
-                time.sleep(0.1)
+            wait_ready(self.processes.values(), lambda: all(client.exists(key) for key in wanted), timeout_s)
         finally:
             client.close()
-        raise RuntimeError(f"the stack was not ready after {timeout_s:.0f}s; logs in {self.log_dir}")
 
     def check_alive(self) -> None:
-        for name, proc in self.processes.items():
-            if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with code {proc.returncode}; log tail:\n{tail}")
+        check_alive(self.processes.values())
 
     def service_settings(self) -> dict[str, str]:
         """The ECTRANS_* settings the services run with, less the per-run names and the Redis URL."""
@@ -319,18 +305,10 @@ class ServiceStack:
     def terminate(self) -> None:
         """Ask every service to stop (SIGTERM) without waiting; `stop` waits for them and removes Redis."""
         for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
 
     def stop(self) -> None:
-        self.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.processes.values(), STOP_TIMEOUT_S)
         self.processes.clear()
         if self._server is not None:
             self._server.cleanup()

@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -36,6 +33,7 @@ from ectrans.common.presence import live
 from ectrans.common.redis_conn import connect
 from ectrans.common.redis_server import RedisServer
 from ectrans.common.redis_topology import LocalCluster
+from ectrans.launch import ServiceProcess, stop_all, wait_ready_async
 
 MODELS_JSON = json.dumps({"noop": {"kind": "noop"}})
 HOST_STEPS = (1, 2, 4)
@@ -50,13 +48,13 @@ class Hosts:
         self.url = url
         self.prefix = prefix
         self.log_dir = log_dir
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[ServiceProcess] = []
         self.count = 0
 
     def add(self, count: int) -> None:
         for _ in range(count):
             host = f"bench-host-{self.count}"
-            for module in ("dispatcher", "worker"):
+            for kind in ("dispatcher", "worker"):
                 env = {
                     **os.environ,
                     "ECTRANS_REDIS_URL": self.url,
@@ -68,45 +66,25 @@ class Hosts:
                     "ECTRANS_LOG_LEVEL": os.environ.get("ECTRANS_LOG_LEVEL", "WARNING"),
                     "ECTRANS_HEARTBEAT_S": "0.5",
                 }
-                with open(self.log_dir / f"{host}-{module}.log", "wb") as log:
-                    self.processes.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", f"ectrans.services.{module}"],
-                            env=env,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            start_new_session=True,
-                        )
-                    )
+                log = self.log_dir / f"{host}-{kind}.log"
+                self.processes.append(ServiceProcess(f"{host}-{kind}", kind, env, log=log).start())
             self.count += 1
 
     async def wait_ready(self) -> None:
         """Every dispatcher and worker heartbeats (a worker does once its model is loaded)."""
         client = connect(self.url)
         keys = Keys(self.prefix)
-        deadline = time.monotonic() + READY_TIMEOUT_S
+
+        async def all_live() -> bool:
+            return len(await live(client, keys)) >= 2 * self.count
+
         try:
-            while len(await live(client, keys)) < 2 * self.count:
-                for proc in self.processes:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"a service exited with code {proc.returncode}; logs in {self.log_dir}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"hosts not ready after {READY_TIMEOUT_S:.0f}s; logs in {self.log_dir}")
-                await asyncio.sleep(0.1)
+            await wait_ready_async(self.processes, all_live, READY_TIMEOUT_S, "the hosts")
         finally:
             await client.aclose()
 
     def stop(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(self.processes, 30.0)
         self.processes = []
 
 

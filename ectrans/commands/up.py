@@ -8,10 +8,8 @@ import argparse
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -22,6 +20,7 @@ from ectrans.common.redis_conn import redact
 from ectrans.common.redis_server import RedisServer, find_redis_binary
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
+from ectrans.launch import ServiceProcess, restart_dead, stop_all
 
 SERVICES = ("dispatcher", "worker", "monitor", "gateway")
 STOP_GRACE_S = 25.0
@@ -50,25 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
 
 
-@dataclass
-class Child:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
-
-    def start(self) -> None:
-        # Own session: a terminal's Ctrl-C reaches only `ectrans up`, which stops children in order.
-        self.process = subprocess.Popen(self.args, env=self.env, start_new_session=True)
-        self.started_at = time.monotonic()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-
 def gateway_address(spec: str) -> tuple[str, int]:
     """HOST:PORT to listen on; the default port, when taken, gives way to a free one."""
     from ectrans.services.gateway.settings import is_loopback
@@ -91,17 +71,17 @@ def gateway_address(spec: str) -> tuple[str, int]:
         return host, int(probe.getsockname()[1])
 
 
-def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = None) -> list[Child]:
+def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = None) -> list[ServiceProcess]:
     env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
-    children = [Child("dispatcher", [sys.executable, "-m", "ectrans.services.dispatcher"], env)]
+    children = [ServiceProcess("dispatcher", "dispatcher", env)]
     for index in range(workers):
         worker_env = {**env, "ECTRANS_INSTANCE": env.get("ECTRANS_INSTANCE", "") or f"{os.uname().nodename}-{index}"}
-        children.append(Child(f"worker-{index}", [sys.executable, "-m", "ectrans.services.worker"], worker_env))
-    children.append(Child("monitor", [sys.executable, "-m", "ectrans.services.monitor"], env))
+        children.append(ServiceProcess(f"worker-{index}", "worker", worker_env))
+    children.append(ServiceProcess("monitor", "monitor", env))
     if gateway is not None:
         host, port = gateway
         gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
-        children.append(Child("gateway", [sys.executable, "-m", "ectrans.services.gateway"], gateway_env))
+        children.append(ServiceProcess("gateway", "gateway", gateway_env))
     return children
 
 
@@ -192,12 +172,12 @@ def run(args: argparse.Namespace) -> int:
         announced = False
         while not stopping:
             time.sleep(0.2)
-            _supervise(children)
+            restart_dead(children, _say)
             if not announced and _all_alive(url, prefix, len(children)):
                 announced = True
                 print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
     finally:
-        _stop_all(children)
+        stop_all(children, STOP_GRACE_S, _say)
         if server is not None:
             server.cleanup()
         local_stack.remove(stack)
@@ -217,35 +197,5 @@ def _all_alive(url: str, prefix: str, expected: int) -> bool:
         return False
 
 
-def _supervise(children: list[Child]) -> None:
-    """Restart a child that died, with a growing pause so a crash loop does not spin."""
-    now = time.monotonic()
-    for child in children:
-        if child.alive() or now < child.next_start:
-            continue
-        if child.process is not None and child.next_start == 0.0:
-            code = child.process.returncode
-            pause = min(30.0, 2.0 ** min(child.restarts, 5)) if now - child.started_at < 60 else 1.0
-            print(f"[up] {child.name} exited with code {code}; restarting in {pause:.0f}s", file=sys.stderr)
-            child.next_start = now + pause
-            continue
-        child.restarts += 1
-        child.next_start = 0.0
-        child.start()
-
-
-def _stop_all(children: list[Child]) -> None:
-    for child in children:
-        if child.alive():
-            assert child.process is not None
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for child in children:
-        if child.process is None:
-            continue
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"[up] {child.name} did not stop in {STOP_GRACE_S:.0f}s; killing it", file=sys.stderr)
-            child.process.kill()
-            child.process.wait()
+def _say(message: str) -> None:
+    print(f"[up] {message}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """Run a model's segments as a pipeline of stages, with real-time work cutting in between segments.
 
+Why one module of this length: the stages, their inboxes and the cut-in of real-time work share
+one lock and one ordering rule; split apart, each half would need the other's internals.
+
 Stages, one thread each, in order: tokenise → segment 1 → ... → segment N → results. Bounded
 inboxes connect them (`queue_depth` batches), so while segment k runs batch i, segment k-1 can
 run batch i+1 and tokenisation and result encoding overlap compute. torch releases the GIL inside

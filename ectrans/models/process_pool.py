@@ -1,5 +1,8 @@
 """An `Executor` backed by K executor processes that share one copy of the model's weights.
 
+Why one module of this length: routing, supervision and memory accounting of the executor
+processes still share one lock and the slot table; their split is planned (docs/architecture.md).
+
     worker process                      holder (one per device and model)
     SharedExecutorPool ── pipes ──▶ executor 1 ─┐  attach: manifest + sealed memfd / CUDA IPC
       submit → least outstanding    executor 2 ─┼─ over a Unix socket; the weights are mapped,

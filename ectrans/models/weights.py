@@ -1,5 +1,8 @@
 """One copy of a model's weights per device, attached by every executor process without copying.
 
+Why one module of this length: export and attach are the two halves of one manifest format (CPU
+memfd and CUDA IPC paths); keeping them together keeps the format defined once.
+
 Export (the weight holder): the model is loaded once in its serving dtype; every parameter and
 buffer becomes a manifest entry (names, storage index, dtype, shape, stride, offset), and every
 distinct storage is exported once, so tensors that share a storage (tied embeddings) stay tied:

@@ -32,6 +32,7 @@ from ectrans.common.schemas import (
     task_id_of,
 )
 from ectrans.common.split import check_split
+from ectrans.common.task_errors import task_error_record
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.settings import DispatcherSettings
 
@@ -342,10 +343,7 @@ class Dispatcher:
 
     def _reject(self, forward: Forward, reason: str, message: str) -> Finish:
         task = forward.task
-        record = error_record(
-            task.id, reason, message, submitted_ms=task.submitted_ms, task_class=task.task_class, model=task.model,
-            op=task.op,
-        )  # fmt: skip
+        record = task_error_record(task, reason, message)
         return Finish(task.id, record, self.keys.tasks, forward.entry_id, task.reply_to)
 
 

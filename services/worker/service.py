@@ -1,5 +1,8 @@
 """The worker service: model queues → batches on the device → results, acked atomically.
 
+Why one module of this length: the worker's six jobs (lanes, loading, reading, scheduling,
+completing, recovery) share its state; splitting it into modules is planned (docs/architecture.md).
+
 Three loops share the event loop and never wait on torch: the reader pulls entries from Redis
 (real-time streams listed first), one scheduler per model forms batches and submits them to the
 model's executor (which runs them on its own threads), and completions write results through
@@ -22,7 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ectrans.common.cost import CostModel, OnlineCost
-from ectrans.common.heartbeat import Heartbeat, default_instance
+from ectrans.common.heartbeat import METRICS_MAXLEN, Heartbeat, default_instance
 from ectrans.common.keys import TASK_CLASSES, WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
@@ -31,6 +34,7 @@ from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
 from ectrans.common.schemas import TASK_ID_RE, Reason, Task, TaskError, reply_to_of
 from ectrans.common.split import check_split
+from ectrans.common.task_errors import task_error_record
 from ectrans.models.api import BatchStats, Executor, ItemResult, Paced, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.cancel import CANCELLED_MESSAGE, split_cancelled
@@ -39,7 +43,6 @@ from ectrans.services.worker.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
-METRICS_MAXLEN = 10_000
 REALTIME_INFLIGHT = 2
 TOUCH_LIMIT = 10  # claim idle times after which a held task is left to peers (see `_touch_loop`)
 # A paced lane forms its next bulk batch this long before the first segment is predicted free:
@@ -175,6 +178,8 @@ class Worker:
         self.lanes: dict[str, ModelLane] = {}
         self.streams: dict[str, str] = {}  # stream → model
         self._stopping = asyncio.Event()
+        # Set when tasks leave the local queues: a reader whose prefetch is full waits on it.
+        self._room = asyncio.Event()
         self.heartbeat = Heartbeat(
             self.redis,
             self.keys,
@@ -197,6 +202,7 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._room.set()
         self._metrics_ready.set()
         for lane in self.lanes.values():
             lane.wakeup.set()
@@ -310,7 +316,8 @@ class Worker:
         while not self._stopping.is_set():
             room = self.settings.prefetch - self._local_backlog()
             if room <= 0:
-                await asyncio.sleep(0.002)
+                self._room.clear()
+                await self._room.wait()
                 continue
             history = {s: cursor for s, cursor in self._history.items() if s in streams}
             if history:  # first our own pending entries (after a restart), then new ones
@@ -360,10 +367,7 @@ class Worker:
             try:
                 split_tokens[entry_id] = check_split(task, lane.spec).tokens if task.is_split else 0
             except TaskError as err:  # this worker's copy of the model differs from the dispatcher's
-                record = error_record(
-                    task.id, err.reason, err.message, submitted_ms=task.submitted_ms, task_class=task.task_class,
-                    model=task.model, op=task.op,
-                )  # fmt: skip
+                record = task_error_record(task, err.reason, err.message)
                 broken.append(Finish(task.id, record, stream, entry_id, task.reply_to))
                 continue
             tasks.append((entry_id, task))
@@ -417,10 +421,7 @@ class Worker:
             f"input is longer than the {spec.max_tokens} tokens model {spec.name!r} takes; "
             "send truncate=1 with the task (or set truncate = true in the model entry) to cut it instead"
         )
-        return error_record(
-            task.id, Reason.BAD_INPUT, message, submitted_ms=task.submitted_ms, task_class=task.task_class,
-            model=task.model, op=task.op,
-        )  # fmt: skip
+        return task_error_record(task, Reason.BAD_INPUT, message)
 
     # 2. Scheduling ------------------------------------------------------------------------------
 
@@ -448,6 +449,7 @@ class Worker:
             due = lane.bulk_due(free)
             batch = lane.batcher.next_batch(now, free, idle=idle, bulk_due=due)
             if batch is not None:
+                self._room.set()
                 return batch
             lane.wakeup.clear()
             # A finished batch, a new task or (paced) the first segment starting a batch sets `wakeup`.
@@ -459,6 +461,7 @@ class Worker:
     async def _expire(self, lane: ModelLane) -> None:
         expired = lane.batcher.take_expired(now_ms())
         if expired:
+            self._room.set()
             self.counts["deadline"] += len(expired)
             try:
                 await self._finish_errors(expired, Reason.DEADLINE, "deadline passed while the task was queued")
@@ -528,10 +531,7 @@ class Worker:
             if result.error is None:
                 record = ok_record(task, result.output, service_ms=stats.service_ms, started_ms=started)
             else:
-                record = error_record(
-                    task.id, Reason.BAD_INPUT, result.error, submitted_ms=task.submitted_ms,
-                    task_class=task.task_class, model=task.model, op=task.op,
-                )  # fmt: skip
+                record = task_error_record(task, Reason.BAD_INPUT, result.error)
             finishes.append(Finish(task.id, record, pending.stream, pending.entry_id, task.reply_to))
         fresh = await self._write(finishes)
         # A task run again after a takeover is answered once and must be counted once: metrics
@@ -549,15 +549,7 @@ class Worker:
         finishes = [
             Finish(
                 p.task.id,
-                error_record(
-                    p.task.id,
-                    reason,
-                    message,
-                    submitted_ms=p.task.submitted_ms,
-                    task_class=p.task.task_class,
-                    model=p.task.model,
-                    op=p.task.op,
-                ),
+                task_error_record(p.task, reason, message),
                 p.stream,
                 p.entry_id,
                 p.task.reply_to,
@@ -741,6 +733,7 @@ class Worker:
     async def _hand_back(self, lane: ModelLane) -> None:
         """On stop, tasks not yet started go back to the group at once, claimable by live peers."""
         items = lane.batcher.take_all()
+        self._room.set()
         self._release(items)
         by_stream: dict[str, list[str]] = {}
         for p in items:
