@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,31 @@ class Stack:
             if len(found) < len(task_ids):
                 await asyncio.sleep(0.02)
         return found
+
+
+@contextmanager
+def stack_in_thread(
+    url: str, prefix: str, registry: dict[str, ModelSpec], executors: dict[str, Executor], **overrides: Any
+) -> Iterator[None]:
+    """`running_stack` on an event loop of its own thread, for tests of blocking (sync) clients."""
+    ready, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            async with running_stack(url, prefix, registry, executors, **overrides):
+                ready.set()
+                await asyncio.to_thread(stop.wait)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
 
 
 @asynccontextmanager

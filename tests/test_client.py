@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from ectrans.common.redis_conn import RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.noop import NoopExecutor
 from ectrans.sender import Sender, SenderClosed
-from tests.stack import running_stack
+from tests.stack import running_stack, stack_in_thread
 from tests.tiny_encoders import HIDDEN, SENTENCES, make_tiny_bert
 
 NOOP: ModelSpec = build_spec("noop", {"kind": "noop"})
@@ -89,28 +89,6 @@ def test_ten_thousand_concurrent_embeds_and_model_state(redis_url: str, prefix: 
         executor.close()
 
 
-@contextmanager
-def stack_in_thread(redis_url: str, prefix: str) -> Iterator[None]:
-    ready, stop = threading.Event(), threading.Event()
-
-    def serve() -> None:
-        async def main() -> None:
-            async with noop_stack(redis_url, prefix):
-                ready.set()
-                await asyncio.to_thread(stop.wait)
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        assert ready.wait(60)
-        yield
-    finally:
-        stop.set()
-        thread.join(60)
-
-
 def test_many_threads_share_one_sync_client(redis_url: str, prefix: str) -> None:
     """200 threads (past the pool's 100), released together, each submitting on the same Client."""
     threads_count, per_thread = 200, 5
@@ -118,7 +96,10 @@ def test_many_threads_share_one_sync_client(redis_url: str, prefix: str) -> None
     answers: dict[int, list[str]] = {}
     errors: list[BaseException] = []
 
-    with stack_in_thread(redis_url, prefix), Client(redis_url, prefix=prefix) as client:
+    with (
+        stack_in_thread(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}),
+        Client(redis_url, prefix=prefix) as client,
+    ):
 
         def user(n: int) -> None:
             try:
@@ -209,24 +190,12 @@ def test_task_handles_wait_as_completed_and_cancel(redis_url: str, prefix: str) 
 
 
 def test_sync_handles(redis_url: str, prefix: str) -> None:
-    async def serve(stop: asyncio.Event, ready: threading.Event) -> None:
-        async with noop_stack(redis_url, prefix):
-            ready.set()
-            await stop.wait()
-
-    loop = asyncio.new_event_loop()
-    stop, ready = asyncio.Event(), threading.Event()
-    server = threading.Thread(target=loop.run_until_complete, args=(serve(stop, ready),))
-    server.start()
-    try:
-        assert ready.wait(30)
-        with Client(redis_url, prefix=prefix) as client:
-            handles = client.submit_tasks("noop", "noop", ["a", "bb", "ccc"])
-            assert sorted(r.output["chars"] for r in client.as_completed(handles, timeout=30)) == [1, 2, 3]
-            assert handles[1].result(timeout=5).output["chars"] == 2
-            arrived, pending = client.wait(handles, timeout=5)
-            assert len(arrived) == 3 and pending == []
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        server.join(30)
-        loop.close()
+    with (
+        stack_in_thread(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}),
+        Client(redis_url, prefix=prefix) as client,
+    ):
+        handles = client.submit_tasks("noop", "noop", ["a", "bb", "ccc"])
+        assert sorted(r.output["chars"] for r in client.as_completed(handles, timeout=30)) == [1, 2, 3]
+        assert handles[1].result(timeout=5).output["chars"] == 2
+        arrived, pending = client.wait(handles, timeout=5)
+        assert len(arrived) == 3 and pending == []

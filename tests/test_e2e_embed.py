@@ -15,7 +15,7 @@ from ectrans.client import AsyncClient, TaskFailed, TaskTimeout
 from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import Executor
-from tests.stack import reference_embeddings, running_stack
+from tests.stack import reference_embeddings, running_stack, stack_in_thread
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -207,28 +207,9 @@ def test_client_timeout_names_the_unanswered_tasks(redis_url: str, prefix: str) 
 def test_sync_client(
     redis_server: RedisServer, prefix: str, registry: dict[str, ModelSpec], minilm_executor: Executor
 ) -> None:
-    import threading
-
     from ectrans.client import Client
 
-    ready = threading.Event()
-    stop = threading.Event()
-
-    def serve() -> None:
-        async def main() -> None:
-            async with running_stack(redis_server.url, prefix, registry, {"minilm": minilm_executor}):
-                ready.set()
-                await asyncio.to_thread(stop.wait)
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        assert ready.wait(60)
+    with stack_in_thread(redis_server.url, prefix, registry, {"minilm": minilm_executor}):
         with Client(redis_server.url, prefix=prefix) as client:
             vectors = client.embed(["a", "b"], priority="realtime", timeout=30)
         assert vectors.shape == (2, 384)
-    finally:
-        stop.set()
-        thread.join(60)
