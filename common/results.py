@@ -163,6 +163,26 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
+CLAIM_MANY_LUA = """
+-- CLAIM_LUA for many ids in one call (single Redis only: the keys live in many slots).
+-- KEYS: owner mark, result hash, owner mark, result hash, ...; ARGV[1] ttl s, then one entry id per
+-- pair of keys. Returns one 1/0 per id, as CLAIM_LUA.
+local owned = {}
+for i = 1, #KEYS / 2 do
+  local mark, result, entry = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+  local owner = redis.call('GET', mark)
+  if owner then
+    owned[i] = owner == entry and 1 or 0
+  elseif redis.call('EXISTS', result) == 1 then
+    owned[i] = 0
+  else
+    redis.call('SET', mark, entry, 'EX', ARGV[1])
+    owned[i] = 1
+  end
+end
+return owned
+"""
+
 # An owner mark lives until its task's result expires (the finish sets the same TTL on both); until
 # then, this long: a task may wait up to a day for its deadline and its result then lives `ttl`.
 OWNER_GRACE_S = 24 * 3600
@@ -257,6 +277,7 @@ class ResultWriter:
         self._result = Lua(RESULT_LUA)
         self._reply = Lua(REPLY_LUA)
         self._claim = Lua(CLAIM_LUA)
+        self._claim_many = Lua(CLAIM_MANY_LUA)
         self.refused_replies = RefusedReplies()
 
     def _finish_many_calls(self, items: Sequence[Finish]) -> list[tuple[list[str], list[Arg]]]:
@@ -283,12 +304,20 @@ class ResultWriter:
         """Claim client ids for the ingress entries naming them, `(task id, entry id)` pairs, in one
         round trip: True where the entry owns its id (first to name it, or a redelivery of that
         entry), False where another task owns it. Entry-ID-keyed tasks need no claim (always True)."""
+        claims = [(task_id, entry_id) for task_id, entry_id in owners if is_client_id(task_id)]
+        ttl = self.ttl_s + OWNER_GRACE_S
         calls: list[tuple[list[str], list[Arg]]] = []
-        for task_id, entry_id in owners:
-            if is_client_id(task_id):
-                keys = [self.keys.owner(task_id), self.keys.result(task_id)]
-                calls.append((keys, [entry_id, self.ttl_s + OWNER_GRACE_S]))
-        replies = iter(await self._claim.run_many(self.redis, calls))
+        if self.cluster:  # one call per id, each on its own slot
+            for task_id, entry_id in claims:
+                calls.append(([self.keys.owner(task_id), self.keys.result(task_id)], [entry_id, ttl]))
+            answers = [int(r) for r in await self._claim.run_many(self.redis, calls)]
+        else:  # one call for the whole read: a command per task cost the dispatcher more than the rest
+            for start in range(0, len(claims), FINISH_CHUNK * 4):
+                chunk = claims[start : start + FINISH_CHUNK * 4]
+                keys = [key for task_id, _ in chunk for key in (self.keys.owner(task_id), self.keys.result(task_id))]
+                calls.append((keys, [ttl, *(entry_id for _, entry_id in chunk)]))
+            answers = [int(r) for reply in await self._claim_many.run_many(self.redis, calls) for r in reply]
+        replies = iter(answers)
         return [not is_client_id(task_id) or next(replies) == 1 for task_id, _ in owners]
 
     async def queue(self, pipe: Any, item: Finish) -> None:

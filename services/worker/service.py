@@ -471,7 +471,7 @@ class Worker:
     async def _run_batch(self, lane: ModelLane, batch: Batch) -> None:
         try:
             started = now_ms()
-            wanted = await self._without_cancelled(batch)
+            wanted = await self._without_cancelled(batch, started)
             # Tasks with different op params (e.g. num_beams) cannot share one request.
             for group in self._split_by_params(wanted):
                 await self._run_group(lane, Batch(batch.task_class, group), started)
@@ -482,9 +482,9 @@ class Worker:
             lane.inflight[lane.slot_class(batch)] -= 1
             lane.wakeup.set()
 
-    async def _without_cancelled(self, batch: Batch) -> Batch:
+    async def _without_cancelled(self, batch: Batch, now: int) -> Batch:
         """The batch less the tasks their clients cancelled, which are answered `cancelled` (cancel.py)."""
-        run, cancelled = await split_cancelled(self.redis, self.keys, batch.items)
+        run, cancelled = await split_cancelled(self.redis, self.keys, batch.items, now)
         if cancelled:
             self.counts["cancelled"] += len(cancelled)
             await self._finish_errors(cancelled, Reason.CANCELLED, CANCELLED_MESSAGE)
