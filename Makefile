@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The tested torch. CPU hosts (no nvidia-smi) get the CPU wheel from PyTorch's index, not PyPI's
-# multi-GB CUDA build; GPU hosts get PyPI's CUDA build. A torch already in .venv is kept, so install
-# your own build first (or set TORCH / TORCH_INDEX) to choose another.
+# The tested torch. CPU hosts (no nvidia-smi) also ask PyTorch's CPU index, whose `2.13.0+cpu`
+# outranks PyPI's multi-GB CUDA build of 2.13.0; where that index cannot be reached (an offline
+# mirror, a wheel on disk) pip says so once and takes what the configured indexes have. GPU hosts get
+# PyPI's CUDA build. A torch already in .venv is kept: install your own build first (or set TORCH /
+# TORCH_INDEX) to choose another.
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 
@@ -12,7 +14,7 @@ TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download
 
 $(BIN)/ectrans: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --retries 0 --timeout 10) "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
