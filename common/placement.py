@@ -29,9 +29,8 @@ from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.presence import live
 from ectrans.common.recovery import Entry, Reclaimer, ensure_group, read_group
 from ectrans.common.redis_conn import RedisClient
-from ectrans.common.results import Finish, ResultWriter, error_record
+from ectrans.common.results import Finish, ResultWriter, error_record, task_error_record
 from ectrans.common.schemas import Reason, Task, TaskError, entry_ms
-from ectrans.common.task_errors import task_error_record
 
 logger = logging.getLogger(__name__)
 

@@ -251,6 +251,15 @@ def error_record(
     }
 
 
+def task_error_record(task: Task, reason: str, message: str) -> Fields:
+    """The error record of a task that was read and validated: its id, class, model and op, and its
+    latency counted from its ingress entry."""
+    return error_record(
+        task.id, reason, message, submitted_ms=task.submitted_ms, task_class=task.task_class, model=task.model,
+        op=task.op,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Finish:
     """One terminal record to write, and the stream entry it answers."""

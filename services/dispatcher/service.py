@@ -20,7 +20,7 @@ from ectrans.common.placement import Placement
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
-from ectrans.common.results import Finish, ResultWriter, error_record, now_ms
+from ectrans.common.results import Finish, ResultWriter, error_record, now_ms, task_error_record
 from ectrans.common.schemas import (
     Reason,
     Task,
@@ -32,7 +32,6 @@ from ectrans.common.schemas import (
     task_id_of,
 )
 from ectrans.common.split import check_split
-from ectrans.common.task_errors import task_error_record
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.settings import DispatcherSettings
 

@@ -31,10 +31,9 @@ from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec
-from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record
+from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record, task_error_record
 from ectrans.common.schemas import TASK_ID_RE, Reason, Task, TaskError, reply_to_of
 from ectrans.common.split import check_split
-from ectrans.common.task_errors import task_error_record
 from ectrans.models.api import BatchStats, Executor, ItemResult, Paced, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.cancel import CANCELLED_MESSAGE, split_cancelled
@@ -81,6 +80,9 @@ class ModelLane:
         self.last_batch: tuple[int, float] | None = None  # padded tokens and ms of the latest batch (before a fit)
         # A paced executor gets its bulk batches just before it can start them (FIFO, the baseline, is not paced).
         self.paced = executor if isinstance(executor, Paced) and not settings.fifo else None
+        # Bulk batches formed but not yet handed to the executor (their cancel marks being looked up):
+        # to pacing they are already waiting for the first segment.
+        self.bulk_forming = 0
 
     def free_classes(self) -> set[str]:
         return {c for c, n in self.inflight.items() if n < self.limits[c]}
@@ -105,7 +107,7 @@ class ModelLane:
         (the batch class leaves `free`). While the segment runs one, just before its predicted end."""
         if self.paced is None:
             return None
-        if self.paced.bulk_waiting() > 0:
+        if self.paced.bulk_waiting() > 0 or self.bulk_forming > 0:
             free.discard("batch")
             return None
         front = self.paced.front_segment()
@@ -471,7 +473,12 @@ class Worker:
     async def _run_batch(self, lane: ModelLane, batch: Batch) -> None:
         try:
             started = now_ms()
-            wanted = await self._without_cancelled(batch, started)
+            bulk = lane.slot_class(batch) == "batch"
+            lane.bulk_forming += bulk
+            try:
+                wanted = await self._without_cancelled(batch, started)
+            finally:
+                lane.bulk_forming -= bulk
             # Tasks with different op params (e.g. num_beams) cannot share one request.
             for group in self._split_by_params(wanted):
                 await self._run_group(lane, Batch(batch.task_class, group), started)
