@@ -19,6 +19,9 @@ the stored record); (2) `REPLY_LUA` on the reply stream's slot pushes that store
 `replied` mark (same hash tag as the stream) says it was pushed already; (3) XACK + XDEL on the
 source stream. A crash between steps leaves the entry pending; whoever finishes it again finds the
 result and the mark and only completes what is missing — one result, one reply, as on one Redis.
+
+Long on purpose: half of it is Lua, and every script that writes a terminal record (single Redis
+and cluster, one and many) sits beside the Python that packs its arguments, so the two change together.
 """
 
 from __future__ import annotations
