@@ -27,6 +27,15 @@ class CostModel:
     def batch_ms(self, padded_tokens: float) -> float:
         return self.overhead_ms + self.ms_per_token * padded_tokens
 
+    def task_ms(self, tokens: float) -> float:
+        """Device time one task of `tokens` takes in a busy pipeline: its own tokens plus its share of
+        the batch overhead (the batch as large as the largest seen), over the segments that run at
+        once (on a CPU each has its own threads; on a GPU they share the device, so this is a lower
+        bound there)."""
+        tokens = max(tokens, 1.0)
+        batch = max(1.0, self.max_batch_tokens / tokens)
+        return (self.ms_per_token * tokens + self.overhead_ms / batch) / max(self.segments, 1)
+
     def tokens_within(self, ms: float) -> int | None:
         """Padded tokens of the largest batch predicted to run in `ms` (None: no per-token cost seen)."""
         if self.ms_per_token <= 0:

@@ -50,14 +50,14 @@ COMMIT_LUA = (
     + """
 -- Single Redis only. KEYS[1] source stream, KEYS[2] metrics stream, then the queues, result hashes
 -- and reply streams, each once. ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen,
--- ARGV[4] metrics maxlen, ARGV[5] queue length limit (0: none), ARGV[6] msgpack [forwards, finishes, metrics]:
---   forwards [[queue key, entry id, [field, value, ...]], ...] (keys as KEYS indices),
+-- ARGV[4] metrics maxlen, ARGV[5] msgpack [forwards, finishes, metrics]:
+--   forwards [[queue key, entry id, [field, value, ...], queue length limit (0: none)], ...]
+--   (keys as KEYS indices),
 --   finishes as in finish_all, all answering entries of KEYS[1],
 --   metrics [[field, value, ...], ...], appended only if an entry they count was still pending.
 -- A forward to a queue at the limit is refused: left pending, its entry id returned, for the caller
 -- to answer. Returns {refused entry ids, finish_all's code per finish}.
-local body = cmsgpack.unpack(ARGV[6])
-local limit = tonumber(ARGV[5])
+local body = cmsgpack.unpack(ARGV[5])
 local done, refused, lengths, answered = {}, {}, {}, 0
 for _, item in ipairs(body[2]) do  -- acks first: a missing group fails the call before any write
   if item[4] ~= '' then
@@ -68,6 +68,7 @@ end
 for _, f in ipairs(body[1]) do
   local queue = f[1]
   local length = lengths[queue] or redis.call('XLEN', KEYS[queue])
+  local limit = f[4]
   if limit > 0 and length >= limit then
     if #redis.call('XPENDING', KEYS[1], ARGV[1], f[2], f[2], 1) > 0 then  -- else answered by an earlier call
       refused[#refused + 1] = f[2]
@@ -125,13 +126,14 @@ class Forwarder:
         writer: ResultWriter,
         metrics: Sequence[Mapping[str, str]] = (),
         *,
-        limit: int = 0,
+        limit: int | Mapping[str, int] = 0,
     ) -> list[str]:
         """Single Redis: forward `items`, write the error results `finishes` (answering entries of the
         source stream, through `writer`), append `metrics` to the metrics stream and acknowledge it
         all in one atomic script call (several, each atomic, in one round trip when the forwarded
-        fields exceed COMMIT_MAX_BYTES). An item bound for a queue already `limit` long (0: no
-        limit) is refused: left pending, its entry id returned for the caller to answer."""
+        fields exceed COMMIT_MAX_BYTES). An item bound for a queue already at its limit (`limit`, one
+        for every queue or one per queue key; 0 or absent: no limit) is refused: left pending, its
+        entry id returned for the caller to answer."""
         if not items and not finishes:
             return []
         if any(finish.stream != self.source for finish in finishes):
@@ -151,12 +153,14 @@ class Forwarder:
         finishes: Sequence[Finish],
         writer: ResultWriter,
         metrics: Sequence[Mapping[str, str]],
-        limit: int,
+        limit: int | Mapping[str, int],
     ) -> tuple[list[str], list[Arg]]:
         keys = KeyIndex(self.source, self.keys.metrics)
-        forwards = [[keys.index(item.queue), item.entry_id, _flat(item.fields)] for item in items]
+        forwards = [
+            [keys.index(item.queue), item.entry_id, _flat(item.fields), _limit_of(limit, item.queue)] for item in items
+        ]
         body: list[Any] = [forwards, writer.pack(finishes, keys), [_flat(m) for m in metrics]]
-        return keys.keys, [self.group, self.ttl_s, REPLY_MAXLEN, METRICS_MAXLEN, limit, packb_items(body)]
+        return keys.keys, [self.group, self.ttl_s, REPLY_MAXLEN, METRICS_MAXLEN, packb_items(body)]
 
     async def forward(self, items: Sequence[Forwarding]) -> int:
         """Forward and then acknowledge every item; returns how many were new (not repeats)."""
@@ -204,6 +208,10 @@ def _chunks(items: Sequence[Forwarding], max_bytes: int) -> list[Sequence[Forwar
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _limit_of(limit: int | Mapping[str, int], queue: str) -> int:
+    return limit if isinstance(limit, int) else limit.get(queue, 0)
 
 
 def _flat(fields: Mapping[str, str | bytes]) -> list[str | bytes]:

@@ -21,6 +21,7 @@ BATCHING_KEYS = (
     "batch_max_wait_ms",
     "token_budget",
     "batch_segment_ms",
+    "batch_max_padding",
     "segments",
 )
 # Keys handed to the model layer as `ModelSpec.options`.
@@ -62,6 +63,7 @@ class ModelEntry(BaseModel):
     batch_max_wait_ms: float | None = Field(None, ge=0)
     token_budget: int | None = Field(None, ge=64)
     batch_segment_ms: float | None = Field(None, ge=0)
+    batch_max_padding: float | None = Field(None, ge=0)
     segments: int | None = Field(None, ge=1)
 
     def options(self) -> dict[str, Any]:

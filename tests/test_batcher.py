@@ -50,6 +50,24 @@ def test_packing_groups_similar_lengths_to_cut_padding() -> None:
     assert first.padded_tokens - first.tokens <= 2 and second.padded_tokens - second.tokens <= 2
 
 
+def test_a_padding_bound_splits_a_queue_of_every_length_into_length_sorted_batches() -> None:
+    lengths = [8, 60, 12, 40, 9, 58, 30, 11, 42, 28, 10, 55]
+    unbounded = make(max_batch=32)
+    bounded = Batcher(BatchPolicy(2, 0.001), BatchPolicy(32, 0.01, max_padding=0.25))
+    for b in (unbounded, bounded):
+        for i, tokens in enumerate(lengths):
+            b.add(pending(i, tokens, arrived=0.0))
+    whole = unbounded.next_batch(now=1.0)
+    assert whole is not None and len(whole.items) == len(lengths)  # one batch, padded to 60
+    batches = []
+    while (batch := bounded.next_batch(now=1.0)) is not None:
+        batches.append(batch)
+    assert sum(len(batch.items) for batch in batches) == len(lengths)
+    assert all(batch.padded_tokens <= 1.25 * batch.tokens for batch in batches)
+    assert sum(batch.padded_tokens for batch in batches) < 0.7 * whole.padded_tokens
+    assert 1 < len(batches) <= 4
+
+
 def test_fifo_mode_keeps_arrival_order_and_ignores_class() -> None:
     b = make(max_batch=2, fifo=True)
     for i, tokens in enumerate([10, 100, 12]):

@@ -34,6 +34,7 @@ from ectrans.common.schemas import (
 from ectrans.common.split import check_split
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.settings import DispatcherSettings
+from ectrans.services.dispatcher.shedding import QueueLimit, WorkLimits
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,14 @@ class Dispatcher:
             grace_s=settings.unavailable_after_s,
             result_ttl_s=settings.result_ttl_s,
         )
+        self.work_limits = WorkLimits(
+            self.redis,
+            self.keys,
+            sorted(registry),
+            max_entries=settings.max_queue_len,
+            max_seconds={"realtime": settings.realtime_max_queue_s, "batch": settings.batch_max_queue_s},
+            workers=self._live_workers,
+        )
         self.reclaimer = Reclaimer(
             self.redis,
             self.keys,
@@ -100,6 +109,10 @@ class Dispatcher:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _live_workers(self, model: str) -> int:
+        state = self.placement.models.get(model)
+        return len(state.instances) if state else 0
+
     def _counters(self) -> dict[str, int]:
         return {"forwarded": self.forwarded, "rejected": self.rejected}
 
@@ -110,6 +123,7 @@ class Dispatcher:
                 tg.create_task(self.heartbeat.run(self._stopping))
                 tg.create_task(self._serve())
                 tg.create_task(self.placement.run(self._stopping))
+                tg.create_task(self.work_limits.run(self._stopping))
         finally:
             if self._own_redis:
                 await self.redis.aclose()
@@ -208,6 +222,8 @@ class Dispatcher:
         decisions = await self._admit(decisions)
         forwards = [d for d in decisions if isinstance(d, Forward)]
         finishes = [d for d in decisions if isinstance(d, Finish)]
+        for forward in forwards:
+            self.work_limits.observe(forward.queue, forward.tokens)
         refused = 0
         if self.writer.cluster:
             await asyncio.shield(self._commit_per_slot(forwards, finishes))
@@ -248,8 +264,8 @@ class Dispatcher:
         answered `overloaded` in a second call. Returns how many were refused."""
         items = [_forwarding(d) for d in forwards]
         metrics = self._rejection_metrics(finishes)
-        limit = self.settings.max_queue_len
-        refused_ids = set(await self.forwarder.commit(items, finishes, self.writer, metrics, limit=limit))
+        limits = {d.queue: self._queue_limit(d).entries for d in forwards}
+        refused_ids = set(await self.forwarder.commit(items, finishes, self.writer, metrics, limit=limits))
         if not refused_ids:
             return 0
         refused = [self._overloaded(d) for d in forwards if d.entry_id in refused_ids]
@@ -285,7 +301,8 @@ class Dispatcher:
 
     async def _admit(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
         """Admission: a real-time task predicted to miss its deadline is rejected (or downgraded to
-        batch when it asked `on_miss=batch`); a task bound for a full queue gets `overloaded` at once.
+        batch when it asked `on_miss=batch`); a task bound for a full queue (in entries, or in seconds
+        of work: see `shedding.py`) gets `overloaded` at once.
 
         On a single Redis the commit script checks the queue limit itself, at the moment it appends,
         so the queue lengths and costs are read here (one round trip) only for a read holding a
@@ -332,13 +349,15 @@ class Dispatcher:
                     return self._reject(forward, Reason.DEADLINE, message)
                 task = task.classified("batch", downgraded=True)
                 forward = Forward(task, self.keys.queue(task.model, "batch"), forward.entry_id, forward.tokens)
-        if lengths[forward.queue] >= self.settings.max_queue_len:
+        if lengths[forward.queue] >= self._queue_limit(forward).entries:
             return self._overloaded(forward)
         return forward
 
+    def _queue_limit(self, forward: Forward) -> QueueLimit:
+        return self.work_limits.limit(forward.task.model, forward.task.task_class, forward.queue)
+
     def _overloaded(self, forward: Forward) -> Finish:
-        limit = self.settings.max_queue_len
-        return self._reject(forward, Reason.OVERLOADED, f"queue {forward.queue} is full ({limit} tasks); retry later")
+        return self._reject(forward, Reason.OVERLOADED, self._queue_limit(forward).message(forward.queue))
 
     def _reject(self, forward: Forward, reason: str, message: str) -> Finish:
         task = forward.task

@@ -28,6 +28,17 @@ class DispatcherSettings(CommonSettings):
     max_queue_len: int = Field(
         10_000, ge=1, description="A model queue this long makes new tasks fail at once with `overloaded`."
     )
+    realtime_max_queue_s: float = Field(
+        2.0,
+        ge=0,
+        description="A real-time queue holding this many seconds of its workers' work (from their fitted cost)"
+        " makes new real-time tasks fail at once with `overloaded` (0: entries only).",
+    )
+    batch_max_queue_s: float = Field(
+        30.0,
+        ge=0,
+        description="The same for batch-class queues: how long a newly queued bulk task may wait (0: entries only).",
+    )
     read_count: int = Field(256, ge=1, le=10_000, description="Entries read per XREADGROUP.")
     claim_idle_ms: int = Field(30_000, ge=100, description="Idle time after which a dead peer's entries are taken.")
     heartbeat_s: float = Field(2.0, gt=0)

@@ -4,7 +4,10 @@ Real-time tasks go first, in small batches after a short wait. Batch-class tasks
 throughput: the task with the highest response ratio, (wait + predicted service) / predicted
 service, anchors the batch so that no long job starves; it is filled with the tasks closest to it
 in length until the token budget (batch × padded length) or the batch size is reached, which
-keeps padding waste low.
+keeps padding waste low. Where padding costs compute in proportion (a CPU), `max_padding` also
+bounds it: a task that would pad the batch beyond that share of its real tokens waits for a batch
+of its own length (the next one, formed as the device frees up), so a closed loop of clients
+with sentences of every length runs length-sorted batches, not one batch padded to the longest.
 
 When the model's executor is paced, the worker passes `bulk_due`: the moment its first segment is
 about to be free. A bulk batch is then formed at that moment from everything queued (or at once
@@ -42,6 +45,7 @@ class BatchPolicy:
     max_batch: int
     max_wait_s: float
     token_budget: int = 8192
+    max_padding: float | None = None  # padded tokens ≤ (1 + this) × real tokens in packed batches; None: any
 
 
 @dataclass
@@ -191,16 +195,21 @@ class Batcher:
         anchor = max(queue, key=lambda p: response_ratio(p, now, self.seconds_per_token))
         by_closeness = sorted(queue, key=lambda p: (abs(p.tokens - anchor.tokens), p.arrived))
         taken: list[Pending] = []
-        longest = 0
+        longest = real = 0
         budget = self.budget_at(now)
+        padding = self.batch.max_padding
         for candidate in by_closeness:
             if len(taken) >= self.batch.max_batch:
                 break
             new_longest = max(longest, candidate.tokens)
-            if taken and new_longest * (len(taken) + 1) > budget:
+            padded = new_longest * (len(taken) + 1)
+            if taken and padded > budget:
+                continue
+            if taken and padding is not None and padded > (1 + padding) * (real + candidate.tokens):
                 continue
             taken.append(candidate)
             longest = new_longest
+            real += candidate.tokens
         chosen = {id(p) for p in taken}
         queue[:] = [p for p in queue if id(p) not in chosen]
         return taken

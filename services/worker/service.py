@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 REALTIME_INFLIGHT = 2
 TOUCH_LIMIT = 10  # claim idle times after which a held task is left to peers (see `_touch_loop`)
+CPU_MAX_PADDING = 0.25  # see `padding_bound`
 # A paced lane forms its next bulk batch this long before the first segment is predicted free:
 # the time to take it from the queues, submit it and tokenise it.
 PACE_LEAD_S = 0.003
@@ -64,7 +65,12 @@ class ModelLane:
         self.settings = settings = model_settings(worker_settings, spec)
         self.batcher = Batcher(
             realtime=BatchPolicy(settings.rt_max_batch, settings.rt_max_wait_ms / 1000, settings.token_budget),
-            batch=BatchPolicy(settings.batch_max_batch, settings.batch_max_wait_ms / 1000, settings.token_budget),
+            batch=BatchPolicy(
+                settings.batch_max_batch,
+                settings.batch_max_wait_ms / 1000,
+                settings.token_budget,
+                padding_bound(settings, spec),
+            ),
             fifo=settings.fifo,
         )
         # Each class has its own in-flight limit, so bulk batches filling the executor never keep a
@@ -125,6 +131,18 @@ class ModelLane:
             tokens, ms = self.last_batch
             return ms * padded_tokens / max(tokens, 1) * share
         return None
+
+
+def padding_bound(settings: WorkerSettings, spec: ModelSpec) -> float | None:
+    """`batch_max_padding`, or its default for the model's device: CPU_MAX_PADDING on a CPU (where a
+    padded token costs what a real one does), none on a GPU (where a wider batch is nearly free)."""
+    if settings.batch_max_padding is not None:
+        return settings.batch_max_padding
+    if spec.kind == "noop":
+        return None
+    from ectrans.models.device import resolve_device
+
+    return CPU_MAX_PADDING if resolve_device(settings.device or spec.device).type == "cpu" else None
 
 
 def model_settings(settings: WorkerSettings, spec: ModelSpec) -> WorkerSettings:

@@ -26,6 +26,15 @@ class WorkerSettings(CommonSettings):
     batch_max_batch: int = Field(32, ge=1, description="Largest batch-class batch.")
     batch_max_wait_ms: float = Field(20.0, ge=0, description="Longest a batch task waits for batch-mates.")
     token_budget: int = Field(8192, ge=64, description="Batch × padded length limit of one batch.")
+    batch_max_padding: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Padding a bulk batch may carry, as a share of its real tokens: a task that would pad it more"
+            " waits for a batch nearer its own length. Default: 0.25 on a CPU (padding costs compute"
+            " there in proportion), no bound on a GPU."
+        ),
+    )
     batch_segment_ms: float = Field(
         200.0,
         ge=0,
