@@ -19,15 +19,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ectrans.client import AsyncClient
-from ectrans.common.forwarding import Forwarding
 from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.recovery import ensure_group, read_group
 from ectrans.common.redis_conn import SentinelRedis, connect, connect_sync, parse
-from ectrans.common.redis_topology import LocalCluster, LocalSentinel
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.results import Finish, ResultWriter, error_record
 from ectrans.common.schemas import Task
+from ectrans.local.redis_topology import LocalCluster, LocalSentinel
 from ectrans.models.noop import NoopExecutor
+from ectrans.services.dispatcher.forwarding import Forwarding
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings
 from tests.stack import running_stack

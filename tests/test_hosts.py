@@ -24,10 +24,10 @@ from ectrans.common.heartbeat import host_name
 from ectrans.common.keys import WORKER_GROUP, Keys
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
-from ectrans.common.redis_server import RedisServer
-from ectrans.common.redis_topology import LocalCluster
 from ectrans.common.registry import ModelSpec, build_spec
-from ectrans.launch import ServiceProcess, stop_all
+from ectrans.local.launch import ServiceProcess, stop_all
+from ectrans.local.redis_server import RedisServer
+from ectrans.local.redis_topology import LocalCluster
 from ectrans.models.noop import NoopExecutor
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings

@@ -13,10 +13,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from ectrans.common.cost import CostModel, estimate_tokens, predict_realtime_ms
-from ectrans.common.forwarding import Forwarder, Forwarding
 from ectrans.common.heartbeat import METRICS_MAXLEN, Heartbeat, default_instance
 from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, Keys
-from ectrans.common.placement import Placement
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
@@ -33,6 +31,8 @@ from ectrans.common.schemas import (
 )
 from ectrans.common.split import check_split
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
+from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding
+from ectrans.services.dispatcher.placement import Placement
 from ectrans.services.dispatcher.settings import DispatcherSettings
 
 logger = logging.getLogger(__name__)
