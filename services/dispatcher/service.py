@@ -115,6 +115,17 @@ class Dispatcher:
                 await self.redis.aclose()
         logger.info("[shutdown] dispatcher %s stopped", self.consumer)
 
+    async def step(self) -> bool:
+        """One read → classify → admit → commit pass, without the background loops (heartbeat,
+        placement refresh, takeover of dead peers' entries) and without blocking: this consumer's
+        own pending entries first, as after a restart, else what is new. True when there were
+        entries. Tests drive the dispatcher's logic with it one read at a time, no `run()` needed."""
+        if await self._serve_backlog():
+            return True
+        entries = await self._read(">", None)
+        await self.dispatch(entries)
+        return bool(entries)
+
     async def _serve(self) -> None:
         backlog = True  # after a restart, our own pending entries come first
         next_claim = time.monotonic() + self.settings.claim_idle_ms / 1000
