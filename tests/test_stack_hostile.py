@@ -234,7 +234,7 @@ def test_unwritable_reply_streams_cost_no_other_task_its_result(redis_url: str, 
     async def scenario() -> None:
         # No peer takes an entry over during the test: every answer comes from its first delivery.
         never = {"claim_idle_ms": 3_600_000}
-        executors = {"noop": NoopExecutor(NOOP)}
+        executors: dict[str, Executor] = {"noop": NoopExecutor(NOOP)}
         async with running_stack(redis_url, prefix, {"noop": NOOP}, executors, dispatcher=never, worker=never) as stack:
             keys = stack.keys
             await stack.redis.hset(keys.reply("hashed"), "not", "a stream")
