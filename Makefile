@@ -40,7 +40,7 @@ bench: install  ## every benchmark scenario at its quick size
 
 # On a host with one CUDA GPU: every CUDA figure in one call (about 8 minutes on an H100), written to
 # docs/bench/gpu-proof.{json,md}. DRY=1 runs the same steps at their smallest size on the CPU and
-# writes to a temporary folder (the suite runs it: tests/test_gpu_proof.py).
+# writes to a temporary folder (the suite runs it: tests/test_bench_gpu_proof.py).
 # Needs no venv: on the GPU host the packages come from wheels on PYTHONPATH (docs/status.md).
 gpu-proof:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m ectrans.bench.gpu_proof $(if $(DRY),--dry)

@@ -33,9 +33,9 @@ from redis.exceptions import RedisError
 from ectrans.common import codec
 from ectrans.common.cost import CostModel
 from ectrans.common.keys import TASK_CLASSES, Keys
-from ectrans.common.local_stack import with_local_stack
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, disconnect
 from ectrans.common.settings import CommonSettings
+from ectrans.local.stacks import with_local_stack
 from ectrans.sender import Command, Sender, SenderClosed
 
 T = TypeVar("T")

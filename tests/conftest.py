@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ectrans.common.redis_server import RedisServer
-from ectrans.common.redis_topology import LocalCluster
 from ectrans.common.registry import ModelSpec, load_registry
+from ectrans.local.redis_server import RedisServer
+from ectrans.local.redis_topology import LocalCluster
 from ectrans.models.api import Executor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from ectrans.common.redis_server import free_port
-from ectrans.launch import ServiceProcess, stop_all, wait_ready
+from ectrans.local.launch import ServiceProcess, stop_all, wait_ready
+from ectrans.local.redis_server import free_port
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0

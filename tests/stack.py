@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,15 @@ from ectrans.services.monitor.service import Monitor
 from ectrans.services.monitor.settings import MonitorSettings
 from ectrans.services.worker.service import Worker
 from ectrans.services.worker.settings import WorkerSettings
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Wait for a state instead of a fixed time: poll `check` until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s}s")
+        await asyncio.sleep(0.02)
 
 
 @dataclass

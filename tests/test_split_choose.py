@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
+from types import SimpleNamespace
 from typing import cast
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from ectrans.client import AsyncClient
 from ectrans.common.cost import CostModel
+from ectrans.split import client as split_client
 from ectrans.split.choose import Link, SplitCosts, choose_split, predict_ms, queue_wait_ms, server_unit_ms
 from ectrans.split.client import Drift, SplitClient
 from ectrans.split.link import LinkEstimator
@@ -358,13 +361,16 @@ def test_drift_offset_averages_milliseconds() -> None:
     assert drift.value == pytest.approx(4.5)
 
 
-def test_server_state_reads_teach_the_link_its_round_trip() -> None:
+def test_server_state_reads_teach_the_link_its_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that runs everything locally sends no split traffic; its once-a-second state reads
     still cross the link, and their round trip replaces the estimator's prior."""
+    clock = SimpleNamespace(now=0.0)
+    # The client's clock, advanced only by the fake link: the learned round trip is exact.
+    monkeypatch.setattr(split_client, "time", SimpleNamespace(perf_counter=lambda: clock.now, monotonic=time.monotonic))
 
     class SlowLinkClient:
         async def model_state(self, model: str) -> tuple[None, dict[str, int]]:
-            await asyncio.sleep(0.02)  # a 20 ms round trip
+            clock.now += 0.02  # a 20 ms round trip
             return None, {}
 
     class NoModel:
@@ -380,4 +386,4 @@ def test_server_state_reads_teach_the_link_its_round_trip() -> None:
             await split._read_state()
 
     asyncio.run(read_three())
-    assert 19.0 <= split.link.link().rtt_ms <= 40.0
+    assert split.link.link().rtt_ms == pytest.approx(20.0, abs=0.5)

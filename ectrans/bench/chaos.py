@@ -48,9 +48,9 @@ from typing import Any, Literal
 
 from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.redis_conn import RedisClient, connect
-from ectrans.common.redis_server import RedisServer, free_port
-from ectrans.common.redis_topology import LocalCluster, command
-from ectrans.launch import ServiceProcess, stop_all, wait_ready_async
+from ectrans.local.launch import ServiceProcess, stop_all, wait_ready_async
+from ectrans.local.redis_server import RedisServer, free_port
+from ectrans.local.redis_topology import LocalCluster, command
 
 SINGLE, CLUSTER = "single", "cluster"  # `topology`: one Redis, or a 3-master Redis Cluster
 # Redis under `appendfsync everysec` may lose up to ~2 s of acknowledged writes to a SIGKILL: while

@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ectrans.bench.harness import machine_info, note, size_for
-from ectrans.common.redis_server import RedisServer
+from ectrans.local.redis_server import RedisServer
 
 POLICIES = ("everysec", "always")
 SLOW_FSYNC_MS = 800

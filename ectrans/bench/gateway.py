@@ -26,8 +26,8 @@ import aiohttp
 from ectrans.bench.harness import ServiceStack, machine_info, note, run_async, size_for
 from ectrans.bench.workload import percentile, sample_texts
 from ectrans.client import AsyncClient
-from ectrans.common.redis_server import free_port
-from ectrans.launch import wait_ready
+from ectrans.local.launch import wait_ready
+from ectrans.local.redis_server import free_port
 
 MODELS_JSON = '{"noop": {"kind": "noop"}}'
 HEALTH_TIMEOUT_S = 60.0

@@ -36,8 +36,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ectrans.client import AsyncClient
 from ectrans.common.heartbeat import process_memory
 from ectrans.common.keys import Keys
-from ectrans.common.redis_server import RedisServer
-from ectrans.launch import ServiceProcess, check_alive, stop_all, wait_ready
+from ectrans.local.launch import ServiceProcess, check_alive, stop_all, wait_ready
+from ectrans.local.redis_server import RedisServer
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -31,9 +31,9 @@ from ectrans.client import AsyncClient
 from ectrans.common.keys import Keys
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import connect
-from ectrans.common.redis_server import RedisServer
-from ectrans.common.redis_topology import LocalCluster
-from ectrans.launch import ServiceProcess, stop_all, wait_ready_async
+from ectrans.local.launch import ServiceProcess, stop_all, wait_ready_async
+from ectrans.local.redis_server import RedisServer
+from ectrans.local.redis_topology import LocalCluster
 
 MODELS_JSON = json.dumps({"noop": {"kind": "noop"}})
 HOST_STEPS = (1, 2, 4)

@@ -12,9 +12,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ectrans.common.heartbeat import host_name
-from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.redis_conn import connect
 from ectrans.common.settings import CommonSettings
+from ectrans.local.stacks import add_redis_url_argument, with_local_stack
 
 SERVICES = ("dispatcher", "worker", "monitor", "gateway")
 

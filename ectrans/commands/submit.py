@@ -6,8 +6,8 @@ import argparse
 import json
 
 from ectrans.client import Client, TaskTimeout
-from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.settings import CommonSettings
+from ectrans.local.stacks import add_redis_url_argument, with_local_stack
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

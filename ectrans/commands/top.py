@@ -18,9 +18,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ectrans.common.local_stack import add_redis_url_argument, with_local_stack
 from ectrans.common.redis_conn import RedisClient, connect, redact
 from ectrans.common.settings import CommonSettings
+from ectrans.local.stacks import add_redis_url_argument, with_local_stack
 from ectrans.services.monitor.collect import Beat, StreamState, heartbeats, stream_states, watched_streams
 from ectrans.services.monitor.report import GiB, MiB, Report, unflatten
 

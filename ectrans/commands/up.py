@@ -15,12 +15,12 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from ectrans.common import local_stack
 from ectrans.common.redis_conn import redact
-from ectrans.common.redis_server import RedisServer, find_redis_binary
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
-from ectrans.launch import ServiceProcess, restart_dead, stop_all
+from ectrans.local import stacks
+from ectrans.local.launch import ServiceProcess, restart_dead, stop_all
+from ectrans.local.redis_server import RedisServer, find_redis_binary
 
 SERVICES = ("dispatcher", "worker", "monitor", "gateway")
 STOP_GRACE_S = 25.0
@@ -104,7 +104,7 @@ def _banner(url: str, prefix: str, name: str) -> str:
         cli = "redis-cli"
     port = url.rsplit(":", 1)[-1].split("/", maxsplit=1)[0]
     rc = f"{cli} -p {port}" if "127.0.0.1" in url else f"{cli} -u {redact(url)}"
-    finder = "" if name == local_stack.DEFAULT_NAME else f"ECTRANS_STACK={name} "
+    finder = "" if name == stacks.DEFAULT_NAME else f"ECTRANS_STACK={name} "
     return (
         f"ECTrans is starting. Redis: {redact(url)}\n"
         f"  push a task:  {rc} XADD {prefix}tasks '*' model minilm op embed input 'some text'\n"
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     if problem := _apply_model_flags(args):
         print(f"ectrans up: {problem}", file=sys.stderr)
         return 2
-    name = args.name or local_stack.stack_name()
-    if (other := local_stack.find(name)) is not None:
+    name = args.name or stacks.stack_name()
+    if (other := stacks.find(name)) is not None:
         print(
             f"ectrans up: the stack {name!r} already runs (pid {other.pid}, {redact(other.redis_url)}); "
             "stop it, or start another with --name <other>",
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
         url = server.url
     prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
     try:
-        stack = local_stack.record(name, url, prefix)
-    except local_stack.StackRunning as exc:  # another `up` of this name started meanwhile
+        stack = stacks.record(name, url, prefix)
+    except stacks.StackRunning as exc:  # another `up` of this name started meanwhile
         print(f"ectrans up: {exc}", file=sys.stderr)
         if server is not None:
             server.cleanup()
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         stop_all(children, STOP_GRACE_S, _say)
         if server is not None:
             server.cleanup()
-        local_stack.remove(stack)
+        stacks.remove(stack)
     return 0
 
 

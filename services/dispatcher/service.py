@@ -13,10 +13,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from ectrans.common.cost import CostModel, estimate_tokens, predict_realtime_ms
-from ectrans.common.forwarding import Forwarder, Forwarding
 from ectrans.common.heartbeat import METRICS_MAXLEN, Heartbeat, default_instance
 from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, Keys
-from ectrans.common.placement import Placement
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
@@ -33,6 +31,8 @@ from ectrans.common.schemas import (
 )
 from ectrans.common.split import check_split
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
+from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding
+from ectrans.services.dispatcher.placement import Placement
 from ectrans.services.dispatcher.settings import DispatcherSettings
 from ectrans.services.dispatcher.shedding import QueueLimit, WorkLimits
 
@@ -128,6 +128,17 @@ class Dispatcher:
             if self._own_redis:
                 await self.redis.aclose()
         logger.info("[shutdown] dispatcher %s stopped", self.consumer)
+
+    async def step(self) -> bool:
+        """One read → classify → admit → commit pass, without the background loops (heartbeat,
+        placement refresh, takeover of dead peers' entries) and without blocking: this consumer's
+        own pending entries first, as after a restart, else what is new. True when there were
+        entries. Tests drive the dispatcher's logic with it one read at a time, no `run()` needed."""
+        if await self._serve_backlog():
+            return True
+        entries = await self._read(">", None)
+        await self.dispatch(entries)
+        return bool(entries)
 
     async def _serve(self) -> None:
         backlog = True  # after a restart, our own pending entries come first

@@ -65,7 +65,7 @@ def test_top_once_without_a_monitor_says_so(top_env: None, capsys: pytest.Captur
 
 
 def test_top_without_redis_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from ectrans.common.redis_server import free_port
+    from ectrans.local.redis_server import free_port
 
     monkeypatch.setenv("ECTRANS_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     assert cli.main(["top", "--once"]) == 1

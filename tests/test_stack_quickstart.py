@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ectrans.common.redis_server import find_redis_binary
+from ectrans.local.redis_server import find_redis_binary
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ectrans import __version__
 from ectrans.common.heartbeat import host_name
 from ectrans.common.recovery import dead_letter, ensure_group
-from ectrans.common.redis_server import free_port
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.results import ResultWriter
+from ectrans.local.redis_server import free_port
 from ectrans.models.api import Executor
 from ectrans.services.monitor.collect import Nvml, nvml_pids_are_ours
 from ectrans.services.monitor.report import build_report, flatten

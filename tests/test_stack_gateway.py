@@ -21,7 +21,7 @@ from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Executor
 from ectrans.models.loader import load_executor
 from tests.gateway_process import gateway_process
-from tests.stack import running_stack
+from tests.stack import running_stack, until
 from tests.tiny_encoders import SENTENCES, make_tiny_bert
 
 NOOP = build_spec("noop", {"kind": "noop"})
@@ -103,9 +103,12 @@ def test_models_probes_metrics_and_docs(
             assert (await http.get("/health")).json() == {"status": "ok"}
             assert (await http.get("/ready")).status_code == 503  # no worker yet
             async with running_stack(redis_server.url, gateway_prefix, registry, executors):
-                await asyncio.sleep(1.2)  # the worker's first heartbeat
-                ready = await http.get("/ready")
-                assert ready.status_code == 200 and set(ready.json()["models"]) == {"tiny", "noop"}
+
+                async def ready() -> bool:
+                    return (await http.get("/ready")).status_code == 200
+
+                await until(ready, what="the worker's first heartbeat")
+                assert set((await http.get("/ready")).json()["models"]) == {"tiny", "noop"}
                 cards = {card["id"]: card for card in (await http.get("/v1/models")).json()["data"]}
                 assert cards["tiny"]["served"] and cards["noop"]["served"] and not cards["idle"]["served"]
                 assert cards["tiny"]["kind"] == "encoder" and cards["tiny"]["ops"] == ["embed"]
@@ -139,10 +142,15 @@ def test_every_reason_maps_to_its_status(
 
     async def scenario() -> None:
         async with (
-            running_stack(redis_server.url, gateway_prefix, registry, executors, dispatcher=dispatcher),
+            running_stack(redis_server.url, gateway_prefix, registry, executors, dispatcher=dispatcher) as stack,
             httpx.AsyncClient(base_url=gateway, timeout=30) as http,
         ):
-            await asyncio.sleep(1.5)  # the dispatcher has seen the worker (refresh: 1 s), and no worker for `idle`
+            placement = stack.dispatcher.placement
+
+            async def placed() -> bool:  # the dispatcher has seen the worker, and no worker for `idle`
+                return bool(placement.hosts("noop")) and placement.unavailable("idle")
+
+            await until(placed, what="the dispatcher's placement")
 
             async def post(path: str, **body: Any) -> httpx.Response:
                 return await http.post(path, json=body)
@@ -177,14 +185,16 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
     slow = build_spec("slow", {"kind": "noop", "delay_ms": 1500})
     worker = {"max_inflight_batches": 1}
 
+    executor = CountingNoop(slow)
+
     async def scenario(base: str) -> None:
         async with (
-            running_stack(redis_url, prefix, {"slow": slow}, {"slow": load_executor(slow)}, worker=worker),
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker),  # type: ignore[dict-item]
             AsyncClient(redis_url, prefix=prefix) as client,
             httpx.AsyncClient(base_url=base, timeout=30) as http,
         ):
             busy = asyncio.create_task(client.submit("slow", "noop", "hold the device", priority="batch"))
-            await asyncio.sleep(0.3)
+            await until(executor.running, what="the first task on the device")
             late = await http.post(
                 "/v1/embeddings", json={"model": "slow", "input": "x", "deadline_ms": 50, "priority": "batch"}
             )
@@ -214,6 +224,9 @@ class CountingNoop:
         self.ran.extend(request.inputs)
         return self.inner.submit(request)
 
+    async def running(self) -> bool:
+        return bool(self.ran)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -229,18 +242,23 @@ def test_a_client_that_disconnects_gets_its_queued_tasks_cancelled(redis_url: st
             AsyncClient(redis_url, prefix=prefix) as client,
         ):
             busy = asyncio.create_task(client.submit("slow", "noop", "hold the device", priority="batch"))
-            await asyncio.sleep(0.3)  # running now: the next batch waits in the worker's local queue
+            await until(executor.running, what="the first task on the device")  # the next batch waits its turn
             async with httpx.AsyncClient(base_url=base) as http:
                 with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
                     await http.post(
                         "/embed", json={"model": "slow", "inputs": ["victim", "too"], "priority": "batch"}, timeout=0.5
                     )
                 assert (await busy).ok
-                await asyncio.sleep(0.5)  # the worker answers the cancelled tasks once the device is free
-                records = []
-                async for key in stack.redis.scan_iter(match=f"{prefix}result:*"):
-                    raw: dict[Any, Any] = await stack.redis.hgetall(key)
-                    records.append({k.decode(): v.decode(errors="replace") for k, v in raw.items()})
+                records: list[dict[str, str]] = []
+
+                async def all_answered() -> bool:  # the cancelled tasks, once the device is free
+                    records.clear()
+                    async for key in stack.redis.scan_iter(match=f"{prefix}result:*"):
+                        raw: dict[Any, Any] = await stack.redis.hgetall(key)
+                        records.append({k.decode(): v.decode(errors="replace") for k, v in raw.items()})
+                    return len(records) >= 3
+
+                await until(all_answered, what="a record for each of the three tasks")
                 metrics = (await http.get("/metrics")).text
             assert "ectrans_gateway_cancelled_total 2.0" in metrics
             return records

@@ -1,4 +1,4 @@
-"""The one launcher of service processes (ectrans/launch.py): ready check, exit report, restart
+"""The one launcher of service processes (ectrans/local/launch.py): ready check, exit report, restart
 policy and stop, on real service processes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ectrans.launch import ServiceProcess, check_alive, restart_dead, stop_all, wait_ready
+from ectrans.local.launch import ServiceProcess, check_alive, restart_dead, stop_all, wait_ready
 
 
 def test_unknown_kind_is_refused() -> None:

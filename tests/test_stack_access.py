@@ -25,9 +25,9 @@ from redis.exceptions import NoPermissionError
 from ectrans.client import AsyncClient
 from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.redis_conn import redact
-from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.schemas import Task
+from ectrans.local.redis_server import RedisServer
 from ectrans.models.noop import NoopExecutor
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from ectrans.bench import chaos
-from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.local.redis_server import RedisServer
 from ectrans.models.noop import NoopExecutor
 from tests.stack import running_stack
 

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ectrans.common.keys import Keys
-from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.schemas import KNOWN_FIELDS, TASK_ID_RE, Reason, reply_to_of, task_id_of
+from ectrans.local.redis_server import RedisServer
 from ectrans.models.noop import NoopExecutor
 from tests.stack import running_stack
 

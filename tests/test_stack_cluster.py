@@ -1,6 +1,6 @@
 """ECTrans on a Redis Cluster (3 masters started here) and on Sentinel: one code path, chosen by the URL.
 
-The end-to-end and recovery scenarios of `test_e2e_embed.py` and `test_recovery.py` run here against
+The end-to-end and recovery scenarios of `test_stack_embed.py` and `test_common_recovery.py` run here against
 the cluster with their bodies unchanged (this module's `redis_url` names the cluster); the whole suite
 runs that way with `ECTRANS_TEST_REDIS=cluster`. The tests below add what only a cluster has: steps
 across slots cut short by a crash, keys spread over shards, and a failover under Sentinel.
@@ -19,28 +19,28 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from ectrans.client import AsyncClient
-from ectrans.common.forwarding import Forwarding
 from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.recovery import ensure_group, read_group
 from ectrans.common.redis_conn import SentinelRedis, connect, connect_sync, parse
-from ectrans.common.redis_topology import LocalCluster, LocalSentinel
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.common.results import Finish, ResultWriter, error_record
 from ectrans.common.schemas import Task
+from ectrans.local.redis_topology import LocalCluster, LocalSentinel
 from ectrans.models.noop import NoopExecutor
+from ectrans.services.dispatcher.forwarding import Forwarding
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings
 from tests.stack import running_stack
-
-# The same scenarios, unchanged, against the cluster (pytest collects them here under this module's
-# `redis_url`): MiniLM end to end once, then the recovery ("chaos") scenarios on the noop model.
-from tests.test_e2e_embed import test_client_embed_equals_reference  # noqa: F401
-from tests.test_recovery import (  # noqa: F401
+from tests.test_common_recovery import (  # noqa: F401
     test_dead_letter_keeps_the_history_and_answers_the_client_once,
     test_dispatcher_dead_letters_an_ingress_entry_past_the_limit,
     test_poison_entries_are_dead_lettered_by_restart_and_by_takeover,
     test_restarted_worker_runs_its_own_pending_entries_once,
 )
+
+# The same scenarios, unchanged, against the cluster (pytest collects them here under this module's
+# `redis_url`): MiniLM end to end once, then the recovery ("chaos") scenarios on the noop model.
+from tests.test_stack_embed import test_client_embed_equals_reference  # noqa: F401
 
 NOOP: ModelSpec = build_spec("noop", {"kind": "noop"})
 

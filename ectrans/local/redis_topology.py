@@ -20,7 +20,7 @@ from types import TracebackType
 
 import redis
 
-from ectrans.common.redis_server import RedisServer, find_redis_binary
+from ectrans.local.redis_server import RedisServer, find_redis_binary
 
 CLUSTER_BUS_OFFSET = 10_000  # Redis 6.2 puts a node's cluster bus on its port + 10000
 _PORT_RANGE = (15_000, 22_000)  # below the usual ephemeral range, and its bus ports too

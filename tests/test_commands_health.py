@@ -11,7 +11,7 @@ from ectrans import cli
 from ectrans.common.heartbeat import Heartbeat
 from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import connect
-from ectrans.common.redis_server import free_port
+from ectrans.local.redis_server import free_port
 
 
 @pytest.fixture(autouse=True)

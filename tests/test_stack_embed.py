@@ -12,8 +12,8 @@ import pytest
 from ectrans import client as client_module
 from ectrans.bench.workload import load_sentences
 from ectrans.client import AsyncClient, TaskFailed, TaskTimeout
-from ectrans.common.redis_server import RedisServer
 from ectrans.common.registry import ModelSpec
+from ectrans.local.redis_server import RedisServer
 from ectrans.models.api import Executor
 from tests.stack import reference_embeddings, running_stack, stack_in_thread
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from ectrans.common import forwarding as forwarding_module
-from ectrans.common.forwarding import Forwarder, Forwarding
 from ectrans.common.keys import DISPATCHER_GROUP, WORKER_GROUP, Keys
 from ectrans.common.recovery import ensure_group, read_group
 from ectrans.common.redis_conn import connect, is_cluster
 from ectrans.common.results import Finish, ResultWriter, error_record
 from ectrans.common.schemas import Task
+from ectrans.services.dispatcher import forwarding as forwarding_module
+from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding
 
 TTL_S = 60
 
