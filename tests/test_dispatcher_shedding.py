@@ -9,11 +9,10 @@ from typing import Any
 from ectrans.client import AsyncClient
 from ectrans.common.cost import CostModel
 from ectrans.common.keys import Keys
-from ectrans.common.redis_conn import connect
 from ectrans.common.registry import build_spec
 from ectrans.models.loader import load_executor
 from ectrans.services.dispatcher.shedding import WorkLimits
-from tests.stack import running_stack
+from tests.stack import running_stack, until
 
 SLOW = build_spec("slow", {"kind": "noop", "delay_ms": 40})  # every batch takes 40 ms, as on a device
 
@@ -69,25 +68,25 @@ def test_a_burst_beyond_the_work_limit_is_refused_at_once_and_the_rest_served(re
             "dispatcher": {"batch_max_queue_s": 0.5},
             "worker": {"batch_max_batch": 8, "prefetch": 8},
         }
-        async with running_stack(redis_url, prefix, {"slow": SLOW}, {"slow": load_executor(SLOW)}, **overrides):
-            async with AsyncClient(redis_url, prefix=prefix) as client:
-                redis = connect(redis_url)
-                try:
-                    while not await redis.exists(Keys(prefix).cost("slow")):  # the worker's first fit
-                        await client.submit_many("slow", "noop", ["w"] * 8, priority="batch", timeout=30)
-                finally:
-                    await redis.aclose()
-                await asyncio.sleep(1.5)  # the dispatcher's next cost refresh
-                started = time.perf_counter()
-                done: list[tuple[Any, float]] = []
+        running = running_stack(redis_url, prefix, {"slow": SLOW}, {"slow": load_executor(SLOW)}, **overrides)
+        async with running as stack, AsyncClient(redis_url, prefix=prefix) as client:
+            while not await stack.redis.exists(Keys(prefix).cost("slow")):  # the worker's first fit
+                await client.submit_many("slow", "noop", ["w"] * 8, priority="batch", timeout=30)
 
-                async def one(text: str) -> None:
-                    result = await client.submit("slow", "noop", text, priority="batch", timeout=60)
-                    done.append((result, time.perf_counter() - started))
+            async def cost_seen() -> bool:
+                return "slow" in stack.dispatcher.work_limits.costs
 
-                async with asyncio.TaskGroup() as tg:
-                    for i in range(400):
-                        tg.create_task(one(f"t{i}"))
+            await until(cost_seen, what="the dispatcher's cost refresh")
+            started = time.perf_counter()
+            done: list[tuple[Any, float]] = []
+
+            async def one(text: str) -> None:
+                result = await client.submit("slow", "noop", text, priority="batch", timeout=60)
+                done.append((result, time.perf_counter() - started))
+
+            async with asyncio.TaskGroup() as tg:
+                for i in range(400):
+                    tg.create_task(one(f"t{i}"))
         results = [r for r, _ in done]
         refused_at = [at for r, at in done if r.reason == "overloaded"]
         served_at = [at for r, at in done if r.ok]
