@@ -31,8 +31,8 @@ from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import ItemResult, Request
 from ectrans.models.loader import load_executor
 from ectrans.models.synthetic import make_minilm_shape, make_prototype_marian
+from ectrans.sharing.manifest import spec_to_wire
 from ectrans.sharing.process_pool import SharedExecutorPool
-from ectrans.sharing.weights import spec_to_wire
 from tests.test_sharing_weights import TEXTS, assert_same, run
 from tests.tiny_seq2seq import SENTENCES
 

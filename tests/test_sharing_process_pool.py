@@ -26,9 +26,9 @@ from ectrans.common.registry import ModelSpec, build_spec, packaged_minilm_path
 from ectrans.models.api import ItemResult, Request
 from ectrans.models.loader import load_executor
 from ectrans.models.synthetic import make_prototype_marian
+from ectrans.sharing.manifest import spec_to_wire
 from ectrans.sharing.process_pool import SharedExecutorPool
 from ectrans.sharing.supervision import ExecutorProcessDied
-from ectrans.sharing.weights import spec_to_wire
 from tests import tiny_seq2seq
 from tests.stack import running_stack
 from tests.test_sharing_weights import REPO, TEXTS, assert_same, run

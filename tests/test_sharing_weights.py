@@ -17,7 +17,9 @@ from ectrans.common.codec import packb, unpackb
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Executor, ItemResult, Request
 from ectrans.models.loader import load_executor, load_model
-from ectrans.sharing.weights import AttachError, Manifest, attach_model, export_cpu
+from ectrans.sharing.attach import attach_model
+from ectrans.sharing.export import export_cpu
+from ectrans.sharing.manifest import AttachError, Manifest
 from tests import tiny_encoders, tiny_seq2seq
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,8 +40,9 @@ from typing import Any
 import psutil
 
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
+from ectrans.sharing.attach import AttachedModel, mapped_weight_files
 from ectrans.sharing.ipc import FrameWriter, decode, private_stdout, read_frame, recv_frame, send_frame
-from ectrans.sharing.weights import AttachedModel, Manifest, mapped_weight_files, spec_from_wire
+from ectrans.sharing.manifest import Manifest, spec_from_wire
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def _attach(
     spec: Any, socket_path: str, guard: bool, build: dict[str, Any], on_lost: Callable[[Session], None]
 ) -> Session:
     from ectrans.models.loader import load_executor
-    from ectrans.sharing.weights import attach_model
+    from ectrans.sharing.attach import attach_model
 
     started = time.perf_counter()
     sock, manifest, fds = request_manifest(socket_path)

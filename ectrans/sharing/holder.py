@@ -1,7 +1,7 @@
 """The weight holder: one process per (device, model) that loads the weights once and exports them.
 
 Process side (`python -m ectrans.sharing.holder`): load the model in its serving dtype, export it
-(`weights.export_cpu` / `weights.export_cuda`), report ready on stdout, then answer executors'
+(`export.export_cpu` / `export.export_cuda`), report ready on stdout, then answer executors'
 attach requests (`weight_server`). On CPU the process then replaces itself (exec, same pid) with
 the torch-free server: the weights live in the sealed memfd, not in the holder's heap. On CUDA
 the holder keeps the model (the IPC handles point into its allocations) and its CUDA context.
@@ -30,7 +30,7 @@ from typing import Any
 from ectrans.common.registry import ModelSpec
 from ectrans.sharing.cuda_env import without_expandable_segments
 from ectrans.sharing.ipc import ChannelClosed, decode, private_stdout, read_frame, write_frame
-from ectrans.sharing.weights import spec_from_wire, spec_to_wire
+from ectrans.sharing.manifest import spec_from_wire, spec_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def _hold(spec: ModelSpec, args: argparse.Namespace, report_fd: int) -> int:
     from ectrans.models.device import resolve_device
     from ectrans.models.loader import load_model
     from ectrans.sharing.cuda_env import ipc_allocator_problem
+    from ectrans.sharing.export import export_cpu, export_cuda, summary
     from ectrans.sharing.weight_server import bind, serve
-    from ectrans.sharing.weights import export_cpu, export_cuda, summary
 
     device = resolve_device(args.device)
     if device.type == "cuda" and (problem := ipc_allocator_problem()):

@@ -26,11 +26,11 @@ from typing import Any
 
 from ectrans.common.registry import ModelSpec
 from ectrans.models.api import Executor, Request
+from ectrans.sharing.manifest import spec_to_wire
 from ectrans.sharing.memory import PoolProcesses, measure
 from ectrans.sharing.routing import Router, fail
 from ectrans.sharing.slots import BatchFuture, Slot
 from ectrans.sharing.supervision import PoolError, Supervisor
-from ectrans.sharing.weights import spec_to_wire
 
 logger = logging.getLogger(__name__)
 

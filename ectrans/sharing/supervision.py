@@ -37,9 +37,9 @@ from ectrans.common.registry import ModelSpec
 from ectrans.sharing.executor_process import EXIT_HOLDER_LOST
 from ectrans.sharing.holder import HolderError, HolderProcess, describe_exit
 from ectrans.sharing.ipc import ChannelClosed, decode, read_frame, write_frame
+from ectrans.sharing.manifest import spec_to_wire
 from ectrans.sharing.routing import Router, complete, fail
 from ectrans.sharing.slots import Batch, Slot
-from ectrans.sharing.weights import spec_to_wire
 from ectrans.sharing.zygote import ChildProcess, ExecSpawner, Spawner, SpawnError, Zygote
 
 logger = logging.getLogger(__name__)

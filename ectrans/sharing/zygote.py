@@ -258,18 +258,10 @@ def preload(spec_wire: dict[str, Any] | None) -> None:
     """Import everything an executor needs (and the served model's modeling code) before forking."""
     import transformers
 
-    import ectrans.common.codec
-    import ectrans.common.logs
-    import ectrans.models.encoder
-    import ectrans.models.loader
-    import ectrans.models.pipeline
-    import ectrans.models.seq2seq
-    import ectrans.sharing.executor_process
-    import ectrans.sharing.weights  # noqa: F401
-
     _ = transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast  # resolve lazy imports
     if spec_wire is not None:
-        from ectrans.sharing.weights import build_on_meta, spec_from_wire
+        from ectrans.sharing.attach import build_on_meta
+        from ectrans.sharing.manifest import spec_from_wire
 
         spec = spec_from_wire(spec_wire)
         model = build_on_meta(spec)
