@@ -18,16 +18,16 @@ from typing import Any
 
 import pytest
 
-from ectrans.models.device import cuda_driver_loaded, ipc_allocator_problem, without_expandable_segments
-from ectrans.models.executor_process import HolderLink
-from ectrans.models.process_pool import memory_fields
-from ectrans.models.weight_server import bind, serve
-from ectrans.models.zygote import SpawnError, check_fork_safe
 from ectrans.services.monitor.collect import Beat, DeviceState, Nvml, nvml_pids_are_ours
 from ectrans.services.monitor.instances import InstanceState
 from ectrans.services.monitor.report import Snapshot, gpu_by_pid
 from ectrans.services.monitor.service import with_weights
 from ectrans.services.monitor.stats import Totals, Window
+from ectrans.sharing.cuda_env import cuda_driver_loaded, ipc_allocator_problem, without_expandable_segments
+from ectrans.sharing.executor_process import HolderLink
+from ectrans.sharing.memory import memory_fields
+from ectrans.sharing.weight_server import bind, serve
+from ectrans.sharing.zygote import SpawnError, check_fork_safe
 
 MAPS_WITH_DRIVER = """\
 7f00-7f10 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libcuda.so.550.54.15
@@ -91,7 +91,7 @@ def test_the_fence_passes_while_the_holder_lives_and_fails_once_it_is_gone(tmp_p
     try:
         sock.connect(str(tmp_path / "holder.sock"))
         from ectrans.common.codec import packb
-        from ectrans.models.ipc import recv_frame, send_frame
+        from ectrans.sharing.ipc import recv_frame, send_frame
 
         send_frame(sock, packb({"op": "attach", "pid": os.getpid()}))
         assert recv_frame(sock) == (b"manifest", [])

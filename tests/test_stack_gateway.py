@@ -189,7 +189,7 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
 
     async def scenario(base: str) -> None:
         async with (
-            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker),  # type: ignore[dict-item]
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker),
             AsyncClient(redis_url, prefix=prefix) as client,
             httpx.AsyncClient(base_url=base, timeout=30) as http,
         ):
@@ -210,10 +210,11 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
         asyncio.run(scenario(base))
 
 
-class CountingNoop:
+class CountingNoop(Executor):
     """The no-op executor, recording every input it is asked to run."""
 
     def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
         self.inner = load_executor(spec)
         self.ran: list[str] = []
 
@@ -238,7 +239,7 @@ def test_a_client_that_disconnects_gets_its_queued_tasks_cancelled(redis_url: st
 
     async def scenario(base: str) -> list[dict[str, str]]:
         async with (
-            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker) as stack,  # type: ignore[dict-item]
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker) as stack,
             AsyncClient(redis_url, prefix=prefix) as client,
         ):
             busy = asyncio.create_task(client.submit("slow", "noop", "hold the device", priority="batch"))

@@ -19,7 +19,7 @@ from tests.tiny_encoders import make_tiny_bert, one_torch_thread
 from tests.tiny_seq2seq import make_tiny_marian
 
 
-class Recording:
+class Recording(Executor):
     """A real executor that notes every request it is given."""
 
     def __init__(self, inner: Executor) -> None:

@@ -19,8 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ectrans.models.executor_process import request_manifest
-from ectrans.models.weights import attach_model, spec_from_wire
+from ectrans.sharing.attach import attach_model
+from ectrans.sharing.executor_process import request_manifest
+from ectrans.sharing.manifest import spec_from_wire
 
 
 def attempt(name: str, write: Callable[[], object]) -> None:

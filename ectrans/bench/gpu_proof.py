@@ -155,11 +155,12 @@ def nvml_probe() -> dict[str, Any]:
     from ectrans.bench.harness import minilm_path
     from ectrans.common.registry import build_spec
     from ectrans.models.api import Request
-    from ectrans.models.process_pool import SharedExecutorPool, memory_fields
     from ectrans.services.monitor.collect import Nvml, nvml_pids_are_ours
     from ectrans.services.monitor.instances import InstanceState
     from ectrans.services.monitor.report import Snapshot, gpu_by_pid
     from ectrans.services.monitor.stats import Totals, Window
+    from ectrans.sharing.memory import memory_fields
+    from ectrans.sharing.process_pool import SharedExecutorPool
 
     spec = build_spec("minilm", {"path": str(minilm_path())})
     with contextlib.closing(SharedExecutorPool(spec, 2, device="cuda")) as pool:

@@ -42,7 +42,7 @@ from ectrans.bench.harness import cores, load_average, machine_info, markdown_ta
 from ectrans.bench.workload import load_sentences
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Request
-from ectrans.models.process_pool import SharedExecutorPool
+from ectrans.sharing.process_pool import SharedExecutorPool
 
 MiB = 2**20
 WORKLOAD = "sentences_100.txt"

@@ -55,7 +55,27 @@ class BatchStats:
 
 
 class Executor(Protocol):
+    """What the worker uses of a model. In-process executors subclass it for the defaults below
+    (one process, one segment, not paced, no memory of their own to report); the executor of
+    several processes (`ectrans.sharing.process_pool`) overrides them."""
+
     spec: ModelSpec
+    # Processes that run batches side by side: the worker allows this many times its in-flight limit.
+    processes: int = 1
+
+    @property
+    def segment_count(self) -> int:
+        """Segments a batch runs through one after another (the worker fits a cost per segment)."""
+        return 1
+
+    def pacing(self) -> Paced | None:
+        """This executor if it tells the worker when it needs its next bulk batch (`Paced`), else None."""
+        return None
+
+    def memory(self) -> dict[str, Any]:
+        """Memory figures of the processes this executor runs, for the worker's heartbeat
+        (`ectrans.sharing.memory.heartbeat_fields`); empty for an in-process executor."""
+        return {}
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts as the model's tokenizer sees them (for packing and admission)."""

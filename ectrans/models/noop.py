@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from ectrans.common.registry import ModelSpec
-from ectrans.models.api import BatchStats, FrontSegment, ItemResult, ProgressCallbacks, Request
+from ectrans.models.api import BatchStats, Executor, FrontSegment, ItemResult, Paced, ProgressCallbacks, Request
 from ectrans.models.inputs import input_error, noop_output
 
 
-class NoopExecutor:
+class NoopExecutor(Executor):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._closed = False
@@ -67,6 +67,9 @@ class NoopExecutor:
         with self._lock:
             self._front = None
         return results, stats
+
+    def pacing(self) -> Paced:
+        return self
 
     def bulk_waiting(self) -> int:
         with self._lock:

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 
 from ectrans.common.registry import ModelSpec
-from ectrans.models.api import FrontSegment, ItemResult, ProgressCallbacks, Request
+from ectrans.models.api import Executor, FrontSegment, ItemResult, Paced, ProgressCallbacks, Request
 from ectrans.models.batch import BatchFuture, Job, Tokenize, UnservableError, to_device, use_on_stream
 from ectrans.models.device import set_cpu_threads
 from ectrans.models.resume import Resume
@@ -84,7 +84,7 @@ class _Stage:
         return not (self.busy or self.rt or self.batch) and self.pending is None and self.parked is None
 
 
-class PipelinedExecutor:
+class PipelinedExecutor(Executor):
     """An `Executor` over a list of segments; see the module docstring."""
 
     def __init__(
@@ -142,6 +142,10 @@ class PipelinedExecutor:
 
     # -- the Executor contract -------------------------------------------------------------
 
+    @property
+    def segment_count(self) -> int:
+        return len(self.segments)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.tokenize.count_tokens(texts)
 
@@ -184,6 +188,9 @@ class PipelinedExecutor:
             return self._realtime_in_flight
 
     # -- pacing (see the module docstring) ----------------------------------------------------
+
+    def pacing(self) -> Paced:
+        return self
 
     def bulk_waiting(self) -> int:
         with self._cond:

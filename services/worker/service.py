@@ -34,7 +34,7 @@ from ectrans.common.registry import ModelSpec
 from ectrans.common.results import Fields, Finish, ResultWriter, error_record, now_ms, ok_record, task_error_record
 from ectrans.common.schemas import TASK_ID_RE, Reason, Task, TaskError, reply_to_of
 from ectrans.common.split import check_split
-from ectrans.models.api import BatchStats, Executor, ItemResult, Paced, Request
+from ectrans.models.api import BatchStats, Executor, ItemResult, Request
 from ectrans.services.worker.batcher import Batch, Batcher, BatchPolicy, Pending
 from ectrans.services.worker.cancel import CANCELLED_MESSAGE, split_cancelled
 from ectrans.services.worker.settings import WorkerSettings
@@ -76,16 +76,16 @@ class ModelLane:
         # Each class has its own in-flight limit, so bulk batches filling the executor never keep a
         # real-time batch from being submitted (it then cuts in at the next segment boundary).
         # An executor of several processes (shared weights) gets the in-flight limit for each.
-        processes = getattr(executor, "processes", 1)
+        processes = executor.processes
         self.limits = {"realtime": REALTIME_INFLIGHT, "batch": settings.max_inflight_batches * processes}
         self.inflight = {"realtime": 0, "batch": 0}
         self.wakeup = asyncio.Event()
-        self.cost = OnlineCost(segments=len(getattr(executor, "segments", [None])))
+        self.cost = OnlineCost(segments=executor.segment_count)
         self.cost_published = 0.0
         self.fitted: CostModel | None = None  # the last fit of `cost`, refreshed once a second
         self.last_batch: tuple[int, float] | None = None  # padded tokens and ms of the latest batch (before a fit)
         # A paced executor gets its bulk batches just before it can start them (FIFO, the baseline, is not paced).
-        self.paced = executor if isinstance(executor, Paced) and not settings.fifo else None
+        self.paced = executor.pacing() if not settings.fifo else None
         # Bulk batches formed but not yet handed to the executor (their cancel marks being looked up):
         # to pacing they are already waiting for the first segment.
         self.bulk_forming = 0
@@ -161,7 +161,7 @@ def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str
         device = settings.device or spec.device
         segments = model_settings(settings, spec).segments
         if settings.shares_weights() and spec.kind != "noop":
-            from ectrans.models.process_pool import SharedExecutorPool
+            from ectrans.sharing.process_pool import SharedExecutorPool
 
             processes = settings.executors_per_device
             executors[spec.name] = SharedExecutorPool(
@@ -239,7 +239,7 @@ class Worker:
         """Shared weights and executor processes' memory, for the monitor (with shared weights only)."""
         if not self.settings.shares_weights():
             return {}
-        from ectrans.models.process_pool import heartbeat_fields
+        from ectrans.sharing.memory import heartbeat_fields
 
         return heartbeat_fields([lane.executor for lane in self.lanes.values()])
 

@@ -1,7 +1,7 @@
 """Weight sharing on a CUDA GPU: K executor processes on one device attached to one holder's weights
 through CUDA IPC. Skipped without CUDA. On a GPU host (see docs/weight-sharing.md):
 
-    .venv/bin/pytest -m cuda tests/test_weights_cuda.py -s -p no:cacheprovider
+    .venv/bin/pytest -m cuda tests/test_sharing_cuda.py -s -p no:cacheprovider
 
 Device memory is NVML's `used` for the whole device, so run it on an otherwise idle GPU.
 Outputs are compared bit for bit with a private load in another process: the same kernels on the
@@ -30,10 +30,10 @@ if not torch.cuda.is_available():
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import ItemResult, Request
 from ectrans.models.loader import load_executor
-from ectrans.models.process_pool import SharedExecutorPool
 from ectrans.models.synthetic import make_minilm_shape, make_prototype_marian
-from ectrans.models.weights import spec_to_wire
-from tests.test_weights import TEXTS, assert_same, run
+from ectrans.sharing.manifest import spec_to_wire
+from ectrans.sharing.process_pool import SharedExecutorPool
+from tests.test_sharing_weights import TEXTS, assert_same, run
 from tests.tiny_seq2seq import SENTENCES
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]

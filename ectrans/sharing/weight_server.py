@@ -7,7 +7,7 @@ byte the executor sends comes straight back (a fence: the holder was alive after
 Only processes of the holder's own user may connect (SO_PEERCRED).
 
 Imports neither torch nor numpy. The CPU holder, once it has exported, replaces itself with
-`python -m ectrans.models.weight_server` (exec, same pid): it then keeps only the shared file's
+`python -m ectrans.sharing.weight_server` (exec, same pid): it then keeps only the shared file's
 descriptor and a few MiB of interpreter, not the hundreds of MiB torch costs a process.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import msgpack
 
-from ectrans.models.ipc import read_exact, recv_frame, send_frame, write_frame
+from ectrans.sharing.ipc import read_exact, recv_frame, send_frame, write_frame
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _answer(conn: socket.socket, provide: Provide) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     """The CPU holder after exec: serve a manifest and the sealed memfd it describes."""
-    parser = argparse.ArgumentParser(prog="python -m ectrans.models.weight_server")
+    parser = argparse.ArgumentParser(prog="python -m ectrans.sharing.weight_server")
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--weights-fd", type=int, required=True)
     parser.add_argument("--manifest-fd", type=int, required=True)

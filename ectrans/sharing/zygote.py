@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ectrans.models.ipc import ChannelClosed, decode, recv_frame, send_frame
+from ectrans.sharing.ipc import ChannelClosed, decode, recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,12 @@ class ExecChild:
 
 
 class ExecSpawner:
-    """Each executor a new `python -m ectrans.models.executor_process` (the prototype's way)."""
+    """Each executor a new `python -m ectrans.sharing.executor_process` (the prototype's way)."""
 
     pid: int | None = None
 
     def spawn(self, args: dict[str, Any]) -> ChildProcess:
-        command = [sys.executable, "-m", "ectrans.models.executor_process", f"--args={json.dumps(args)}"]
+        command = [sys.executable, "-m", "ectrans.sharing.executor_process", f"--args={json.dumps(args)}"]
         return ExecChild(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
 
     def stop(self) -> None:
@@ -147,7 +147,7 @@ class Zygote:
         command = [
             sys.executable,
             "-m",
-            "ectrans.models.zygote",
+            "ectrans.sharing.zygote",
             f"--control-fd={theirs.fileno()}",
             f"--preload={json.dumps(preload)}",
             f"--log-level={log_level}",
@@ -258,18 +258,10 @@ def preload(spec_wire: dict[str, Any] | None) -> None:
     """Import everything an executor needs (and the served model's modeling code) before forking."""
     import transformers
 
-    import ectrans.common.codec
-    import ectrans.common.logs
-    import ectrans.models.encoder
-    import ectrans.models.executor_process
-    import ectrans.models.loader
-    import ectrans.models.pipeline
-    import ectrans.models.seq2seq
-    import ectrans.models.weights  # noqa: F401
-
     _ = transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast  # resolve lazy imports
     if spec_wire is not None:
-        from ectrans.models.weights import build_on_meta, spec_from_wire
+        from ectrans.sharing.attach import build_on_meta
+        from ectrans.sharing.manifest import spec_from_wire
 
         spec = spec_from_wire(spec_wire)
         model = build_on_meta(spec)
@@ -284,7 +276,7 @@ def check_fork_safe(maps: str | None = None) -> None:
     init, or any runtime call (`torch.cuda.device_count()` among them) that loaded libcuda."""
     import torch
 
-    from ectrans.models.device import cuda_driver_loaded
+    from ectrans.sharing.cuda_env import cuda_driver_loaded
 
     if torch.cuda.is_initialized() or cuda_driver_loaded(maps):  # type: ignore[no-untyped-call]
         raise SpawnError("the CUDA driver was initialised while preloading; forked executors could not use it")
@@ -300,7 +292,7 @@ def _fork_child(args: dict[str, Any], fds: list[int], close: list[int]) -> int:
             os.close(fd)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        from ectrans.models.executor_process import serve
+        from ectrans.sharing.executor_process import serve
 
         code = serve(args, fds[0], fds[1])
     except BaseException:
@@ -322,7 +314,7 @@ def _reap() -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ectrans.models.zygote")
+    parser = argparse.ArgumentParser(prog="python -m ectrans.sharing.zygote")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--preload", default="null", help="the served model's registry entry, as JSON")
     parser.add_argument("--log-level", default="INFO")

@@ -40,8 +40,9 @@ from typing import Any
 import psutil
 
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
-from ectrans.models.ipc import FrameWriter, decode, private_stdout, read_frame, recv_frame, send_frame
-from ectrans.models.weights import AttachedModel, Manifest, mapped_weight_files, spec_from_wire
+from ectrans.sharing.attach import AttachedModel, mapped_weight_files
+from ectrans.sharing.ipc import FrameWriter, decode, private_stdout, read_frame, recv_frame, send_frame
+from ectrans.sharing.manifest import Manifest, spec_from_wire
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def _attach(
     spec: Any, socket_path: str, guard: bool, build: dict[str, Any], on_lost: Callable[[Session], None]
 ) -> Session:
     from ectrans.models.loader import load_executor
-    from ectrans.models.weights import attach_model
+    from ectrans.sharing.attach import attach_model
 
     started = time.perf_counter()
     sock, manifest, fds = request_manifest(socket_path)
@@ -350,7 +351,7 @@ def serve(args: dict[str, Any], fd_in: int, fd_out: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ectrans.models.executor_process")
+    parser = argparse.ArgumentParser(prog="python -m ectrans.sharing.executor_process")
     parser.add_argument("--args", required=True, help="the executor's arguments, as JSON")
     options = parser.parse_args(argv)
     fd_out = private_stdout()

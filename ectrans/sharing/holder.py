@@ -1,7 +1,7 @@
 """The weight holder: one process per (device, model) that loads the weights once and exports them.
 
-Process side (`python -m ectrans.models.holder`): load the model in its serving dtype, export it
-(`weights.export_cpu` / `weights.export_cuda`), report ready on stdout, then answer executors'
+Process side (`python -m ectrans.sharing.holder`): load the model in its serving dtype, export it
+(`export.export_cpu` / `export.export_cuda`), report ready on stdout, then answer executors'
 attach requests (`weight_server`). On CPU the process then replaces itself (exec, same pid) with
 the torch-free server: the weights live in the sealed memfd, not in the holder's heap. On CUDA
 the holder keeps the model (the IPC handles point into its allocations) and its CUDA context.
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ectrans.common.registry import ModelSpec
-from ectrans.models.device import without_expandable_segments
-from ectrans.models.ipc import ChannelClosed, decode, private_stdout, read_frame, write_frame
-from ectrans.models.weights import spec_from_wire, spec_to_wire
+from ectrans.sharing.cuda_env import without_expandable_segments
+from ectrans.sharing.ipc import ChannelClosed, decode, private_stdout, read_frame, write_frame
+from ectrans.sharing.manifest import spec_from_wire, spec_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def describe_exit(code: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ectrans.models.holder")
+    parser = argparse.ArgumentParser(prog="python -m ectrans.sharing.holder")
     parser.add_argument("--spec", required=True, help="the registry entry, as JSON")
     parser.add_argument("--device", required=True)
     parser.add_argument("--socket", type=Path, required=True)
@@ -84,10 +84,11 @@ def _hold(spec: ModelSpec, args: argparse.Namespace, report_fd: int) -> int:
     import torch
 
     from ectrans.common.codec import packb
-    from ectrans.models.device import ipc_allocator_problem, resolve_device
+    from ectrans.models.device import resolve_device
     from ectrans.models.loader import load_model
-    from ectrans.models.weight_server import bind, serve
-    from ectrans.models.weights import export_cpu, export_cuda, summary
+    from ectrans.sharing.cuda_env import ipc_allocator_problem
+    from ectrans.sharing.export import export_cpu, export_cuda, summary
+    from ectrans.sharing.weight_server import bind, serve
 
     device = resolve_device(args.device)
     if device.type == "cuda" and (problem := ipc_allocator_problem()):
@@ -114,7 +115,7 @@ def _hold(spec: ModelSpec, args: argparse.Namespace, report_fd: int) -> int:
             [
                 sys.executable,
                 "-m",
-                "ectrans.models.weight_server",
+                "ectrans.sharing.weight_server",
                 f"--socket={args.socket}",
                 f"--weights-fd={weights_fd}",
                 f"--manifest-fd={manifest_fd}",
@@ -215,14 +216,14 @@ class HolderProcess:
         command = [
             sys.executable,
             "-m",
-            "ectrans.models.holder",
+            "ectrans.sharing.holder",
             f"--spec={json.dumps(spec_to_wire(spec))}",
             f"--device={device}",
             f"--socket={socket_path}",
             f"--log-level={log_level}",
             f"--log-format={log_format}",
         ]
-        env = without_expandable_segments(os.environ)  # see device.ipc_allocator_problem
+        env = without_expandable_segments(os.environ)  # see cuda_env.ipc_allocator_problem
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.pid = self._proc.pid
         self._reader = threading.Thread(target=self._read, name=f"ectrans-holder-{spec.name}", daemon=True)
