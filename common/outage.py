@@ -1,10 +1,11 @@
 """Keeping a service loop alive through Redis outages and bugs, written once for every service.
 
-A loop runs its steps through `Outage.attempt`: a lost connection is logged once when it goes and
-once when it comes back (with how long it was gone), with a jittered, growing pause between tries;
-a Redis that restarted without our consumer groups (NOGROUP) and a lost connection both make the
-loop's own recovery (rejoin the groups, reread a backlog) run before its next step; a refused
-command or a bug is logged and retried after a pause, so only a stop ends a service.
+A loop runs its steps through `Outage.attempt`. A lost connection (or one too slow to answer) is
+logged once when it goes and once when it comes back, with how long it was gone; tries in between
+are paced by a jittered, growing pause. After it, and after a Redis that restarted without our
+consumer groups (NOGROUP), the loop's own recovery (rejoin the groups, reread a backlog) runs
+before its next step. A refused command or a bug is logged and retried after a pause: only a stop
+ends a service.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class Outage:
                 await self.recover()
             self._must_recover = False
             await step()
-        except RedisConnectionError as exc:
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # unreachable, or too slow to answer
             self._lost(exc)
             self._must_recover = True
             await self.backoff.pause()
@@ -92,7 +94,7 @@ class Outage:
         self._back()
         return True
 
-    def _lost(self, exc: RedisConnectionError) -> None:
+    def _lost(self, exc: RedisError) -> None:
         if self.since is None:
             self.since = time.monotonic()
             logger.warning("[redis] %s lost the connection (%s); retrying with backoff", self.what, exc)

@@ -9,6 +9,7 @@ import logging
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ectrans.common.outage import Backoff, Outage
 
@@ -192,3 +193,20 @@ def test_the_pause_after_a_lost_connection_grows_until_redis_is_back(monkeypatch
     assert len(slept) == len(caps)
     for pause, cap in zip(slept, caps, strict=True):
         assert cap / 2 <= pause <= cap
+
+
+def test_a_timeout_counts_as_an_outage(caplog: pytest.LogCaptureFixture) -> None:
+    recovery = Recovery()
+    outage = quick("worker", recover=recovery)
+    step = FlakyStep(RedisTimeoutError("Timeout reading from socket"))
+
+    async def scenario() -> list[bool]:
+        return [await outage.attempt(step), await outage.attempt(step)]
+
+    with caplog.at_level(logging.WARNING, logger="ectrans.common.outage"):
+        assert asyncio.run(scenario()) == [False, True]
+    assert [line.split(" (")[0].split(" after")[0] for line in redis_lines(caplog)] == [
+        "[redis] worker lost the connection",
+        "[redis] worker connection back",
+    ]
+    assert recovery.runs == 1

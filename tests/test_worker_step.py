@@ -65,12 +65,12 @@ async def enqueue(redis: RedisClient, keys: Keys, task_class: str = "realtime", 
 
 
 async def record(redis: RedisClient, keys: Keys, task_id: str) -> dict[str, str]:
-    raw: dict[bytes, bytes] = await redis.hgetall(keys.result(task_id))  # type: ignore[misc]
+    raw: Any = await redis.hgetall(keys.result(task_id))
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 async def batch_sizes(redis: RedisClient, keys: Keys) -> list[tuple[str, int]]:
-    entries = await redis.xrange(keys.metrics)
+    entries: Any = await redis.xrange(keys.metrics)
     return [(f[b"class"].decode(), int(f[b"size"])) for _, f in entries if f[b"kind"] == b"batch"]
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,20 +34,23 @@ def _text_field(record: Fields, name: str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@dataclass
 class Completer:
     """Answers tasks (a batch's results, or errors found before or instead of running them) and
     publishes what they cost."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, writer: ResultWriter, consumer: str, state: WorkerState) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.writer = writer
-        self.consumer = consumer
-        self.state = state
-        self.counts = state.counts
-        # Metrics entries waiting for `metrics_loop`: published off the batches' path, many per round trip.
-        self._metrics: list[dict[str, str]] = []
-        self.metrics_ready = asyncio.Event()
+    redis: RedisClient
+    keys: Keys
+    writer: ResultWriter
+    consumer: str
+    state: WorkerState
+    # Metrics entries waiting for `metrics_loop`: published off the batches' path, many per round trip.
+    _metrics: list[dict[str, str]] = field(default_factory=list)
+    metrics_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self.state.counts
 
     async def finish_batch(
         self, lane: ModelLane, batch: Batch, results: list[ItemResult], stats: BatchStats, started: int

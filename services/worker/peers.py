@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -22,12 +23,12 @@ logger = logging.getLogger(__name__)
 TOUCH_LIMIT = 10  # claim idle times after which a held task is left to peers (see `touch_loop`)
 
 
+@dataclass
 class Peers:
-    def __init__(self, redis: RedisClient, settings: WorkerSettings, consumer: str, state: WorkerState) -> None:
-        self.redis = redis
-        self.settings = settings
-        self.consumer = consumer
-        self.state = state
+    redis: RedisClient
+    settings: WorkerSettings
+    consumer: str
+    state: WorkerState
 
     async def touch_loop(self, outage: Outage) -> None:
         """Peers take over entries idle for `claim_idle_ms`, so every half of that a live worker resets

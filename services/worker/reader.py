@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 from ectrans.common.keys import WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
@@ -25,29 +26,22 @@ from ectrans.services.worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 
+@dataclass
 class Reader:
-    def __init__(
-        self,
-        redis: RedisClient,
-        keys: Keys,
-        settings: WorkerSettings,
-        consumer: str,
-        *,
-        state: WorkerState,
-        completer: Completer,
-        peers: Peers,
-    ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.settings = settings
-        self.consumer = consumer
-        self.state = state
-        self.completer = completer
-        self.writer: ResultWriter = completer.writer
-        self.peers = peers
-        # Cursors over our own pending entries left by an earlier run under this name, per stream,
-        # until read through: each history read counts as a delivery, so every entry is read once.
-        self._history: dict[str, str] = {}
+    redis: RedisClient
+    keys: Keys
+    settings: WorkerSettings
+    consumer: str
+    state: WorkerState
+    completer: Completer
+    peers: Peers
+    # Cursors over our own pending entries left by an earlier run under this name, per stream,
+    # until read through: each history read counts as a delivery, so every entry is read once.
+    _history: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def writer(self) -> ResultWriter:
+        return self.completer.writer
 
     def resume(self, stream: str) -> None:
         """Read our own pending entries of `stream` (an earlier run's) before new ones."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -26,14 +28,17 @@ from ectrans.services.worker.peers import Peers
 logger = logging.getLogger(__name__)
 
 
+@dataclass
 class Scheduler:
-    def __init__(self, redis: RedisClient, keys: Keys, state: WorkerState, completer: Completer, peers: Peers) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.state = state
-        self.completer = completer
-        self.peers = peers
-        self.counts = state.counts
+    redis: RedisClient
+    keys: Keys
+    state: WorkerState
+    completer: Completer
+    peers: Peers
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self.state.counts
 
     async def schedule_loop(self, lane: ModelLane, tg: asyncio.TaskGroup, outage: Outage) -> None:
         unfollow = lane.follow_progress()

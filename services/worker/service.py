@@ -62,9 +62,7 @@ class Worker:
         self.state = WorkerState()
         self.completer = Completer(self.redis, self.keys, self.writer, self.consumer, self.state)
         self.peers = Peers(self.redis, settings, self.consumer, self.state)
-        self.reader = Reader(
-            self.redis, self.keys, settings, self.consumer, state=self.state, completer=self.completer, peers=self.peers
-        )
+        self.reader = Reader(self.redis, self.keys, settings, self.consumer, self.state, self.completer, self.peers)
         self.scheduler = Scheduler(self.redis, self.keys, self.state, self.completer, self.peers)
         self.heartbeat = Heartbeat(
             self.redis,
