@@ -28,7 +28,7 @@ from ectrans.common.registry import ModelSpec
 from ectrans.common.results import ResultWriter
 from ectrans.models.api import Executor
 from ectrans.services.worker.completion import Completer
-from ectrans.services.worker.lanes import ModelLane, WorkerState, model_settings
+from ectrans.services.worker.lanes import ModelLane, WorkerState
 from ectrans.services.worker.loading import load_executors
 from ectrans.services.worker.peers import Peers
 from ectrans.services.worker.reader import Reader
@@ -36,7 +36,7 @@ from ectrans.services.worker.scheduler import Scheduler
 from ectrans.services.worker.settings import WorkerSettings
 from ectrans.services.worker.warmup import warm_up
 
-__all__ = ["ModelLane", "Worker", "load_executors", "model_settings"]
+__all__ = ["ModelLane", "Worker", "load_executors"]  # where tests and tools have found them
 
 logger = logging.getLogger(__name__)
 
