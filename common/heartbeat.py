@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import time
@@ -19,10 +18,9 @@ from redis.exceptions import RedisError
 
 from ectrans.common.keys import Keys
 from ectrans.common.lifecycle import wait_or_timeout
+from ectrans.common.outage import Outage
 from ectrans.common.presence import announce, withdraw
 from ectrans.common.redis_conn import RedisClient, same_slot_pipeline
-
-logger = logging.getLogger(__name__)
 
 METRICS_MAXLEN = 10_000  # entries kept in the metrics stream (the monitor reads far faster)
 
@@ -91,13 +89,10 @@ class Heartbeat:
         await announce(self.redis, self.keys, self.key, self.ttl_ms)  # the index the dispatcher reads
 
     async def run(self, stop: asyncio.Event) -> None:
+        # The interval is the pause between tries: an outage is logged when lost and when back.
+        outage = Outage("heartbeat", first_pause_s=0.0, max_pause_s=0.0, error_pause_s=0.0)
         while not stop.is_set():
-            try:
-                await self.beat()
-            except RedisError as exc:
-                logger.warning("[heartbeat] cannot reach Redis: %s", exc)
-            except Exception:  # e.g. a client-library error mid-reconnect: never fatal to the service
-                logger.exception("[heartbeat] unexpected error; retrying")
+            await outage.attempt(self.beat)
             await wait_or_timeout(stop, self.interval_s)
         with contextlib.suppress(RedisError):
             await self.stopped()

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-
 from ectrans.common.cost import CostModel, estimate_tokens, predict_realtime_ms
 from ectrans.common.heartbeat import METRICS_MAXLEN, Heartbeat, default_instance
 from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, Keys
+from ectrans.common.outage import Outage
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
 from ectrans.common.registry import ModelSpec
@@ -103,6 +100,8 @@ class Dispatcher:
             extra=self._counters,
         )
         self._stopping = asyncio.Event()
+        self._backlog = True  # after a restart, our own pending entries come first
+        self._next_claim = 0.0  # when to claim idle entries next (set when serving starts)
         self.forwarded = 0
         self.rejected = 0
 
@@ -141,38 +140,25 @@ class Dispatcher:
         return bool(entries)
 
     async def _serve(self) -> None:
-        backlog = True  # after a restart, our own pending entries come first
-        next_claim = time.monotonic() + self.settings.claim_idle_ms / 1000
-        outage_since: float | None = None
+        outage = Outage("dispatcher", recover=self._reread_backlog)
+        self._next_claim = time.monotonic() + self.settings.claim_idle_ms / 1000
         while not self._stopping.is_set():
-            try:
-                if backlog:
-                    backlog = await self._serve_backlog()
-                else:
-                    await self._serve_new()
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
-                    await self._serve_claimed()
-                if outage_since is not None:
-                    logger.warning("[redis] connection back after %.1fs", time.monotonic() - outage_since)
-                    outage_since = None
-            except RedisConnectionError as exc:
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    logger.warning("[redis] connection lost (%s); retrying with backoff", exc)
-                backlog = True  # what was read but not forwarded is taken back now, not after the claim idle time
-                await asyncio.sleep(random.uniform(0.1, 1.0))
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis restarted without our group
-                    await ensure_group(self.redis, self.keys.tasks, DISPATCHER_GROUP)
-                    backlog = True
-                else:
-                    logger.exception("[dispatch] Redis refused a command")
-                    await asyncio.sleep(0.5)
-            except Exception:
-                # A bug must not stop the node; the entries stay pending and are retried, then dead-lettered.
-                logger.exception("[dispatch] unexpected error; entries stay pending for retry")
-                await asyncio.sleep(0.5)
+            # A bug must not stop the node: the entries stay pending and are retried, then dead-lettered.
+            await outage.attempt(self._serve_once)
+
+    async def _serve_once(self) -> None:
+        if self._backlog:
+            self._backlog = await self._serve_backlog()
+        else:
+            await self._serve_new()
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
+            await self._serve_claimed()
+
+    async def _reread_backlog(self) -> None:
+        """After an outage: what was read but not forwarded is taken back now, not after the claim
+        idle time (the backlog read also creates the group again if Redis lost it)."""
+        self._backlog = True
 
     async def _read(self, start_id: str, block: int | None) -> list[Entry]:
         if start_id == "0":  # first read after a (re)start: the group may not exist yet

@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
 from ectrans.common.heartbeat import Heartbeat, default_instance, host_name
+from ectrans.common.outage import Outage
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect, same_slot_pipeline
 from ectrans.services.monitor import alerts
 from ectrans.services.monitor.collect import (
@@ -111,25 +108,19 @@ class Monitor:
             logger.error("[start] cannot serve /metrics on port %d: %s", self.settings.metrics_port, exc)
 
     async def _loop(self) -> None:
+        outage = Outage("monitor", first_pause_s=0.5, max_pause_s=1.5, error_pause_s=1.0)
         while not self._stopping.is_set():
-            started = time.monotonic()
-            window = Window()
-            try:
-                if not self.ready.is_set():
-                    await self._place_cursors()
-                await self._read(window, until=started + self.settings.interval_s)
-                if self._stopping.is_set():
-                    return
-                await self.publish(await self.snapshot(window, time.monotonic() - started))
-            except RedisConnectionError as exc:
-                logger.warning("[redis] monitor cannot reach Redis: %s", exc)
-                await asyncio.sleep(random.uniform(0.5, 1.5))
-            except RedisError:
-                logger.exception("[monitor] Redis refused a command")
-                await asyncio.sleep(1.0)
-            except Exception:  # a client-library error mid-reconnect must not end the monitor
-                logger.exception("[monitor] unexpected error; retrying")
-                await asyncio.sleep(1.0)
+            await outage.attempt(self._interval)
+
+    async def _interval(self) -> None:
+        started = time.monotonic()
+        window = Window()
+        if not self.ready.is_set():
+            await self._place_cursors()
+        await self._read(window, until=started + self.settings.interval_s)
+        if self._stopping.is_set():
+            return
+        await self.publish(await self.snapshot(window, time.monotonic() - started))
 
     # 1. Reading the streams -------------------------------------------------------------------
 
