@@ -15,7 +15,7 @@ from ectrans.models.api import Paced, Request
 from ectrans.models.noop import NoopExecutor
 from tests.stack import running_stack
 
-DEVICE_MS = 150
+DEVICE_MS = 400  # long enough for 24 arrivals 3 ms apart on a busy host
 
 
 async def bulk_batch_sizes(redis_url: str, keys: Keys) -> list[int]:
