@@ -34,5 +34,24 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Label children by label values: `labels()` parses its arguments and takes a lock on every call.
+        self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._inputs: dict[str, Counter] = {}
+
+    def answered(self, endpoint: str, status: int, seconds: float) -> None:
+        """One request answered: counted by endpoint and status, its time observed by endpoint."""
+        children = self._answered.get((endpoint, status))
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._answered[(endpoint, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def submitted(self, model: str, inputs: int) -> None:
+        child = self._inputs.get(model)
+        if child is None:
+            child = self._inputs[model] = self.inputs.labels(model)
+        child.inc(inputs)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
