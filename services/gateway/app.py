@@ -259,14 +259,22 @@ def invalid_request(errors: Sequence[Any]) -> GatewayError:
     return bad_request(message, where[0] if where else None)
 
 
+def ectrans_headers(request: Request) -> dict[str, str]:
+    """The `X-ECTrans-*` headers, in one pass over the raw ones (the ASGI server lowercases names):
+    `request.headers.get` costs a raised and caught KeyError for each header that is absent."""
+    raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+    return {name.decode(): value.decode("latin-1") for name, value in raw if name.startswith(b"x-ectrans-")}
+
+
 def request_options(request: Request, priority: str | None, deadline_ms: int | None) -> tuple[str | None, int | None]:
     """`priority` and `deadline_ms` from the body, else from the `X-ECTrans-*` headers."""
+    headers = ectrans_headers(request)
     if priority is None:
-        priority = request.headers.get(PRIORITY_HEADER)
+        priority = headers.get(PRIORITY_HEADER)
         if priority is not None and priority not in ("realtime", "batch"):
             raise bad_request(f"header {PRIORITY_HEADER} must be realtime or batch, got {priority[:40]!r}", "priority")
     if deadline_ms is None:
-        header = request.headers.get(DEADLINE_HEADER)
+        header = headers.get(DEADLINE_HEADER)
         if header is not None:
             if not header.strip().isdigit() or not 1 <= int(header) <= 24 * 3600 * 1000:
                 raise bad_request(f"header {DEADLINE_HEADER} must be a whole number of ms, got {header[:40]!r}")

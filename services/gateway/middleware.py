@@ -59,21 +59,23 @@ class Guard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, path)
+            headers: dict[bytes, bytes] = dict(scope["headers"])
+            refusal = self._refusal(headers, path)
             if refusal is not None:
                 await render(refusal, tei=path == "/embed")(scope, receive, send_status)
                 return
+            # The HTTP parser holds a body to its declared length: only a body without one is counted.
+            declared = b"content-length" in headers
             try:
-                await self.app(scope, self._limited(receive), send_status)
+                await self.app(scope, receive if declared else self._limited(receive), send_status)
             except TooLarge:
                 await render(self._too_large(), tei=path == "/embed")(scope, receive, send_status)
         finally:
             self.metrics.inflight.dec()
             self.metrics.answered(endpoint, status, time.perf_counter() - started)
 
-    def _refusal(self, scope: Scope, path: str) -> GatewayError | None:
+    def _refusal(self, headers: dict[bytes, bytes], path: str) -> GatewayError | None:
         """A request refused before it is read: a missing or wrong key, or a declared body over the limit."""
-        headers: dict[bytes, bytes] = dict(scope["headers"])
         if self.keys and path not in OPEN_PATHS and not self._authorised(headers.get(b"authorization", b"")):
             return GatewayError(401, "a valid API key is required: send 'Authorization: Bearer <key>'", "unauthorized")
         length = headers.get(b"content-length")
