@@ -24,8 +24,9 @@ from typing import Any
 
 import orjson
 
-from ectrans.bench.harness import ServiceStack, machine_info, note, run_async, size_for
+from ectrans.bench.harness import ServiceStack, cores, machine_info, note, run_async, size_for
 from ectrans.bench.http_load import HttpConnection, request_head
+from ectrans.bench.redis_path import CpuMeter, per_task_us
 from ectrans.bench.workload import percentile, sample_texts
 from ectrans.client import AsyncClient
 from ectrans.common.redis_server import free_port
@@ -191,11 +192,25 @@ async def _measure(stack: GatewayStack, size: GatewaySize) -> dict[str, Any]:
     single = await _one_at_a_time(stack, http, texts[: size.single_requests])
     note(f"gateway: one client adds {single['added_p50_ms']:.2f} ms at p50 over the Python client")
     levels = []
-    for clients in size.clients:
-        level = await _closed_loop(http, texts, clients, size.seconds_per_level)
-        levels.append(level)
-        note(f"gateway: {clients} clients → {level['requests_per_s']:,.0f} requests/s, errors {level['errors']}")
+    meter = CpuMeter(stack)
+    try:
+        for clients in size.clients:
+            before = meter.read()
+            level = await _closed_loop(http, texts, clients, size.seconds_per_level)
+            used = per_task_us(before, meter.read(), max(level["requests"], 1))
+            level["cpu_us_per_request"] = {("load" if name == "client" else name): us for name, us in used.items()}
+            levels.append(level)
+            note(f"gateway: {clients} clients → {level['requests_per_s']:,.0f} requests/s, errors {level['errors']}")
+    finally:
+        meter.close()
     return {"one_at_a_time": single, "closed_loops": levels}
+
+
+def _alone(level: dict[str, Any]) -> float:
+    """Requests/s the stack would answer with every core to itself, from the CPU it spent per request:
+    on a machine shared with other work the measured rate is what the others left over."""
+    used: dict[str, float] = level["cpu_us_per_request"]
+    return round(cores() * 1e6 / sum(used.values()), 1)
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -205,19 +220,24 @@ def run(quick: bool) -> dict[str, Any]:
         figures = run_async(lambda: _measure(stack, size))
     best = max(level["requests_per_s"] for level in figures["closed_loops"])
     at_256 = next((level for level in figures["closed_loops"] if level["clients"] == 256), None)
+    busiest = max(figures["closed_loops"], key=lambda level: level["clients"])
     return {
         "scenario": "gateway",
         "quick": quick,
         "added_p50_ms_at_1_client": figures["one_at_a_time"]["added_p50_ms"],
         "best_requests_per_s": best,
         "errors_at_256_clients": at_256["errors"] if at_256 else None,
+        "gateway_cpu_us_per_request": busiest["cpu_us_per_request"]["gateway"],
+        "requests_per_s_alone": _alone(busiest),
         **figures,
         "targets": {"added_p50_ms_at_1_client": 1.0, "errors_at_256_clients": 0, "requests_per_s": 2000},
         "how": (
             "no-op model; private redis-server, dispatcher, worker and gateway processes; load from this process "
             "over HTTP/1.1 keep-alive connections (one per client; responses parsed by httptools, each body checked); "
             "one_at_a_time interleaves HTTP, the Python client and /health request by request, priority realtime; "
-            "closed loops send one input per request"
+            "closed loops send one input per request; cpu_us_per_request: CPU seconds each process spent per "
+            "answered request (redis from its INFO); requests_per_s_alone: cores x 1e6 / their sum at the most "
+            "clients, a projection for a machine the stack has to itself"
         ),
         "machine": machine_info(),
     }
