@@ -24,7 +24,10 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.inflight = Gauge("ectrans_gateway_inflight_requests", "Requests being answered.", registry=self.registry)
+        # A plain count read at scrape time: only the event loop's thread changes it, so no lock per request.
+        self.inflight = 0
+        inflight = Gauge("ectrans_gateway_inflight_requests", "Requests being answered.", registry=self.registry)
+        inflight.set_function(lambda: self.inflight)
         self.inputs = Counter(
             "ectrans_gateway_inputs", "Inputs submitted as tasks, by model.", ("model",), registry=self.registry
         )

@@ -50,7 +50,7 @@ class Guard:
         endpoint = path if path in ENDPOINTS else "other"
         started = time.perf_counter()
         status = 500
-        self.metrics.inflight.inc()
+        self.metrics.inflight += 1
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -71,7 +71,7 @@ class Guard:
             except TooLarge:
                 await render(self._too_large(), tei=path == "/embed")(scope, receive, send_status)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight -= 1
             self.metrics.answered(endpoint, status, time.perf_counter() - started)
 
     def _refusal(self, headers: dict[bytes, bytes], path: str) -> GatewayError | None:

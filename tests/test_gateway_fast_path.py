@@ -1,5 +1,7 @@
-"""`Shortcut` takes task POSTs past FastAPI's layers: every request must get the answer FastAPI's own
-route gives (same status, same body), and the schema must still describe the task endpoints' bodies."""
+"""The gateway's fast path. `Shortcut` takes task POSTs past FastAPI's layers: every request must get
+the answer FastAPI's own route gives (same status, same body), and the schema must still describe
+the task endpoints' bodies. Headers, bodies and metrics are read and counted without starlette's
+and prometheus-client's per-call helpers: they must count and read the same."""
 
 from __future__ import annotations
 
@@ -76,3 +78,18 @@ def test_a_body_cut_off_by_a_disconnect_is_a_closed_request() -> None:
     with pytest.raises(GatewayError) as error:
         asyncio.run(read_body(Request({"type": "http", "headers": []}, receive)))
     assert error.value.status == CLIENT_CLOSED
+
+
+def test_metrics_count_through_their_cached_children() -> None:
+    metrics = GatewayMetrics()
+    metrics.inflight += 2
+    for status in (200, 200, 429):
+        metrics.answered("/embed", status, 0.002)
+    metrics.submitted("noop", 3)
+    metrics.submitted("noop", 1)
+    lines = set(metrics.exposition().decode().splitlines())
+    assert 'ectrans_gateway_requests_total{endpoint="/embed",status="200"} 2.0' in lines
+    assert 'ectrans_gateway_requests_total{endpoint="/embed",status="429"} 1.0' in lines
+    assert 'ectrans_gateway_request_seconds_bucket{endpoint="/embed",le="0.0025"} 3.0' in lines
+    assert 'ectrans_gateway_inputs_total{model="noop"} 4.0' in lines
+    assert "ectrans_gateway_inflight_requests 2.0" in lines
