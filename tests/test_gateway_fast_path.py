@@ -6,14 +6,16 @@ and prometheus-client's per-call helpers: they must count and read the same."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import cast
 
 import httpx
+import numpy as np
 import pytest
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message
 
-from ectrans.services.gateway.app import create_app, ectrans_headers, read_body
+from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Guard, Shortcut
@@ -93,3 +95,12 @@ def test_metrics_count_through_their_cached_children() -> None:
     assert 'ectrans_gateway_request_seconds_bucket{endpoint="/embed",le="0.0025"} 3.0' in lines
     assert 'ectrans_gateway_inputs_total{model="noop"} 4.0' in lines
     assert "ectrans_gateway_inflight_requests 2.0" in lines
+
+
+def test_vectors_go_out_as_json_lists_that_read_back_to_the_same_float32() -> None:
+    rows = np.random.default_rng(17).standard_normal((3, 384)).astype(np.float32)
+    strided = rows[:, ::2]  # not C-contiguous: orjson hands it back to be listed
+    body = json.loads(bytes(json_response({"rows": rows, "strided": strided, "one": rows[0]}).body))
+    assert np.array_equal(np.asarray(body["rows"], dtype=np.float32), rows)
+    assert np.array_equal(np.asarray(body["strided"], dtype=np.float32), strided)
+    assert np.array_equal(np.asarray(body["one"], dtype=np.float32), rows[0])
