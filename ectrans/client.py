@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -283,7 +284,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         # Ids start with the client's id, so a per-tenant ACL (docs/security.md) can confine results
         # and cancel marks to the tenant's prefix; the random part keeps them unguessable.
-        ids = [f"{self.client_id[:64]}.{uuid.uuid4().hex}" for _ in inputs]
+        ids = [f"{self.client_id[:64]}.{os.urandom(16).hex()}" for _ in inputs]  # a quarter of uuid4's CPU
         handles = [TaskHandle(self, task_id, loop.create_future()) for task_id in ids]
         self._waiting.update((h.id, h.future) for h in handles)
         # Flat XADDs, the fields every task of the call shares built once: about a fifth less client CPU

@@ -139,6 +139,9 @@ def test_bench_gateway_tiny_prints_its_json(tmp_path: Path) -> None:
     assert single["http"]["p50_ms"] > 0 and single["python_client"]["p50_ms"] > 0
     assert [level["clients"] for level in result["closed_loops"]] == [1, 32]
     assert all(level["requests_per_s"] > 0 and not level["errors"] for level in result["closed_loops"])
+    used = result["closed_loops"][-1]["cpu_us_per_request"]
+    assert set(used) == {"gateway", "dispatcher", "worker-0", "redis", "load"} and all(us > 0 for us in used.values())
+    assert result["gateway_cpu_us_per_request"] == used["gateway"] and result["requests_per_s_alone"] > 0
 
 
 @pytest.mark.slow

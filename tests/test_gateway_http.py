@@ -3,6 +3,7 @@ endpoint's error shape (never a 500 or a stack trace), API keys, the body size l
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ectrans.bench.http_load import ConnectionClosed, HttpConnection, request_head
 from ectrans.client import TaskResult
 from ectrans.common.schemas import Reason
 from ectrans.services.gateway.errors import REASON_STATUS, RETRY_AFTER_S, GatewayError
@@ -119,6 +121,26 @@ def test_a_body_streamed_past_the_limit_is_refused(gateway: str) -> None:
     response = httpx.post(gateway + EMB, content=chunks(), headers=JSON, timeout=10)
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_the_bench_load_driver_speaks_http(gateway: str) -> None:
+    """`ectrans bench gateway`'s driver: keep-alive, whole answers, a server's `connection: close`."""
+    port = int(gateway.rsplit(":", 1)[1])
+    host = f"127.0.0.1:{port}"
+    health = request_head("GET", "/health", host, content_type=None)
+
+    async def talk() -> None:
+        connection = await HttpConnection.connect("127.0.0.1", port)
+        status, answer = await connection.request(health)
+        assert (status, json.loads(answer)) == (200, {"status": "ok"})
+        status, answer = await connection.request(request_head("POST", EMB, host), body({"model": "minilm"}))
+        assert status == 400 and json.loads(answer)["error"]["param"] == "input"  # on the same connection
+        status, _ = await connection.request(health + b"\r\nconnection: close")
+        assert status == 200 and not connection.open
+        with pytest.raises(ConnectionClosed):
+            await connection.request(health)
+
+    asyncio.run(talk())
 
 
 def test_api_keys(redis_server: Any) -> None:

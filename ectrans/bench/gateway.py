@@ -5,25 +5,28 @@
   the gateway add (the HTTP client's own cost included). `GET /health` at the same time shows HTTP's
   floor: a round trip through uvicorn and FastAPI that touches no Redis;
 - closed loops of 1, 32 and 256 HTTP clients, each sending its next request when the last is
-  answered: requests/s end to end, latency percentiles and every non-200 answer, by status.
+  answered: requests/s end to end, latency percentiles and every answer that is not a 200 with the
+  right vector, by status.
 
 The stack runs as processes (private Redis, dispatcher, worker, gateway), as `ectrans up` starts
-them; the load comes from this process, which shares the machine's cores with them.
+them; the load comes from this process, which shares the machine's cores with them, through a lean
+HTTP/1.1 driver (`http_load.py`) so that most of those cores go to what is measured.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+import orjson
 
-from ectrans.bench.harness import ServiceStack, machine_info, note, run_async, size_for
+from ectrans.bench.harness import ServiceStack, cores, machine_info, note, run_async, size_for
+from ectrans.bench.http_load import HttpConnection, request_head
+from ectrans.bench.redis_path import CpuMeter, per_task_us
 from ectrans.bench.workload import percentile, sample_texts
 from ectrans.client import AsyncClient
 from ectrans.local.launch import wait_ready
@@ -79,39 +82,60 @@ def _summary(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
-async def _post(http: aiohttp.ClientSession, body: dict[str, Any]) -> str:
-    """`200`, or the status and the error's code (`503 overloaded`)."""
-    async with http.post("/v1/embeddings", json=body) as answer:
-        data = await answer.read()
-        if answer.status == 200:
-            return "200"
-        try:
-            return f"{answer.status} {json.loads(data)['error']['code']}"
-        except (ValueError, KeyError, TypeError):
-            return str(answer.status)
+class Http:
+    """Where the gateway listens, and the requests the bench sends it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        host = f"127.0.0.1:{port}"
+        self.embeddings = request_head("POST", "/v1/embeddings", host)
+        self.health = request_head("GET", "/health", host, content_type=None)
+
+    async def connect(self) -> HttpConnection:
+        return await HttpConnection.connect("127.0.0.1", self.port)
 
 
-async def _one_at_a_time(stack: GatewayStack, http: aiohttp.ClientSession, texts: list[str]) -> dict[str, Any]:
+def _outcome(status: int, data: bytes, text: str) -> str:
+    """`200` for the right answer (the no-op model's vector: the input's length), else the status and
+    the error's code (`429 overloaded`), or `200 wrong` for a 200 with another body."""
+    try:
+        answer = orjson.loads(data)
+        if status == 200:
+            return "200" if answer["data"][0]["embedding"] == [len(text)] else "200 wrong"
+        return f"{status} {answer['error']['code']}"
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return f"{status} unreadable"
+
+
+async def _post(connection: HttpConnection, http: Http, text: str, **options: str) -> str:
+    status, data = await connection.request(http.embeddings, orjson.dumps({"model": "noop", "input": text, **options}))
+    return _outcome(status, data, text)
+
+
+async def _one_at_a_time(stack: GatewayStack, http: Http, texts: list[str]) -> dict[str, Any]:
     """HTTP, the Python client and /health, interleaved request by request so that a noisy
     neighbour hits all three alike."""
     http_ms: list[float] = []
     python_ms: list[float] = []
     health_ms: list[float] = []
+    connection = await http.connect()
     async with AsyncClient(stack.url, prefix=stack.prefix) as client:
         for text in texts:
             started = time.perf_counter()
-            status = await _post(http, {"model": "noop", "input": text, "priority": "realtime"})
+            outcome = await _post(connection, http, text, priority="realtime")
             http_ms.append((time.perf_counter() - started) * 1000)
-            if status != "200":
-                raise RuntimeError(f"the gateway answered {status}")
+            if outcome != "200":
+                raise RuntimeError(f"the gateway answered {outcome}")
             started = time.perf_counter()
             result = await client.submit("noop", "noop", text, priority="realtime")
             python_ms.append((time.perf_counter() - started) * 1000)
             result.raise_for_status()
             started = time.perf_counter()
-            async with http.get("/health") as answer:
-                await answer.read()
+            status, _ = await connection.request(http.health)
             health_ms.append((time.perf_counter() - started) * 1000)
+            if status != 200:
+                raise RuntimeError(f"/health answered {status}")
+    connection.close()
     http_summary, python_summary = _summary(http_ms), _summary(python_ms)
     return {
         "http": http_summary,
@@ -121,24 +145,29 @@ async def _one_at_a_time(stack: GatewayStack, http: aiohttp.ClientSession, texts
     }
 
 
-async def _closed_loop(http: aiohttp.ClientSession, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
-    """`clients` loops each sending its next request once the last is answered, for `seconds`."""
+async def _closed_loop(http: Http, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` loops, each on its own keep-alive connection, each sending its next request once the
+    last is answered, for `seconds`."""
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+    connections = await asyncio.gather(*(http.connect() for _ in range(clients)))
     stop_at = time.perf_counter() + seconds
 
     async def one_client(index: int) -> None:
-        i = index
+        connection, i = connections[index], index
         while time.perf_counter() < stop_at:
-            body = {"model": "noop", "input": texts[i % len(texts)]}
+            text = texts[i % len(texts)]
             i += clients
             started = time.perf_counter()
             try:
-                statuses[await _post(http, body)] += 1
-            except aiohttp.ClientError as exc:
+                if not connection.open:
+                    connection = await http.connect()
+                statuses[await _post(connection, http, text)] += 1
+            except OSError as exc:
                 statuses[type(exc).__name__] += 1
                 continue
             latencies.append((time.perf_counter() - started) * 1000)
+        connection.close()
 
     started = time.perf_counter()
     async with asyncio.TaskGroup() as tg:
@@ -158,18 +187,30 @@ async def _closed_loop(http: aiohttp.ClientSession, texts: list[str], clients: i
 
 async def _measure(stack: GatewayStack, size: GatewaySize) -> dict[str, Any]:
     texts = sample_texts(4096, seed=17, mix="short")
-    connections = aiohttp.TCPConnector(limit=max(size.clients) + 8)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(stack.base, connector=connections, timeout=timeout) as http:
-        await _closed_loop(http, texts, 32, 1.0)  # warm-up: connections, the token counter, caches
-        single = await _one_at_a_time(stack, http, texts[: size.single_requests])
-        note(f"gateway: one client adds {single['added_p50_ms']:.2f} ms at p50 over the Python client")
-        levels = []
+    http = Http(stack.port)
+    await _closed_loop(http, texts, 32, 1.0)  # warm-up: the token counter, caches
+    single = await _one_at_a_time(stack, http, texts[: size.single_requests])
+    note(f"gateway: one client adds {single['added_p50_ms']:.2f} ms at p50 over the Python client")
+    levels = []
+    meter = CpuMeter(stack)
+    try:
         for clients in size.clients:
+            before = meter.read()
             level = await _closed_loop(http, texts, clients, size.seconds_per_level)
+            used = per_task_us(before, meter.read(), max(level["requests"], 1))
+            level["cpu_us_per_request"] = {("load" if name == "client" else name): us for name, us in used.items()}
             levels.append(level)
             note(f"gateway: {clients} clients → {level['requests_per_s']:,.0f} requests/s, errors {level['errors']}")
+    finally:
+        meter.close()
     return {"one_at_a_time": single, "closed_loops": levels}
+
+
+def _alone(level: dict[str, Any]) -> float:
+    """Requests/s the stack would answer with every core to itself, from the CPU it spent per request:
+    on a machine shared with other work the measured rate is what the others left over."""
+    used: dict[str, float] = level["cpu_us_per_request"]
+    return round(cores() * 1e6 / sum(used.values()), 1)
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -179,18 +220,24 @@ def run(quick: bool) -> dict[str, Any]:
         figures = run_async(lambda: _measure(stack, size))
     best = max(level["requests_per_s"] for level in figures["closed_loops"])
     at_256 = next((level for level in figures["closed_loops"] if level["clients"] == 256), None)
+    busiest = max(figures["closed_loops"], key=lambda level: level["clients"])
     return {
         "scenario": "gateway",
         "quick": quick,
         "added_p50_ms_at_1_client": figures["one_at_a_time"]["added_p50_ms"],
         "best_requests_per_s": best,
         "errors_at_256_clients": at_256["errors"] if at_256 else None,
+        "gateway_cpu_us_per_request": busiest["cpu_us_per_request"]["gateway"],
+        "requests_per_s_alone": _alone(busiest),
         **figures,
         "targets": {"added_p50_ms_at_1_client": 1.0, "errors_at_256_clients": 0, "requests_per_s": 2000},
         "how": (
             "no-op model; private redis-server, dispatcher, worker and gateway processes; load from this process "
-            "with aiohttp (keep-alive connections); one_at_a_time interleaves HTTP, the Python client and /health "
-            "request by request, priority realtime; closed loops send one input per request"
+            "over HTTP/1.1 keep-alive connections (one per client; responses parsed by httptools, each body checked); "
+            "one_at_a_time interleaves HTTP, the Python client and /health request by request, priority realtime; "
+            "closed loops send one input per request; cpu_us_per_request: CPU seconds each process spent per "
+            "answered request (redis from its INFO); requests_per_s_alone: cores x 1e6 / their sum at the most "
+            "clients, a projection for a machine the stack has to itself"
         ),
         "machine": machine_info(),
     }

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from ectrans import __version__
 from ectrans.client import AsyncClient, TaskResult, TaskTimeout
@@ -34,7 +36,7 @@ from ectrans.common.registry import ModelSpec
 from ectrans.common.schemas import Reason
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError, bad_request, render
 from ectrans.services.gateway.metrics import GatewayMetrics
-from ectrans.services.gateway.middleware import Guard
+from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
 from ectrans.services.gateway.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -51,6 +53,7 @@ from ectrans.services.gateway.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 PRIORITY_HEADER = "x-ectrans-priority"
 DEADLINE_HEADER = "x-ectrans-deadline-ms"
@@ -72,7 +75,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def json_response(body: object, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")).encode(), status, media_type="application/json")
+    """`body` as JSON, numpy arrays as lists, by orjson: a fifth of the json module's CPU for a
+    one-number vector, a fortieth for a 384-number one (no Python floats made in between)."""
+    content = orjson.dumps(body, default=_strided, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(content, status, media_type="application/json")
+
+
+def _strided(value: object) -> object:
+    """What orjson hands back: only an array that is not C-contiguous (a strided view) is expected."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class Gateway:
@@ -150,7 +163,7 @@ class Gateway:
         """Submit one task per text and wait for all; the first error result becomes a GatewayError.
         A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
         priority, deadline_ms = options
-        self.metrics.inputs.labels(model).inc(len(texts))
+        self.metrics.submitted(model, len(texts))
         submitting = self.client.submit_many(
             model,
             op,
@@ -216,14 +229,60 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI description of a body the handler parses itself (see `parse_body`)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`, in one pass of pydantic's own JSON parser: several times less CPU per
+    request than FastAPI's parameter machinery (a JSON decode, then validation of the Python objects)."""
+    try:
+        return model.model_validate_json(await read_body(request))
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from None
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, from the ASGI messages themselves: a third of the CPU of `Request.body`, which
+    streams them through an async generator."""
+    chunks = []
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError(CLIENT_CLOSED, "the client closed the request before its body arrived", Reason.CANCELLED)
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def invalid_request(errors: Sequence[Any]) -> GatewayError:
+    """A 400 naming the first problem pydantic found (`input: Input should be a valid string`)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    message = f"{'.'.join(where) + ': ' if where else ''}{first.get('msg', 'invalid request')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return bad_request(message, where[0] if where else None)
+
+
+def ectrans_headers(request: Request) -> dict[str, str]:
+    """The `X-ECTrans-*` headers, in one pass over the raw ones (the ASGI server lowercases names):
+    `request.headers.get` costs a raised and caught KeyError for each header that is absent."""
+    raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+    return {name.decode(): value.decode("latin-1") for name, value in raw if name.startswith(b"x-ectrans-")}
+
+
 def request_options(request: Request, priority: str | None, deadline_ms: int | None) -> tuple[str | None, int | None]:
     """`priority` and `deadline_ms` from the body, else from the `X-ECTrans-*` headers."""
+    headers = ectrans_headers(request)
     if priority is None:
-        priority = request.headers.get(PRIORITY_HEADER)
+        priority = headers.get(PRIORITY_HEADER)
         if priority is not None and priority not in ("realtime", "batch"):
             raise bad_request(f"header {PRIORITY_HEADER} must be realtime or batch, got {priority[:40]!r}", "priority")
     if deadline_ms is None:
-        header = request.headers.get(DEADLINE_HEADER)
+        header = headers.get(DEADLINE_HEADER)
         if header is not None:
             if not header.strip().isdigit() or not 1 <= int(header) <= 24 * 3600 * 1000:
                 raise bad_request(f"header {DEADLINE_HEADER} must be a whole number of ms, got {header[:40]!r}")
@@ -259,9 +318,17 @@ def vector(result: TaskResult) -> np.ndarray:
     return np.asarray(output, dtype=np.float32)
 
 
+def as_base64(vector: np.ndarray) -> str:
+    """OpenAI's `encoding_format: base64`: little-endian float32 bytes."""
+    return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+
+
 def create_app(
     settings: GatewaySettings, registry: dict[str, ModelSpec], *, instance: str = "gateway-0", address: str = ""
-) -> FastAPI:
+) -> ASGIApp:
+    """The FastAPI app behind the gateway's two pure ASGI layers (see middleware.py). They wrap it from
+    outside rather than through `add_middleware`, which would put FastAPI's own outer layers (server
+    errors, telemetry, body limit) on every task request's path."""
     metrics = GatewayMetrics()
     gateway = Gateway(settings, registry, metrics, instance)
 
@@ -281,24 +348,31 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    app.add_middleware(
-        Guard,
+    install_error_handlers(app)
+    endpoints = add_task_routes(app, gateway)
+    add_model_and_probe_routes(app, gateway)
+    return Guard(
+        Shortcut(app, endpoints=endpoints),
         api_keys=settings.gateway_api_keys,
         max_body_bytes=settings.gateway_max_body_bytes,
         metrics=metrics,
     )
-    install_error_handlers(app)
-    add_task_routes(app, gateway)
-    add_model_and_probe_routes(app, gateway)
-    return app
 
 
-def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
+def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
+    """The task endpoints, as FastAPI routes (for the schema) and by path (for `Shortcut`)."""
     settings = gateway.settings
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS, tags=["OpenAI"])
-    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingResponse,
+        responses=ERRORS,
+        tags=["OpenAI"],
+        openapi_extra=request_body(EmbeddingRequest),
+    )
+    async def embeddings(request: Request) -> Response:
         """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
+        body = await parse_body(request, EmbeddingRequest)
         texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
         tokens = await gateway.check_lengths(body.model, texts, truncate=body.truncate, status=400)
@@ -310,12 +384,9 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
                 f"model {body.model!r} makes {vectors[0].shape[-1]}-dimensional vectors; 'dimensions' must match",
                 "dimensions",
             )
-        encode: Any = (
-            (lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode())
-            if body.encoding_format == "base64"
-            else (lambda v: v.tolist())
-        )
-        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+        packed = body.encoding_format == "base64"
+        encoded = [as_base64(v) if packed else v for v in vectors]  # orjson writes an array as a list
+        data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return json_response({"object": "list", "data": data, "model": body.model, "usage": usage})
 
@@ -324,9 +395,11 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
         response_model=list[list[float]],
         responses={code: {"model": TEIError} for code in (413, 422, 429, 503)},
         tags=["TEI"],
+        openapi_extra=request_body(EmbedRequest),
     )
-    async def embed(body: EmbedRequest, request: Request) -> Response:
+    async def embed(request: Request) -> Response:
         """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
+        body = await parse_body(request, EmbedRequest)
         model = body.model or settings.gateway_default_model
         texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
         options = request_options(request, body.priority, body.deadline_ms)
@@ -337,17 +410,26 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> None:
         if body.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
-        return json_response(vectors.tolist())
+        return json_response(vectors)
 
-    @app.post("/v1/translate", response_model=TranslateResponse, responses=ERRORS, tags=["ECTrans"])
-    async def translate(body: TranslateRequest, request: Request) -> Response:
+    @app.post(
+        "/v1/translate",
+        response_model=TranslateResponse,
+        responses=ERRORS,
+        tags=["ECTrans"],
+        openapi_extra=request_body(TranslateRequest),
+    )
+    async def translate(request: Request) -> Response:
         """Translation (or any generation) with an encoder-decoder model."""
+        body = await parse_body(request, TranslateRequest)
         texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
         params = {k: v for k, v in (("num_beams", body.num_beams), ("max_new_tokens", body.max_new_tokens)) if v}
         results = await gateway.run(request, body.model, "translate", texts, options=options, params=params)
         data = [{"index": i, "text": str(r.output["text"])} for i, r in enumerate(results)]
         return json_response({"object": "list", "data": data, "model": body.model})
+
+    return {"/v1/embeddings": embeddings, "/embed": embed, "/v1/translate": translate}
 
 
 def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
@@ -397,13 +479,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def invalid(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(where) + ': ' if where else ''}{first.get('msg', 'invalid request')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
-        return render(bad_request(message, where[0] if where else None), tei=is_tei(request))
+        return render(invalid_request(exc.errors()), tei=is_tei(request))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -4,9 +4,9 @@ on TEI's `/embed`, in TEI's (`{"error", "error_type"}`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+import orjson
 from starlette.responses import Response
 
 from ectrans.client import TaskResult
@@ -92,4 +92,4 @@ def render(error: GatewayError, *, tei: bool = False) -> Response:
     headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return Response(json.dumps(body).encode(), status, headers, media_type="application/json")
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")

@@ -24,7 +24,10 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.inflight = Gauge("ectrans_gateway_inflight_requests", "Requests being answered.", registry=self.registry)
+        # A plain count read at scrape time: only the event loop's thread changes it, so no lock per request.
+        self.inflight = 0
+        inflight = Gauge("ectrans_gateway_inflight_requests", "Requests being answered.", registry=self.registry)
+        inflight.set_function(lambda: self.inflight)
         self.inputs = Counter(
             "ectrans_gateway_inputs", "Inputs submitted as tasks, by model.", ("model",), registry=self.registry
         )
@@ -33,6 +36,25 @@ class GatewayMetrics:
             "Tasks cancelled because their HTTP client disconnected first.",
             registry=self.registry,
         )
+
+        # Label children by label values: `labels()` parses its arguments and takes a lock on every call.
+        self._answered: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._inputs: dict[str, Counter] = {}
+
+    def answered(self, endpoint: str, status: int, seconds: float) -> None:
+        """One request answered: counted by endpoint and status, its time observed by endpoint."""
+        children = self._answered.get((endpoint, status))
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._answered[(endpoint, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def submitted(self, model: str, inputs: int) -> None:
+        child = self._inputs.get(model)
+        if child is None:
+            child = self._inputs[model] = self.inputs.labels(model)
+        child.inc(inputs)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,106 @@
+"""The gateway's fast path. `Shortcut` takes task POSTs past FastAPI's layers: every request must get
+the answer FastAPI's own route gives (same status, same body), and the schema must still describe
+the task endpoints' bodies. Headers, bodies and metrics are read and counted without starlette's
+and prometheus-client's per-call helpers: they must count and read the same."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import cast
+
+import httpx
+import numpy as np
+import pytest
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message
+
+from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body
+from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
+from ectrans.services.gateway.metrics import GatewayMetrics
+from ectrans.services.gateway.middleware import Guard, Shortcut
+from ectrans.services.gateway.settings import GatewaySettings
+from tests.test_gateway_http import CORPUS, MAX_BODY
+
+# Nothing listens there: no request of the corpus gets as far as Redis.
+SETTINGS = GatewaySettings(
+    redis_url="redis://127.0.0.1:1/0", gateway_max_body_bytes=MAX_BODY, gateway_max_inputs=8, _env_file=None
+)
+
+
+def both_ways() -> tuple[ASGIApp, ASGIApp]:
+    """The gateway as served, and the same FastAPI app behind a Guard without the shortcut."""
+    served = cast(Guard, create_app(SETTINGS, {}))
+    fastapi_app = cast(Shortcut, served.app).app
+    plain = Guard(fastapi_app, api_keys=[], max_body_bytes=MAX_BODY, metrics=GatewayMetrics())
+    return served, plain
+
+
+async def answer(app: ASGIApp, method: str, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+        return await http.request(method, path, content=content, headers=headers)
+
+
+@pytest.mark.parametrize("name", [name for name, case in CORPUS.items() if case[0] == "POST"])
+def test_the_shortcut_answers_as_fastapis_route(name: str) -> None:
+    method, path, content, headers, status = CORPUS[name]
+    served, plain = both_ways()
+    fast = asyncio.run(answer(served, method, path, content, headers))
+    slow = asyncio.run(answer(plain, method, path, content, headers))
+    assert fast.status_code == slow.status_code == status, (fast.text, slow.text)
+    assert fast.json() == slow.json()
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+
+
+def test_the_schema_still_describes_the_task_bodies() -> None:
+    served, _ = both_ways()
+    schema = asyncio.run(answer(served, "GET", "/openapi.json", b"", {})).json()
+    for path, field in (("/v1/embeddings", "input"), ("/embed", "inputs"), ("/v1/translate", "input")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in body["properties"] and body["additionalProperties"] is False, path
+
+
+def test_options_come_from_the_x_ectrans_headers_only() -> None:
+    scope = {
+        "type": "http",
+        "headers": [(b"x-ectrans-priority", b"batch"), (b"x-ectrans-deadline-ms", b"50"), (b"x-other", b"1")],
+    }
+    assert ectrans_headers(Request(scope)) == {"x-ectrans-priority": "batch", "x-ectrans-deadline-ms": "50"}
+
+
+def test_a_body_cut_off_by_a_disconnect_is_a_closed_request() -> None:
+    messages: list[Message] = [
+        {"type": "http.request", "body": b'{"model": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    with pytest.raises(GatewayError) as error:
+        asyncio.run(read_body(Request({"type": "http", "headers": []}, receive)))
+    assert error.value.status == CLIENT_CLOSED
+
+
+def test_metrics_count_through_their_cached_children() -> None:
+    metrics = GatewayMetrics()
+    metrics.inflight += 2
+    for status in (200, 200, 429):
+        metrics.answered("/embed", status, 0.002)
+    metrics.submitted("noop", 3)
+    metrics.submitted("noop", 1)
+    lines = set(metrics.exposition().decode().splitlines())
+    assert 'ectrans_gateway_requests_total{endpoint="/embed",status="200"} 2.0' in lines
+    assert 'ectrans_gateway_requests_total{endpoint="/embed",status="429"} 1.0' in lines
+    assert 'ectrans_gateway_request_seconds_bucket{endpoint="/embed",le="0.0025"} 3.0' in lines
+    assert 'ectrans_gateway_inputs_total{model="noop"} 4.0' in lines
+    assert "ectrans_gateway_inflight_requests 2.0" in lines
+
+
+def test_vectors_go_out_as_json_lists_that_read_back_to_the_same_float32() -> None:
+    rows = np.random.default_rng(17).standard_normal((3, 384)).astype(np.float32)
+    strided = rows[:, ::2]  # not C-contiguous: orjson hands it back to be listed
+    body = json.loads(bytes(json_response({"rows": rows, "strided": strided, "one": rows[0]}).body))
+    assert np.array_equal(np.asarray(body["rows"], dtype=np.float32), rows)
+    assert np.array_equal(np.asarray(body["strided"], dtype=np.float32), strided)
+    assert np.array_equal(np.asarray(body["one"], dtype=np.float32), rows[0])
