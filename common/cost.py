@@ -23,6 +23,7 @@ class CostModel:
     segments: int = 1
     samples: int = 0
     max_batch_tokens: int = 0  # the largest batch seen: what a real-time task may find running
+    processes: int = 1  # executor processes of one worker running batches side by side (shared weights)
 
     def batch_ms(self, padded_tokens: float) -> float:
         return self.overhead_ms + self.ms_per_token * padded_tokens
@@ -31,10 +32,10 @@ class CostModel:
         """Device time one task of `tokens` takes in a busy pipeline: its own tokens plus its share of
         the batch overhead (the batch as large as the largest seen), over the segments that run at
         once (on a CPU each has its own threads; on a GPU they share the device, so this is a lower
-        bound there)."""
+        bound there), and over the worker's executor processes, which run batches side by side."""
         tokens = max(tokens, 1.0)
         batch = max(1.0, self.max_batch_tokens / tokens)
-        return (self.ms_per_token * tokens + self.overhead_ms / batch) / max(self.segments, 1)
+        return (self.ms_per_token * tokens + self.overhead_ms / batch) / max(self.segments * self.processes, 1)
 
     def tokens_within(self, ms: float) -> int | None:
         """Padded tokens of the largest batch predicted to run in `ms` (None: no per-token cost seen)."""
@@ -49,6 +50,7 @@ class CostModel:
             "segments": str(self.segments),
             "samples": str(self.samples),
             "max_batch_tokens": str(self.max_batch_tokens),
+            "processes": str(self.processes),
         }
 
     @classmethod
@@ -60,6 +62,7 @@ class CostModel:
                 int(fields.get("segments", 1)),
                 int(fields.get("samples", 0)),
                 int(fields.get("max_batch_tokens", 0)),
+                int(fields.get("processes", 1)),
             )
         except (KeyError, ValueError):
             return None
@@ -68,9 +71,10 @@ class CostModel:
 class OnlineCost:
     """Least-squares fit over a sliding window of (padded tokens, service ms) observations."""
 
-    def __init__(self, window: int = 128, segments: int = 1) -> None:
+    def __init__(self, window: int = 128, segments: int = 1, processes: int = 1) -> None:
         self.observations: deque[tuple[float, float]] = deque(maxlen=window)
         self.segments = segments
+        self.processes = processes
 
     def observe(self, padded_tokens: int, service_ms: float) -> None:
         if padded_tokens > 0 and service_ms > 0:
@@ -82,11 +86,11 @@ class OnlineCost:
         x, y = np.array(self.observations).T
         largest = int(x.max())
         if np.ptp(x) < 1e-9:  # one batch size only: no slope to fit, cost is proportional
-            return CostModel(0.0, float(y.mean() / x.mean()), self.segments, len(x), largest)
+            return CostModel(0.0, float(y.mean() / x.mean()), self.segments, len(x), largest, self.processes)
         slope, intercept = np.polyfit(x, y, 1)
         if slope <= 0:
-            return CostModel(float(y.mean()), 0.0, self.segments, len(x), largest)
-        return CostModel(max(0.0, float(intercept)), float(slope), self.segments, len(x), largest)
+            return CostModel(float(y.mean()), 0.0, self.segments, len(x), largest, self.processes)
+        return CostModel(max(0.0, float(intercept)), float(slope), self.segments, len(x), largest, self.processes)
 
 
 def estimate_tokens(text: str) -> int:

@@ -4,8 +4,9 @@ A loop runs its steps through `Outage.attempt`. A lost connection (or one too sl
 logged once when it goes and once when it comes back, with how long it was gone; tries in between
 are paced by a jittered, growing pause. After it, and after a Redis that restarted without our
 consumer groups (NOGROUP), the loop's own recovery (rejoin the groups, reread a backlog) runs
-before its next step. A refused command or a bug is logged and retried after a pause: only a stop
-ends a service.
+before its next step. A refused command or a bug is logged (once while the same error repeats:
+a READONLY replica or a full disk must not print a traceback every beat) and retried after a
+pause: only a stop ends a service.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
+
+NOGROUP_RETRIES = 3  # recoveries tried in a row before a NOGROUP is reported as an error
 
 
 class Backoff:
@@ -55,13 +58,18 @@ class Outage:
         first_pause_s: float = 0.1,
         max_pause_s: float = 1.0,
         error_pause_s: float = 0.5,
+        report: bool = True,
     ) -> None:
         self.what = what  # the loop's name in log lines
         self.recover = recover
         self.backoff = Backoff(first_pause_s, max_pause_s)
         self.error_pause_s = error_pause_s
+        # A helper loop of a service whose main loop reports the outage logs it at DEBUG only.
+        self.level = logging.WARNING if report else logging.DEBUG
         self.since: float | None = None  # monotonic time the connection was lost; None while up
         self._must_recover = False
+        self._nogroups = 0  # NOGROUPs in a row: a recovery that does not fix them is reported
+        self._last_error: str | None = None  # the error last logged, until a step succeeds
 
     async def attempt(self, step: Callable[[], Awaitable[object]]) -> bool:
         """Run `step` (after the loop's recovery, when Redis may have changed under it); True if it
@@ -77,30 +85,43 @@ class Outage:
             await self.backoff.pause()
             return False
         except ResponseError as exc:
-            if "NOGROUP" in str(exc) and self.recover is not None:  # Redis restarted without persistence
+            if "NOGROUP" in str(exc) and self.recover is not None and self._nogroups < NOGROUP_RETRIES:
+                self._nogroups += 1  # Redis restarted without persistence: rejoin, then go on
                 self._must_recover = True
+                await asyncio.sleep(self.backoff.first_s)
             else:
-                logger.exception("[%s] Redis refused a command", self.what)
+                self._error(exc, "Redis refused a command")
                 await asyncio.sleep(self.error_pause_s)
             return False
-        except RedisError:
-            logger.exception("[%s] Redis refused a command", self.what)
+        except RedisError as exc:
+            self._error(exc, "Redis refused a command")
             await asyncio.sleep(self.error_pause_s)
             return False
-        except Exception:  # a bug (or a client-library error mid-reconnect) must not end the service
-            logger.exception("[%s] unexpected error; carrying on", self.what)
+        except Exception as exc:  # a bug (or a client-library error mid-reconnect) must not end the service
+            self._error(exc, "unexpected error; carrying on")
             await asyncio.sleep(self.error_pause_s)
             return False
         self._back()
+        self._nogroups = 0
+        self._last_error = None
         return True
+
+    def _error(self, exc: Exception, what: str) -> None:
+        """The first of a run of the same error with its traceback; repeats at DEBUG."""
+        key = f"{type(exc).__name__}: {exc}"
+        if key == self._last_error:
+            logger.debug("[%s] %s again: %s", self.what, what, key)
+            return
+        self._last_error = key
+        logger.exception("[%s] %s", self.what, what)
 
     def _lost(self, exc: RedisError) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            logger.warning("[redis] %s lost the connection (%s); retrying with backoff", self.what, exc)
+            logger.log(self.level, "[redis] %s lost the connection (%s); retrying with backoff", self.what, exc)
 
     def _back(self) -> None:
         if self.since is not None:
-            logger.warning("[redis] %s connection back after %.1fs", self.what, time.monotonic() - self.since)
+            logger.log(self.level, "[redis] %s connection back after %.1fs", self.what, time.monotonic() - self.since)
             self.since = None
             self.backoff.reset()

@@ -210,3 +210,39 @@ def test_a_timeout_counts_as_an_outage(caplog: pytest.LogCaptureFixture) -> None
         "[redis] worker connection back",
     ]
     assert recovery.runs == 1
+
+
+def test_a_refused_command_that_repeats_is_logged_once_until_a_step_succeeds(caplog: pytest.LogCaptureFixture) -> None:
+    outage = quick("heartbeat")
+    readonly = [ResponseError("READONLY You can't write against a read only replica.") for _ in range(5)]
+    step = FlakyStep(*readonly, DataError("bad value"))
+
+    async def scenario() -> None:
+        for _ in range(7):
+            await outage.attempt(step)  # 5 READONLY, a DataError, then a success
+        await outage.attempt(FlakyStep(ResponseError("READONLY You can't write against a read only replica.")))
+
+    with caplog.at_level(logging.WARNING, logger="ectrans.common.outage"):
+        asyncio.run(scenario())
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # READONLY once, the DataError once, READONLY again once after the success in between.
+    assert [r.exc_info[1].__class__.__name__ for r in logged if r.exc_info] == [
+        "ResponseError",
+        "DataError",
+        "ResponseError",
+    ]
+
+
+def test_a_nogroup_the_recovery_does_not_fix_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    recovery = Recovery()
+    outage = quick("reader", recovery)
+    step = FlakyStep(*(ResponseError("NOGROUP No such key or consumer group") for _ in range(6)))
+
+    async def scenario() -> None:
+        for _ in range(6):
+            await outage.attempt(step)
+
+    with caplog.at_level(logging.WARNING, logger="ectrans.common.outage"):
+        asyncio.run(scenario())
+    assert recovery.runs >= 3
+    assert any("Redis refused a command" in r.getMessage() for r in caplog.records)

@@ -51,6 +51,13 @@ def test_seconds_of_work_become_entries_from_the_cost_and_the_task_size() -> Non
     assert two.limit("m", "batch", "q").entries == int(4000 / 10.3125)  # two workers drain it twice as fast
 
 
+def test_segments_and_executor_processes_of_a_worker_share_the_work() -> None:
+    one = CostModel(overhead_ms=10.0, ms_per_token=0.5, max_batch_tokens=640)
+    assert CostModel(10.0, 0.5, segments=2, max_batch_tokens=640).task_ms(20) == one.task_ms(20) / 2
+    assert CostModel(10.0, 0.5, segments=2, max_batch_tokens=640, processes=3).task_ms(20) == one.task_ms(20) / 6
+    assert CostModel.from_fields(CostModel(10.0, 0.5, 2, 9, 640, 3).to_fields()) == CostModel(10.0, 0.5, 2, 9, 640, 3)
+
+
 def test_a_queue_of_larger_tasks_holds_fewer() -> None:
     limits = _limits(batch=2.0)
     limits.costs["m"] = CostModel(overhead_ms=10.0, ms_per_token=0.5, max_batch_tokens=640)

@@ -20,12 +20,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ectrans.common.heartbeat import METRICS_MAXLEN
 from ectrans.common.keys import TASK_CLASSES, WORKER_GROUP, Keys
 from ectrans.common.lifecycle import wait_or_timeout
+from ectrans.common.outage import Outage
 from ectrans.common.presence import live
 from ectrans.common.recovery import Entry, Reclaimer, ensure_group, read_group
 from ectrans.common.redis_conn import RedisClient
@@ -107,20 +107,19 @@ class Placement:
                 logger.warning("[placement] no live worker serves %s; tasks wait %gs, then fail", model, self.grace_s)
 
     async def run(self, stop: asyncio.Event) -> None:
+        # A background loop must never take the dispatcher down with it (the client library can
+        # raise more than RedisError mid-reconnect, seen on a cluster node failover); the
+        # dispatcher's own loop reports an outage.
+        outage = Outage("placement", error_pause_s=0.0, report=False)
+
+        async def step() -> None:
+            await self.refresh()
+            for model in self.models:
+                if self.unavailable(model) and not stop.is_set():
+                    await self.drain(model)
+
         while not stop.is_set():
-            try:
-                await self.refresh()
-                for model in self.models:
-                    if self.unavailable(model) and not stop.is_set():
-                        await self.drain(model)
-            except RedisConnectionError as exc:
-                logger.debug("[placement] Redis unreachable: %s", exc)
-            except RedisError:
-                logger.exception("[placement] Redis refused a command")
-            except Exception:
-                # The client library can raise other errors mid-reconnect (seen on a cluster node
-                # failover); a background loop must never take the dispatcher down with it.
-                logger.exception("[placement] unexpected error; retrying")
+            await outage.attempt(step)
             await wait_or_timeout(stop, self.refresh_s)
 
     # Answering what waits for a model nobody serves -------------------------------------------------

@@ -19,11 +19,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from ectrans.common.cost import CostModel
 from ectrans.common.keys import Keys
 from ectrans.common.lifecycle import wait_or_timeout
+from ectrans.common.outage import Outage
 from ectrans.common.redis_conn import RedisClient
 
 logger = logging.getLogger(__name__)
@@ -101,12 +100,11 @@ class WorkLimits:
                 self.costs[model] = cost
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep the costs fresh (one round trip a second; the commit path reads no cost)."""
+        """Keep the costs fresh (one round trip a second; the commit path reads no cost). An outage
+        keeps the last costs; the dispatcher's own loop reports it."""
         if not any(seconds > 0 for seconds in self.max_seconds.values()):
             return
+        outage = Outage("shedding", error_pause_s=self.refresh_s, report=False)
         while not stop.is_set():
-            try:
-                await self.refresh()
-            except RedisError as exc:  # an outage: the dispatcher's own loop reports it
-                logger.debug("[shedding] cost refresh failed: %s", exc)
+            await outage.attempt(self.refresh)
             await wait_or_timeout(stop, self.refresh_s)

@@ -47,7 +47,7 @@ class ModelLane:
         self.limits = {"realtime": REALTIME_INFLIGHT, "batch": settings.max_inflight_batches * processes}
         self.inflight = {"realtime": 0, "batch": 0}
         self.wakeup = asyncio.Event()
-        self.cost = OnlineCost(segments=executor.segment_count)
+        self.cost = OnlineCost(segments=executor.segment_count, processes=executor.processes)
         self.cost_published = 0.0
         self.fitted: CostModel | None = None  # the last fit of `cost`, refreshed once a second
         self.last_batch: tuple[int, float] | None = None  # padded tokens and ms of the latest batch (before a fit)
@@ -107,9 +107,9 @@ def padding_bound(settings: WorkerSettings, spec: ModelSpec) -> float | None:
         return settings.batch_max_padding
     if spec.kind == "noop":
         return None
-    from ectrans.models.device import resolve_device
+    from ectrans.models.loader import choose_device  # as the executor was placed
 
-    return CPU_MAX_PADDING if resolve_device(settings.device or spec.device).type == "cpu" else None
+    return CPU_MAX_PADDING if choose_device(settings.device or spec.device, spec).type == "cpu" else None
 
 
 def model_settings(settings: WorkerSettings, spec: ModelSpec) -> WorkerSettings:

@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from ectrans.common.keys import WORKER_GROUP
 from ectrans.common.lifecycle import wait_or_timeout
 from ectrans.common.outage import Outage
@@ -81,5 +79,5 @@ class Peers:
             claim_ids: list[Any] = list(ids)
             idle = self.settings.claim_idle_ms * 10
             await self.redis.xclaim(stream, WORKER_GROUP, self.consumer, 0, claim_ids, idle=idle, justid=True)
-        except RedisError as exc:
+        except Exception as exc:  # a cluster mid-failover raises more than RedisError; a stop must go on
             logger.warning("[shutdown] could not hand back %d tasks (%s); peers take them after idle", len(ids), exc)
