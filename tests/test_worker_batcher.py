@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ectrans.common.cost import CostModel
 from ectrans.common.schemas import Task
-from ectrans.services.worker.batcher import Batcher, BatchPolicy, Pending, response_ratio
+from ectrans.services.worker.batcher import PADDING_FREE_TASKS, Batch, Batcher, BatchPolicy, Pending, response_ratio
 
 
 def pending(n: int, tokens: int, arrived: float, task_class: str = "batch", deadline_ms: int | None = None) -> Pending:
@@ -51,21 +51,31 @@ def test_packing_groups_similar_lengths_to_cut_padding() -> None:
 
 
 def test_a_padding_bound_splits_a_queue_of_every_length_into_length_sorted_batches() -> None:
-    lengths = [8, 60, 12, 40, 9, 58, 30, 11, 42, 28, 10, 55]
+    lengths = [10 + (i * 7) % 50 for i in range(30)]  # 10 to 59 tokens, mixed: all fit one batch of 32
     unbounded = make(max_batch=32)
     bounded = Batcher(BatchPolicy(2, 0.001), BatchPolicy(32, 0.01, max_padding=0.25))
-    for b in (unbounded, bounded):
+    drained: dict[str, list[Batch]] = {}
+    for name, b in (("unbounded", unbounded), ("bounded", bounded)):
         for i, tokens in enumerate(lengths):
             b.add(pending(i, tokens, arrived=0.0))
-    whole = unbounded.next_batch(now=1.0)
-    assert whole is not None and len(whole.items) == len(lengths)  # one batch, padded to 60
-    batches = []
-    while (batch := bounded.next_batch(now=1.0)) is not None:
-        batches.append(batch)
+        drained[name] = []
+        while (batch := b.next_batch(now=1.0)) is not None:
+            drained[name].append(batch)
+    assert [len(batch.items) for batch in drained["unbounded"]] == [30]  # padded to the longest
+    batches = drained["bounded"]
     assert sum(len(batch.items) for batch in batches) == len(lengths)
-    assert all(batch.padded_tokens <= 1.25 * batch.tokens for batch in batches)
-    assert sum(batch.padded_tokens for batch in batches) < 0.7 * whole.padded_tokens
-    assert 1 < len(batches) <= 4
+    assert any(len(batch.items) > PADDING_FREE_TASKS for batch in batches)  # grown within the bound
+    assert all(b.padded_tokens <= 1.25 * b.tokens for b in batches if len(b.items) > PADDING_FREE_TASKS)
+    padded = {name: sum(batch.padded_tokens for batch in found) for name, found in drained.items()}
+    assert padded["bounded"] < 0.75 * padded["unbounded"]
+
+
+def test_a_few_tasks_share_one_batch_whatever_their_padding() -> None:
+    bounded = Batcher(BatchPolicy(2, 0.001), BatchPolicy(32, 0.01, max_padding=0.25))
+    for i, tokens in enumerate([8, 60, 12, 40, 9, 58]):
+        bounded.add(pending(i, tokens, arrived=0.0))
+    batch = bounded.next_batch(now=1.0)
+    assert batch is not None and len(batch.items) == 6
 
 
 def test_fifo_mode_keeps_arrival_order_and_ignores_class() -> None:

@@ -5,9 +5,11 @@ throughput: the task with the highest response ratio, (wait + predicted service)
 service, anchors the batch so that no long job starves; it is filled with the tasks closest to it
 in length until the token budget (batch × padded length) or the batch size is reached, which
 keeps padding waste low. Where padding costs compute in proportion (a CPU), `max_padding` also
-bounds it: a task that would pad the batch beyond that share of its real tokens waits for a batch
-of its own length (the next one, formed as the device frees up), so a closed loop of clients
-with sentences of every length runs length-sorted batches, not one batch padded to the longest.
+bounds it past the first PADDING_FREE_TASKS tasks: a task that would pad a larger batch beyond
+that share of its real tokens waits for a batch of its own length (the next one, formed as the
+device frees up), so a deep queue of every length runs as length-sorted batches, not one batch
+padded to the longest, while a few clients still share one batch (more, smaller batches would
+cost more in per-batch work than their padding).
 
 When the model's executor is paced, the worker passes `bulk_due`: the moment its first segment is
 about to be free. A bulk batch is then formed at that moment from everything queued (or at once
@@ -27,6 +29,7 @@ ALL_CLASSES = frozenset({"realtime", "batch"})
 # so that a node serving real-time work at all keeps it between arrivals; the first real-time task
 # after a longer bulk-only stretch may wait for one uncapped segment (admission sees that cost).
 CAP_HOLD_S = 60.0
+PADDING_FREE_TASKS = 8  # a bulk batch takes its closest tasks up to this many whatever their padding
 
 
 @dataclass
@@ -205,7 +208,8 @@ class Batcher:
             padded = new_longest * (len(taken) + 1)
             if taken and padded > budget:
                 continue
-            if taken and padding is not None and padded > (1 + padding) * (real + candidate.tokens):
+            too_padded = padding is not None and padded > (1 + padding) * (real + candidate.tokens)
+            if len(taken) >= PADDING_FREE_TASKS and too_padded:
                 continue
             taken.append(candidate)
             longest = new_longest
