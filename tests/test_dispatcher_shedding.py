@@ -58,6 +58,14 @@ def test_segments_and_executor_processes_of_a_worker_share_the_work() -> None:
     assert CostModel.from_fields(CostModel(10.0, 0.5, 2, 9, 640, 3).to_fields()) == CostModel(10.0, 0.5, 2, 9, 640, 3)
 
 
+def test_no_live_worker_seen_means_the_entry_limit_only() -> None:
+    """Right after a Redis restart no heartbeat is back yet: that is no capacity to divide by."""
+    limits = _limits(workers=0, batch=2.0)
+    limits.costs["m"] = CostModel(overhead_ms=10.0, ms_per_token=0.5, max_batch_tokens=640)
+    limits.observe("q", 20)
+    assert limits.limit("m", "batch", "q").entries == 10_000
+
+
 def test_a_queue_of_larger_tasks_holds_fewer() -> None:
     limits = _limits(batch=2.0)
     limits.costs["m"] = CostModel(overhead_ms=10.0, ms_per_token=0.5, max_batch_tokens=640)

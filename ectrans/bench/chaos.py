@@ -458,8 +458,10 @@ async def noop_faults(
     "durable" (only those through which Redis keeps every write it acknowledged: the graceful restart
     and the SIGKILLs under `appendfsync always`), or "none" (the process faults only)."""
     size = NOOP_SIZE[quick]
+    # No queue bound in seconds of work: the victims' slow fake device and the instant one of their
+    # peers publish one cost for the same model, which the bound reads as every worker's.
     settings = {"CLAIM_IDLE_MS": str(CLAIM_IDLE_MS), "HEARTBEAT_S": "0.5", "INTERVAL_S": "1", "GRACE_S": str(GRACE_S),
-                "BATCH_MAX_WAIT_MS": "200"}  # fmt: skip
+                "BATCH_MAX_WAIT_MS": "200", "BATCH_MAX_QUEUE_S": "0", "REALTIME_MAX_QUEUE_S": "0"}  # fmt: skip
     stack = ChaosStack(work_dir, serve_models="noop", models_json=NOOP_MODELS, settings=settings, topology=topology)
     texts = [f"task number {i} of the steady load" for i in range(size.count())]
     # The victims' no-op model takes 200 ms a batch of at most 8, one batch at a time: what they read

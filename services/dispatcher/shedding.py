@@ -7,8 +7,11 @@ workers publish (`ectrans:cost:{model}`) and the mean size of the tasks lately s
 divided among the model's live workers. That bound becomes an entry count per queue, which the
 commit script checks at the moment it appends (so concurrent dispatchers cannot overshoot it).
 
-Until a model's cost is known (a fresh worker has served fewer than a handful of batches) only the
-entry limit applies: a cold node accepts work rather than guess.
+Until a model's cost is known (a fresh worker has served fewer than a handful of batches), and
+while no live worker is seen (right after a Redis restart, before the heartbeats are back), only
+the entry limit applies: a node accepts work rather than guess. A model has one published cost
+(the last worker's fit), so the bound assumes its workers are alike; where they are not (a GPU
+and a CPU serving one model), it is the last publisher's.
 """
 
 from __future__ import annotations
@@ -79,12 +82,13 @@ class WorkLimits:
         seconds = self.max_seconds.get(task_class, 0.0)
         cost = self.costs.get(model)
         tokens = self.task_tokens.get(queue)
-        if seconds <= 0 or cost is None or tokens is None:
+        workers = self.workers(model)
+        if seconds <= 0 or cost is None or tokens is None or workers <= 0:
             return QueueLimit(self.max_entries, None, None)
         task_ms = cost.task_ms(tokens)
         if task_ms <= 0:
             return QueueLimit(self.max_entries, None, None)
-        entries = math.floor(seconds * 1000.0 * max(1, self.workers(model)) / task_ms)
+        entries = math.floor(seconds * 1000.0 * workers / task_ms)
         return QueueLimit(max(1, min(self.max_entries, entries)), seconds, task_ms)
 
     async def refresh(self) -> None:
