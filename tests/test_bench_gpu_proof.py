@@ -18,6 +18,7 @@ import pytest
 from ectrans.bench.gpu_proof import STEPS, headlines
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE_TESTED = "baselines,mixed,serve"  # steps tests/test_bench_smoke.py runs at the same size
 
 
 def docs_state() -> str:
@@ -32,7 +33,7 @@ def test_the_dry_run_runs_every_step_or_says_why_not(tmp_path: Path) -> None:
     before = docs_state()
     out = tmp_path / "proof"
     ran = subprocess.run(
-        [sys.executable, "-m", "ectrans.bench.gpu_proof", "--dry", "--out", str(out), "--skip", "baselines,mixed,serve"],
+        [sys.executable, "-m", "ectrans.bench.gpu_proof", "--dry", "--out", str(out), "--skip", SMOKE_TESTED],
         capture_output=True,
         text=True,
         cwd=REPO,
