@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from ectrans.common.redis_conn import RedisClient
 
@@ -73,7 +73,7 @@ class Lua:
             for i, reply in zip(unknown, await self._pipeline(redis, calls, unknown, "EVAL", self.source), strict=True):
                 replies[i] = reply
         for reply in replies:
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, Exception):  # a refused script, or a node lost mid-pipeline (a cluster)
                 raise reply
         return replies
 

@@ -147,10 +147,16 @@ class Dispatcher:
             await outage.attempt(self._serve_once)
 
     async def _serve_once(self) -> None:
-        if self._backlog:
-            self._backlog = await self._serve_backlog()
-        else:
-            await self._serve_new()
+        try:
+            if self._backlog:
+                self._backlog = await self._serve_backlog()
+            else:
+                await self._serve_new()
+        except Exception:
+            # What was read and not forwarded is pending under our name: read it again next, not
+            # after the claim idle time (an outage's recovery does the same).
+            self._backlog = True
+            raise
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.settings.claim_idle_ms / 2000
             await self._serve_claimed()

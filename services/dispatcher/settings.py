@@ -29,7 +29,7 @@ class DispatcherSettings(CommonSettings):
         10_000, ge=1, description="A model queue this long makes new tasks fail at once with `overloaded`."
     )
     realtime_max_queue_s: float = Field(
-        2.0,
+        30.0,
         ge=0,
         description="A real-time queue holding this many seconds of its workers' work (from their fitted cost)"
         " makes new real-time tasks fail at once with `overloaded` (0: entries only).",
