@@ -121,9 +121,7 @@ class Monitor:
         window = Window()
         if not self.ready.is_set():
             await self._place_cursors()
-        while await self._read_once(window, block_ms=None) == READ_COUNT:
-            pass
-        snap = await self.snapshot(window, time.monotonic() - started)
+        snap = await self.snapshot(window, time.monotonic() - started)  # it reads what the streams hold
         await self.publish(snap)
         return snap
 

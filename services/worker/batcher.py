@@ -7,9 +7,9 @@ in length until the token budget (batch × padded length) or the batch size is r
 keeps padding waste low. Where padding costs compute in proportion (a CPU), `max_padding` also
 bounds it past the first PADDING_FREE_TASKS tasks: a task that would pad a larger batch beyond
 that share of its real tokens waits for a batch of its own length (the next one, formed as the
-device frees up), so a deep queue of every length runs as length-sorted batches, not one batch
-padded to the longest, while a few clients still share one batch (more, smaller batches would
-cost more in per-batch work than their padding).
+device frees up), so a queue that fits one batch (32 clients' sentences of every length) runs as
+length-sorted batches, not one batch padded to the longest, while a few clients still share one
+batch (more, smaller batches would cost more in per-batch work than their padding).
 
 When the model's executor is paced, the worker passes `bulk_due`: the moment its first segment is
 about to be free. A bulk batch is then formed at that moment from everything queued (or at once
