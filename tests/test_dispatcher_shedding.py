@@ -11,7 +11,7 @@ from ectrans.common.cost import CostModel
 from ectrans.common.keys import Keys
 from ectrans.common.registry import build_spec
 from ectrans.models.loader import load_executor
-from ectrans.services.dispatcher.shedding import WorkLimits
+from ectrans.services.dispatcher.shedding import QueueLimit, WorkLimits
 from tests.stack import running_stack, until
 
 SLOW = build_spec("slow", {"kind": "noop", "delay_ms": 40})  # every batch takes 40 ms, as on a device
@@ -56,6 +56,16 @@ def test_segments_and_executor_processes_of_a_worker_share_the_work() -> None:
     assert CostModel(10.0, 0.5, segments=2, max_batch_tokens=640).task_ms(20) == one.task_ms(20) / 2
     assert CostModel(10.0, 0.5, segments=2, max_batch_tokens=640, processes=3).task_ms(20) == one.task_ms(20) / 6
     assert CostModel.from_fields(CostModel(10.0, 0.5, 2, 9, 640, 3).to_fields()) == CostModel(10.0, 0.5, 2, 9, 640, 3)
+
+
+def test_the_message_names_the_limit_that_binds() -> None:
+    limits = _limits(batch=2.0)
+    limits.costs["m"] = CostModel(overhead_ms=10.0, ms_per_token=0.5, max_batch_tokens=640)
+    limits.observe("q", 20)
+    assert "s of work" in limits.limit("m", "batch", "q").message("q")
+    limits.max_entries = 100  # under the 193 tasks that 2 s of work would allow
+    assert limits.limit("m", "batch", "q") == QueueLimit(100, None, None)
+    assert limits.limit("m", "batch", "q").message("q") == "queue q is full (100 tasks); retry later"
 
 
 def test_no_live_worker_seen_means_the_entry_limit_only() -> None:

@@ -89,7 +89,9 @@ class WorkLimits:
         if task_ms <= 0:
             return QueueLimit(self.max_entries, None, None)
         entries = math.floor(seconds * 1000.0 * workers / task_ms)
-        return QueueLimit(max(1, min(self.max_entries, entries)), seconds, task_ms)
+        if entries >= self.max_entries:  # the entry limit binds first: the message names it
+            return QueueLimit(self.max_entries, None, None)
+        return QueueLimit(max(1, entries), seconds, task_ms)
 
     async def refresh(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
