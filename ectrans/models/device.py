@@ -55,8 +55,12 @@ def set_cpu_threads(threads: int | None) -> None:
     """Set torch's intra-op thread count for the calling thread (and threads started after it).
 
     torch keeps the OpenMP count per thread, so each pipeline stage calls this from its own thread.
+    But a thread's first parallel operation (or `get_num_threads`) sets its count once to the one
+    set last anywhere in the process: that happens here first, or a stage set to 2 threads would run
+    on the 1 that a tokenising stage, started after it, set for itself (and MKL's GEMMs with it).
     """
     if threads is not None:
         if threads < 1:
             raise ValueError(f"{threads=} must be at least 1")
+        torch.get_num_threads()  # the calling thread's one-time reset, before its own count
         torch.set_num_threads(threads)

@@ -134,6 +134,7 @@ class Completer:
                 "tokens": str(stats.tokens),
                 "padded_tokens": str(stats.padded_tokens),
                 "service_ms": f"{stats.service_ms:.2f}",
+                "compute_ms": f"{stats.compute_ms:.2f}",  # of service_ms, on the device
                 "latency_ms": latencies,
                 "queue_ms": queues,
                 "reasons": ",".join(f"{k}:{v}" for k, v in reasons.items()),
