@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.models.alone import AloneThreads
 from ectrans.models.api import Paced, Request
 from ectrans.models.encoder import EncoderTokenizer, Pooling, embed_unsplit
 from ectrans.models.loader import load_executor, load_model
@@ -374,6 +375,28 @@ class Probe(Step):
         return super().__call__(state)
 
 
+def all_threads_win(win: bool = True) -> AloneThreads:
+    """A choice that runs lone batches on all threads (or on their stages' own), never the other way."""
+    choice = AloneThreads(probe_after_s=float("inf"))
+    choice.current = win
+    return choice
+
+
+def test_a_lone_batch_keeps_its_stage_threads_where_those_cost_less(log: list[tuple[str, str]]) -> None:
+    """Where all threads measured dearer (other processes hold cores), a lone batch runs down the
+    pipeline on each stage's own threads, and its first segment's time is what is measured."""
+    seen: list[tuple[str, str, str, int]] = []
+    steps = [Probe(name, log, seen, last=name == "C") for name in "ABC"]
+    executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=3)
+    executor.alone_threads = choice = all_threads_win(False)
+    try:
+        assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:3"
+    finally:
+        executor.close()
+    assert seen == [(name, "solo", f"ectrans-steps-{name}", 1) for name in "ABC"]
+    assert len(choice.recent.observations) == 1  # its first segment, measured
+
+
 def test_a_stage_keeps_its_own_thread_count(log: list[tuple[str, str]]) -> None:
     """torch sets a thread's count once, at its first parallel operation, to the count set last in any
     thread: a one-segment pipeline on 2 threads must still run on 2 after its tokenise and results
@@ -395,6 +418,7 @@ def test_a_lone_batch_runs_every_segment_on_all_threads(log: list[tuple[str, str
     steps = [Probe(name, log, seen, last=name == "C") for name in "ABC"]
     executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=3)
     assert executor.run_alone and executor.stage_threads == 1
+    executor.alone_threads = all_threads_win()
     assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:3"
     first = "ectrans-steps-A"
     assert seen == [(name, "solo", first, 3) for name in "ABC"]

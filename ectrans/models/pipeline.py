@@ -22,7 +22,8 @@ threads (real-time batches, short by nature, keep their stages' threads: on a bu
 batch on several threads can stall behind other processes). Work arriving meanwhile ends that at
 the next segment boundary, where the batch goes on down the pipeline as usual (so real-time
 cut-in still happens at segment boundaries). One client gets the whole machine; many clients
-get a full pipeline.
+get a full pipeline. Where other processes take cores, all threads can cost more than one
+(`alone.py`): both ways are measured, and the cheaper one runs.
 
 Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
 segment and which one it runs since when, and calls back when it starts one, so the worker can
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import torch
 
 from ectrans.common.registry import ModelSpec
+from ectrans.models.alone import AloneThreads
 from ectrans.models.api import Executor, FrontSegment, ItemResult, Paced, ProgressCallbacks, Request
 from ectrans.models.batch import BatchFuture, Job, Tokenize, UnservableError, to_device, use_on_stream
 from ectrans.models.device import set_cpu_threads
@@ -120,6 +122,7 @@ class PipelinedExecutor(Executor):
         if run_alone is None:
             run_alone = self.device.type == "cpu"
         self.run_alone = run_alone and len(self.segments) > 1 and self.total_threads > self.stage_threads
+        self.alone_threads = AloneThreads(threads=self.total_threads, stage_threads=self.stage_threads)
         self._streams: list[Any] = [None] * len(self.segments)
         if self.device.type == "cuda":
             self._streams = [torch.cuda.Stream(device=self.device) for _ in self.segments]  # type: ignore[no-untyped-call]
@@ -206,7 +209,7 @@ class PipelinedExecutor(Executor):
     def _front_started(self, job: Job, alone: bool) -> None:
         with self._cond:
             self._bulk_ahead.discard(job.id)
-            share = self.stage_threads / self.total_threads if alone else 1 / len(self.segments)
+            share = 1 / self.alone_threads.speedup if alone else 1 / len(self.segments)
             self._front = FrontSegment(time.monotonic(), job.padded_tokens, share)
         self._progress()
 
@@ -230,7 +233,8 @@ class PipelinedExecutor(Executor):
                 if action == "park":
                     continue
                 paced = k == 1 and not job.realtime  # the first segment starts a bulk batch
-                alone = paced and self.run_alone and self._alone(job)
+                lone = paced and self.run_alone and self._alone(job)
+                alone = lone and self.alone_threads.all_threads()
                 if paced:
                     self._front_started(job, alone)
                 self._set_busy(k, True)
@@ -240,7 +244,10 @@ class PipelinedExecutor(Executor):
                         last = self._run_alone(job)
                         forward = last > 0
                     else:
+                        before = job.compute_ms
                         forward = self._work(k, job)
+                        if lone and forward:  # the measure of the other way (alone.py)
+                            self.alone_threads.observe(False, job.compute_ms - before, job.padded_tokens)
                 except Exception as exc:  # a bug here must not stop the stage for every later batch
                     self._fail(job, RuntimeError(f"stage {self._stages[k].name!r} failed: {exc!r}"), exc)
                     forward = False
@@ -334,17 +341,20 @@ class PipelinedExecutor(Executor):
         """Run `job`'s segments from the first on, on all threads, while it stays alone; the stage
         of the last segment run (0 when one failed).
 
-        Its compute time counts as on the stages' own threads (times the thread ratio, as if intra-op
-        parallelism scaled perfectly): the fitted cost then says how long a segment holds real-time
-        work back once the batch runs down the pipeline, which is when real-time work is about."""
+        Its compute time counts as on the stages' own threads (times the measured speedup of all
+        threads): the fitted cost then says how long a segment holds real-time work back once the
+        batch runs down the pipeline, which is when real-time work is about, and when the first
+        segment will be free for the next batch (pacing)."""
         set_cpu_threads(self.total_threads)
-        scale = self.total_threads / self.stage_threads
+        scale = self.alone_threads.speedup
         try:
             index = 0
             while True:
                 before = job.compute_ms
                 if not self._work_segment(index, job):
                     return 0
+                if index == 0:
+                    self.alone_threads.observe(True, job.compute_ms - before, job.padded_tokens)
                 job.compute_ms += (job.compute_ms - before) * (scale - 1)
                 index += 1
                 if index == len(self.segments) or not self._alone(job):
