@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,10 +36,11 @@ from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.schemas import Reason
-from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError, bad_request, render
+from ectrans.services.gateway.errors import CLIENT_CLOSED, TEI_PATHS, GatewayError, bad_request, render
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
 from ectrans.services.gateway.protocol import (
+    EmbeddingModelInfo,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbedRequest,
@@ -45,6 +48,8 @@ from ectrans.services.gateway.protocol import (
     ModelCard,
     ModelList,
     TEIError,
+    TEIInfo,
+    TEIModelType,
     TranslateRequest,
     TranslateResponse,
 )
@@ -137,7 +142,7 @@ class Gateway:
         if counts is None:  # a model the dispatcher may know and this gateway does not: it decides
             return 0
         spec = self.registry[model]
-        if not truncate and spec.kind != "noop":
+        if not (truncate or spec.truncate) and spec.kind != "noop":
             for index, count in enumerate(counts):
                 if count > spec.max_tokens:
                     raise GatewayError(
@@ -238,10 +243,23 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
 async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as `model`, in one pass of pydantic's own JSON parser: several times less CPU per
     request than FastAPI's parameter machinery (a JSON decode, then validation of the Python objects)."""
+    body = await read_body(request)
     try:
-        return model.model_validate_json(await read_body(request))
+        parsed = model.model_validate_json(body)
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
+    # pydantic keeps the last of two equal keys; the request is ambiguous (TEI refuses it too). A valid
+    # body's one object is the top level, so this second parse calls the hook once.
+    json.loads(body, object_pairs_hook=_unique_keys)
+    return parsed
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        twice = next(key for index, key in enumerate(keys) if key in keys[:index])
+        raise bad_request(f"the field {twice[:40]!r} appears twice in the body", twice[:40])
+    return dict(pairs)
 
 
 async def read_body(request: Request) -> bytes:
@@ -261,6 +279,9 @@ def invalid_request(errors: Sequence[Any]) -> GatewayError:
     """A 400 naming the first problem pydantic found (`input: Input should be a valid string`)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if where and where[0] in ("input", "inputs") and first.get("type") != "missing":
+        # Every branch of the union failed: pydantic's first complaint names one branch (`input.str`).
+        return bad_request(f"'{where[0]}' must be a string or a list of strings", where[0])
     message = f"{'.'.join(where) + ': ' if where else ''}{first.get('msg', 'invalid request')}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problems)"
@@ -296,12 +317,15 @@ def text_inputs(value: object, limit: int, param: str) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     assert isinstance(texts, list)
     if not texts:
-        raise bad_request(f"'{param}' is an empty list", param)
+        raise GatewayError(400, f"'{param}' is an empty list", Reason.BAD_INPUT, param, tei_type="Empty")
     if not all(isinstance(text, str) for text in texts):
         raise bad_request(f"'{param}' holds token ids; ECTrans tokenizes itself, send text", param)
     if len(texts) > limit:
         raise bad_request(f"'{param}' has {len(texts)} items, over the limit of {limit}", param)
     for index, text in enumerate(texts):
+        if not text:
+            which = f"'{param}'" if isinstance(value, str) else f"{param}[{index}]"
+            raise GatewayError(400, f"{which} is an empty string", Reason.BAD_INPUT, param, tei_type="Empty")
         if not text.isascii():
             try:
                 text.encode("utf-8")
@@ -321,6 +345,67 @@ def vector(result: TaskResult) -> np.ndarray:
 def as_base64(vector: np.ndarray) -> str:
     """OpenAI's `encoding_format: base64`: little-endian float32 bytes."""
     return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+
+
+def tei_truncate(body: EmbedRequest) -> bool:
+    """TEI's truncation options as the one flag ECTrans has (null: the model entry's `truncate`)."""
+    if body.prompt_name is not None:
+        raise bad_request(f"prompt_name {body.prompt_name[:40]!r}: prompts are not supported", "prompt_name")
+    truncate = bool(body.truncate)
+    if truncate and body.truncation_direction.lower() == "left":
+        raise bad_request("only right truncation is supported", "truncation_direction")
+    return truncate
+
+
+def tei_vectors(rows: list[np.ndarray], body: EmbedRequest, model: str) -> np.ndarray:
+    """TEI's answer: the first `dimensions` components (Matryoshka), then L2-normalised if asked."""
+    vectors = np.stack(rows)
+    if body.dimensions is not None:
+        if body.dimensions > vectors.shape[1]:
+            message = f"dimensions {body.dimensions} is over the {vectors.shape[1]} of model {model!r}"
+            raise bad_request(message, "dimensions")
+        vectors = vectors[:, : body.dimensions]
+    if body.normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return vectors
+
+
+def tei_info(spec: ModelSpec, settings: GatewaySettings) -> TEIInfo:
+    """What TEI's `/info` says of its model, from the registry entry."""
+    return TEIInfo(
+        model_id=spec.name,
+        model_sha=spec.revision or None,
+        model_dtype=spec.dtype,
+        served_model_name=spec.name,
+        model_type=TEIModelType(embedding=EmbeddingModelInfo(pooling=declared_pooling(spec.path))),
+        max_concurrent_requests=settings.gateway_max_inputs,
+        max_input_length=spec.max_tokens,
+        max_batch_tokens=int(spec.batching.get("token_budget", 0)) or spec.max_tokens * settings.gateway_max_inputs,
+        max_client_batch_size=settings.gateway_max_inputs,
+        auto_truncate=spec.truncate,
+        tokenization_workers=1,
+        version=__version__,
+    )
+
+
+def declared_pooling(model_dir: Path) -> str:
+    """The pooling a sentence-transformers directory declares (`mean` for a plain model), read as
+    `ectrans.models.encoder.read_pooling` does but without importing torch into the gateway."""
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text())
+        folder = next(m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling"))
+        config = json.loads((model_dir / folder / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError):
+        return "mean"
+    if isinstance(config.get("pooling_mode"), str):
+        return str(config["pooling_mode"])
+    flags = [
+        m
+        for m in ("mean", "cls", "max")
+        if config.get(f"pooling_mode_{m}_token") or config.get(f"pooling_mode_{m}_tokens")
+    ]
+    return flags[0] if flags else "mean"
 
 
 def create_app(
@@ -363,13 +448,14 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     """The task endpoints, as FastAPI routes (for the schema) and by path (for `Shortcut`)."""
     settings = gateway.settings
 
-    @app.post(
-        "/v1/embeddings",
-        response_model=EmbeddingResponse,
-        responses=ERRORS,
-        tags=["OpenAI"],
-        openapi_extra=request_body(EmbeddingRequest),
-    )
+    openai_route = {
+        "response_model": EmbeddingResponse,
+        "responses": ERRORS,
+        "tags": ["OpenAI"],
+        "openapi_extra": request_body(EmbeddingRequest),
+    }
+
+    @app.post("/v1/embeddings", **openai_route)  # type: ignore[arg-type]
     async def embeddings(request: Request) -> Response:
         """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
         body = await parse_body(request, EmbeddingRequest)
@@ -384,33 +470,34 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
                 f"model {body.model!r} makes {vectors[0].shape[-1]}-dimensional vectors; 'dimensions' must match",
                 "dimensions",
             )
-        packed = body.encoding_format == "base64"
+        packed = body.encoding_format == "base64"  # null: float, OpenAI's default
         encoded = [as_base64(v) if packed else v for v in vectors]  # orjson writes an array as a list
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return json_response({"object": "list", "data": data, "model": body.model, "usage": usage})
 
-    @app.post(
-        "/embed",
-        response_model=list[list[float]],
-        responses={code: {"model": TEIError} for code in (413, 422, 429, 503)},
-        tags=["TEI"],
-        openapi_extra=request_body(EmbedRequest),
-    )
+    tei_route = {
+        "response_model": list[list[float]],
+        "responses": {code: {"model": TEIError} for code in (400, 413, 422, 429, 503)},
+        "tags": ["TEI"],
+        "openapi_extra": request_body(EmbedRequest),
+    }
+
+    @app.post("/embed", **tei_route)  # type: ignore[arg-type]
     async def embed(request: Request) -> Response:
         """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
         body = await parse_body(request, EmbedRequest)
         model = body.model or settings.gateway_default_model
         texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
+        truncate = tei_truncate(body)
         options = request_options(request, body.priority, body.deadline_ms)
-        await gateway.check_lengths(model, texts, truncate=body.truncate, status=413)
+        await gateway.check_lengths(model, texts, truncate=truncate, status=413)
         op = gateway.embed_op(model)
-        results = await gateway.run(request, model, op, texts, options=options, truncate=body.truncate)
-        vectors = np.stack([vector(result) for result in results])
-        if body.normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
-        return json_response(vectors)
+        results = await gateway.run(request, model, op, texts, options=options, truncate=truncate)
+        return json_response(tei_vectors([vector(result) for result in results], body, model))
+
+    # TEI serves an embedding model's `/embed` at `/` too: `InferenceClient(base_url=...)` posts there.
+    app.post("/", **tei_route, summary="Embed (TEI's root route)")(embed)  # type: ignore[arg-type]
 
     @app.post(
         "/v1/translate",
@@ -429,7 +516,15 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
         data = [{"index": i, "text": str(r.output["text"])} for i, r in enumerate(results)]
         return json_response({"object": "list", "data": data, "model": body.model})
 
-    return {"/v1/embeddings": embeddings, "/embed": embed, "/v1/translate": translate}
+    # TEI serves OpenAI's route without `/v1` too: where an SDK's `base_url` lacks it.
+    app.post("/embeddings", **openai_route, include_in_schema=False)(embeddings)  # type: ignore[arg-type]
+    return {
+        "/v1/embeddings": embeddings,
+        "/embeddings": embeddings,
+        "/embed": embed,
+        "/": embed,
+        "/v1/translate": translate,
+    }
 
 
 def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
@@ -445,10 +540,22 @@ def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
         ]
         return ModelList(data=cards)
 
+    @app.get("/info", response_model=TEIInfo, tags=["TEI"])
+    async def info() -> Response:
+        """TEI's `/info`, for the model `/embed` serves when a request names none."""
+        model = gateway.settings.gateway_default_model
+        spec = registry.get(model)
+        if spec is None:
+            raise GatewayError(404, f"the default model {model!r} is not in the registry", Reason.UNKNOWN_MODEL)
+        return json_response(tei_info(spec, gateway.settings).model_dump())
+
     @app.get("/health", tags=["probes"])
     async def health() -> dict[str, str]:
         """The process is up (a liveness probe)."""
         return {"status": "ok"}
+
+    # TEI answers `GET /` as its health check.
+    app.get("/", tags=["probes"], summary="Health (TEI's root route)")(health)
 
     @app.get("/ready", tags=["probes"], responses={503: {"description": "not ready"}})
     async def ready() -> Response:
@@ -468,10 +575,10 @@ def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error in one of two shapes (TEI's on `/embed`), and never a stack trace."""
+    """Every error in one of two shapes (TEI's on `/embed` and `/`), and never a stack trace."""
 
     def is_tei(request: Request) -> bool:
-        return request.url.path == "/embed"
+        return request.url.path in TEI_PATHS
 
     async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
@@ -484,7 +591,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        error = GatewayError(exc.status_code, str(exc.detail), codes.get(exc.status_code, "bad_request"))
+        code = codes.get(exc.status_code, "bad_request")
+        error = GatewayError(exc.status_code, str(exc.detail), code, headers=dict(exc.headers or {}))  # 405's `Allow`
         return render(error, tei=is_tei(request))
 
     async def unexpected(request: Request, exc: Exception) -> Response:

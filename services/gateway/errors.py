@@ -1,6 +1,7 @@
 """Every error leaves the gateway through here: a task's `reason` (or a gateway check) becomes one
 HTTP status and one body, in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) or,
-on TEI's `/embed`, in TEI's (`{"error", "error_type"}`)."""
+on TEI's `/embed` (and `POST /`, where TEI clients given only the server's address send), in TEI's
+(`{"error", "error_type"}`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from starlette.responses import Response
 from ectrans.client import TaskResult
 from ectrans.common.schemas import Reason
 
+# TEI's paths: TEI answers `POST /` as `/embed` for an embedding model, and `huggingface_hub`'s
+# `InferenceClient(base_url=...)` posts there.
+TEI_PATHS = frozenset({"/embed", "/"})
 # nginx's "client closed request": only logs and metrics see it, the client is gone.
 CLIENT_CLOSED = 499
 
@@ -41,6 +45,8 @@ class GatewayError(Exception):
     code: str
     param: str | None = None
     retry_after_s: int | None = None
+    headers: dict[str, str] | None = None
+    tei_type: str | None = None  # TEI's own error_type where it differs from the status's (`Empty`: 400)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -83,13 +89,17 @@ def _tei_type(status: int) -> str:
 def render(error: GatewayError, *, tei: bool = False) -> Response:
     status = error.status
     body: dict[str, object]
-    if tei:
+    if tei and error.tei_type is not None:
+        body = {"error": error.message, "error_type": error.tei_type}
+    elif tei:
         status = 422 if status == 400 else status  # TEI answers a request it cannot validate with 422
         body = {"error": error.message, "error_type": _tei_type(status)}
     else:
         detail = {"message": error.message, "type": _openai_type(status), "param": error.param, "code": error.code}
         body = {"error": detail}
     headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    if error.headers:
+        headers = {**(headers or {}), **error.headers}
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return Response(orjson.dumps(body), status, headers, media_type="application/json")

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ectrans.common.schemas import Reason
-from ectrans.services.gateway.errors import GatewayError, render
+from ectrans.services.gateway.errors import TEI_PATHS, GatewayError, render
 from ectrans.services.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,9 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 # Probes, metrics and the API docs answer without a key: they reveal no data.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
-ENDPOINTS = frozenset({"/v1/embeddings", "/embed", "/v1/translate", "/v1/models", *OPEN_PATHS})
+ENDPOINTS = frozenset(
+    {"/v1/embeddings", "/embeddings", "/v1/translate", "/v1/models", "/info", *TEI_PATHS, *OPEN_PATHS}
+)
 
 
 class TooLarge(HTTPException):
@@ -48,6 +50,9 @@ class Guard:
             return
         path: str = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
+        if scope["method"] == "HEAD":  # load balancers and `curl -I` probe with HEAD: a GET without its body
+            scope = {**scope, "method": "GET"}
+            send = _headers_only(send)
         started = time.perf_counter()
         status = 500
         self.metrics.inflight += 1
@@ -62,14 +67,14 @@ class Guard:
             headers: dict[bytes, bytes] = dict(scope["headers"])
             refusal = self._refusal(headers, path)
             if refusal is not None:
-                await render(refusal, tei=path == "/embed")(scope, receive, send_status)
+                await render(refusal, tei=path in TEI_PATHS)(scope, receive, send_status)
                 return
             # The HTTP parser holds a body to its declared length: only a body without one is counted.
             declared = b"content-length" in headers
             try:
                 await self.app(scope, receive if declared else self._limited(receive), send_status)
             except TooLarge:
-                await render(self._too_large(), tei=path == "/embed")(scope, receive, send_status)
+                await render(self._too_large(), tei=path in TEI_PATHS)(scope, receive, send_status)
         finally:
             self.metrics.inflight -= 1
             self.metrics.answered(endpoint, status, time.perf_counter() - started)
@@ -108,6 +113,15 @@ class Guard:
         return limited
 
 
+def _headers_only(send: Send) -> Send:
+    async def head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head
+
+
 class Shortcut:
     """POSTs to the task endpoints go straight to their handlers, past FastAPI's routing, dependency
     and exception layers: those cost more CPU per request than the handler, its Redis round trip
@@ -126,10 +140,10 @@ class Shortcut:
         try:
             response = await endpoint(Request(scope, receive))
         except GatewayError as exc:
-            response = render(exc, tei=scope["path"] == "/embed")
+            response = render(exc, tei=scope["path"] in TEI_PATHS)
         except TooLarge:
             raise  # answered by Guard
         except Exception:
             logger.exception("[gateway] unexpected error on %s", scope["path"])
-            response = render(GatewayError(500, "internal error", Reason.INTERNAL), tei=scope["path"] == "/embed")
+            response = render(GatewayError(500, "internal error", Reason.INTERNAL), tei=scope["path"] in TEI_PATHS)
         await response(scope, receive, send)

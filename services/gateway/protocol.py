@@ -35,8 +35,8 @@ class EmbeddingRequest(ECTransOptions):
 
     input: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
     model: str = Field(description="A model name from the registry (see `GET /v1/models`).")
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="`base64`: little-endian float32 bytes, base64-encoded."
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="`base64`: little-endian float32 bytes, base64-encoded (null: `float`)."
     )
     dimensions: int | None = Field(None, ge=1, description="Only the model's own dimension is accepted.")
     user: str | None = Field(None, description="Accepted and ignored, as an end-user id for OpenAI's logs.")
@@ -64,11 +64,17 @@ class EmbeddingResponse(BaseModel):
 class EmbedRequest(ECTransOptions):
     """Hugging Face TEI `POST /embed`."""
 
-    inputs: str | list[str] = Field(description="Text, or a list of texts, to embed.")
-    normalize: bool = Field(True, description="L2-normalise each vector.")
-    truncate: bool = Field(False, description="Cut over-long inputs to the model's limit instead of refusing them.")
-    truncation_direction: Literal["Right", "right"] = Field("Right", description="Only `Right` is supported.")
-    prompt_name: None = Field(None, description="Prompts are not supported.")
+    inputs: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
+    normalize: bool = Field(True, description="L2-normalise each vector (after `dimensions`).")
+    truncate: bool | None = Field(
+        None,
+        description="Cut over-long inputs to the model's limit instead of refusing them (null: the model's setting).",
+    )
+    truncation_direction: Literal["Right", "right", "Left", "left"] = Field(
+        "Right", description="Only `Right` is supported when `truncate` is set."
+    )
+    prompt_name: str | None = Field(None, description="Prompts are not supported: only null is accepted.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` components, as TEI does.")
     model: str | None = Field(None, description="ECTrans extension: the model (default: the gateway's default model).")
 
 
@@ -123,6 +129,34 @@ class ErrorResponse(BaseModel):
     """OpenAI's error shape, used by every endpoint but `/embed`."""
 
     error: ErrorDetail
+
+
+class EmbeddingModelInfo(BaseModel):
+    pooling: str
+
+
+class TEIModelType(BaseModel):
+    embedding: EmbeddingModelInfo
+
+
+class TEIInfo(BaseModel):
+    """TEI's `GET /info`, for the gateway's default model (the one `/embed` serves without `model`)."""
+
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str
+    served_model_name: str
+    model_type: TEIModelType
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None = None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
 
 
 class TEIError(BaseModel):
