@@ -156,3 +156,12 @@ def test_bench_serve_tiny_prints_its_json(tmp_path: Path) -> None:
         assert row["answered"] > 0 and row["p50_ms"] > 0 and row["server_batches"]["batches"] > 0, row
     assert set(result["ratios"]) == {"clients_1", "clients_8"} and all(r > 0 for r in result["ratios"].values())
     assert result["open"][0]["answered"] > 0 and result["open_kept_at_top_load"] > 0
+
+
+def test_bench_lone_times_each_way_quiet_and_beside_a_busy_core() -> None:
+    from ectrans.bench.lone import WAYS, bench_lone
+
+    out = bench_lone(sample_texts(6, seed=1), 1, threads=2)
+    for load in ("quiet", "busy_core"):
+        assert set(out[load]["ms_per_request"]) == set(WAYS)
+        assert all(ms > 0 for ms in out[load]["ms_per_request"].values()) and out[load]["chosen_vs_best"] > 0

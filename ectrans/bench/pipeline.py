@@ -11,6 +11,9 @@ baseline throughput, per segment count.
   workload's words), greedy, a fixed number of new tokens; 1..4 encoder segments, then one or two
   decode segments (the decode steps split in halves).
 
+- lone: one request at a time, all threads vs one vs the executor's choice, quiet and beside a busy
+  core (`ectrans/bench/lone.py`).
+
 Runs alternate within each round (baseline, then each configuration), so a round's runs see about
 the same background load. `speedup` is the median over rounds of the per-round ratio, with its
 range over rounds; throughputs are each run's best round (other load only ever slows a run).
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from ectrans.bench.harness import load_average, machine_info, minilm_path
+from ectrans.bench.lone import bench_lone
 from ectrans.bench.workload import load_sentences
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Request
@@ -275,5 +279,6 @@ def run(quick: bool) -> dict[str, Any]:
     result |= {"scenario": "pipeline", "quick": quick, "threads": threads, "workload": WORKLOAD}
     result["embed"] = bench_embed(size, threads)
     result["translate"] = bench_translate(size, threads)
+    result["lone"] = bench_lone(workload(size.embed_sentences), size.repeats, threads)
     result["load_average_at_end"] = load_average()
     return result
