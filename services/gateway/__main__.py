@@ -43,6 +43,7 @@ def main() -> int:
         log_level="debug" if settings.log_level == "DEBUG" else "warning",  # its start lines repeat ours
         timeout_graceful_shutdown=int(settings.gateway_timeout_s),
         server_header=False,
+        proxy_headers=False,  # nothing here reads the client's address: X-Forwarded-* parsing is waste
     )
     server = uvicorn.Server(config)
     signal.signal(signal.SIGTERM, _exit_cleanly)
