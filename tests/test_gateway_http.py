@@ -182,3 +182,19 @@ def test_settings_refuse_a_public_address_without_keys() -> None:
         GatewaySettings(gateway_host="0.0.0.0")
     assert GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys="a, b").gateway_api_keys == ["a", "b"]
     assert GatewaySettings(gateway_host="::1").gateway_api_keys == []
+
+
+def test_tei_left_truncation_is_refused_wherever_truncation_happens() -> None:
+    """`truncate: null` means the model entry's setting: on a model that truncates, a left direction
+    must be refused too, not cut on the right without a word."""
+    from ectrans.services.gateway.app import tei_truncate
+    from ectrans.services.gateway.errors import GatewayError
+    from ectrans.services.gateway.protocol import EmbedRequest
+
+    left: dict[str, Any] = {"inputs": "x", "truncation_direction": "left"}
+    assert tei_truncate(EmbedRequest(**left), model_truncates=False) is False
+    with pytest.raises(GatewayError, match="right truncation"):
+        tei_truncate(EmbedRequest(**left), model_truncates=True)
+    with pytest.raises(GatewayError, match="right truncation"):
+        tei_truncate(EmbedRequest(**left, truncate=True), model_truncates=False)
+    assert tei_truncate(EmbedRequest(**left, truncate=False), model_truncates=True) is False

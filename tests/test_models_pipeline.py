@@ -397,6 +397,23 @@ def test_a_lone_batch_keeps_its_stage_threads_where_those_cost_less(log: list[tu
     assert len(choice.recent.observations) == 1  # its first segment, measured
 
 
+def test_a_probe_of_all_threads_runs_only_the_first_segment_on_them(log: list[tuple[str, str]]) -> None:
+    """Where one thread is the current way, a probe of all threads measures the first segment on them
+    and sends the rest down the pipeline (on a busy host, all of it the slow way would cost more)."""
+    seen: list[tuple[str, str, str, int]] = []
+    steps = [Probe(name, log, seen, last=name == "C") for name in "ABC"]
+    executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=3)
+    executor.alone_threads = choice = AloneThreads(probe_after_s=0.0)
+    choice.current = False
+    for tokens in range(1, 9):  # a fit of the current way, so that a probe is due
+        choice.recent.observe(tokens, 2.0 * tokens)
+    try:
+        assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:3"
+    finally:
+        executor.close()
+    assert seen == [("A", "solo", "ectrans-steps-A", 3), *((n, "solo", f"ectrans-steps-{n}", 1) for n in "BC")]
+
+
 def test_a_stage_keeps_its_own_thread_count(log: list[tuple[str, str]]) -> None:
     """torch sets a thread's count once, at its first parallel operation, to the count set last in any
     thread: a one-segment pipeline on 2 threads must still run on 2 after its tokenise and results

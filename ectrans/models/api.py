@@ -97,7 +97,7 @@ class FrontSegment:
     started: float  # time.monotonic() when the segment started it
     padded_tokens: int
     # The share of the batch's cost (`BatchStats.compute_ms`, as fitted) that keeps the segment busy:
-    # 1/N of N segments; when it runs every segment there on more threads, less than the whole.
+    # 1/N of N segments; when it runs every segment there on all threads, 1 / their measured speedup.
     share: float = 1.0
 
 

@@ -234,19 +234,20 @@ class PipelinedExecutor(Executor):
                     continue
                 paced = k == 1 and not job.realtime  # the first segment starts a bulk batch
                 lone = paced and self.run_alone and self._alone(job)
-                alone = lone and self.alone_threads.all_threads()
+                measured = lone and not job.request.segment  # a split task skips layers: no measure
+                alone = self.alone_threads.all_threads() if measured else lone and self.alone_threads.current
                 if paced:
                     self._front_started(job, alone)
                 self._set_busy(k, True)
                 last = k  # the stage whose segment ran last
                 try:
                     if alone:
-                        last = self._run_alone(job)
+                        last = self._run_alone(job, measured)
                         forward = last > 0
                     else:
                         before = job.compute_ms
                         forward = self._work(k, job)
-                        if lone and forward:  # the measure of the other way (alone.py)
+                        if measured and forward:  # the measure of one thread (alone.py)
                             self.alone_threads.observe(False, job.compute_ms - before, job.padded_tokens)
                 except Exception as exc:  # a bug here must not stop the stage for every later batch
                     self._fail(job, RuntimeError(f"stage {self._stages[k].name!r} failed: {exc!r}"), exc)
@@ -337,9 +338,9 @@ class PipelinedExecutor(Executor):
                 return False
             return all(stage.idle for stage in self._stages[2:-1])
 
-    def _run_alone(self, job: Job) -> int:
-        """Run `job`'s segments from the first on, on all threads, while it stays alone; the stage
-        of the last segment run (0 when one failed).
+    def _run_alone(self, job: Job, measured: bool) -> int:
+        """Run `job`'s segments from the first on, on all threads, while it stays alone (a probe of all
+        threads: its first segment only); the stage of the last segment run (0 when one failed).
 
         Its compute time counts as on the stages' own threads (times the measured speedup of all
         threads): the fitted cost then says how long a segment holds real-time work back once the
@@ -353,11 +354,13 @@ class PipelinedExecutor(Executor):
                 before = job.compute_ms
                 if not self._work_segment(index, job):
                     return 0
-                if index == 0:
+                probe = False
+                if index == 0 and measured:
+                    probe = self.alone_threads.probing  # on a busy host, the rest runs the cheaper way
                     self.alone_threads.observe(True, job.compute_ms - before, job.padded_tokens)
                 job.compute_ms += (job.compute_ms - before) * (scale - 1)
                 index += 1
-                if index == len(self.segments) or not self._alone(job):
+                if index == len(self.segments) or probe or not self._alone(job):
                     return index
                 if self._hook is not None:
                     name = self.segments[index].name

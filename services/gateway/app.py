@@ -347,12 +347,13 @@ def as_base64(vector: np.ndarray) -> str:
     return base64.b64encode(vector.astype("<f4").tobytes()).decode()
 
 
-def tei_truncate(body: EmbedRequest) -> bool:
+def tei_truncate(body: EmbedRequest, model_truncates: bool) -> bool:
     """TEI's truncation options as the one flag ECTrans has (null: the model entry's `truncate`)."""
     if body.prompt_name is not None:
         raise bad_request(f"prompt_name {body.prompt_name[:40]!r}: prompts are not supported", "prompt_name")
     truncate = bool(body.truncate)
-    if truncate and body.truncation_direction.lower() == "left":
+    cuts = model_truncates if body.truncate is None else truncate
+    if cuts and body.truncation_direction.lower() == "left":
         raise bad_request("only right truncation is supported", "truncation_direction")
     return truncate
 
@@ -489,7 +490,8 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
         body = await parse_body(request, EmbedRequest)
         model = body.model or settings.gateway_default_model
         texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
-        truncate = tei_truncate(body)
+        spec = gateway.registry.get(model)
+        truncate = tei_truncate(body, spec is not None and spec.truncate)
         options = request_options(request, body.priority, body.deadline_ms)
         await gateway.check_lengths(model, texts, truncate=truncate, status=413)
         op = gateway.embed_op(model)
