@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from ectrans.common.split import EMBED, FIRST_LAYER
+from ectrans.models.pooling_config import POOLING_MODES, declared_pooling
 from ectrans.models.segments import SegmentState
 
 # Families whose layers take (hidden, 4-D mask) and nothing else; others (MPNet's relative bias,
 # ELECTRA's embedding projection) would run without error and compute the wrong thing.
 SUPPORTED_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert"})
-POOLING_MODES = ("mean", "cls", "max")
 
 
 class UnsupportedModelError(ValueError):
@@ -90,23 +89,8 @@ class Pooling:
 
 def read_pooling(model_dir: Path) -> Pooling:
     """The pooling a sentence-transformers directory declares; mean + normalise for a plain model."""
-    modules_file = model_dir / "modules.json"
-    if not modules_file.exists():
-        return Pooling()
-    modules = json.loads(modules_file.read_text())
-    types = {str(module.get("type", "")).rsplit(".", 1)[-1]: module for module in modules}
-    mode = "mean"
-    if "Pooling" in types:
-        config_file = model_dir / types["Pooling"].get("path", "") / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        for candidate in POOLING_MODES:
-            if config.get(f"pooling_mode_{candidate}_token") or config.get(f"pooling_mode_{candidate}_tokens"):
-                mode = candidate
-                break
-        declared = config.get("pooling_mode")  # the newer single-field form
-        if isinstance(declared, str):
-            mode = declared
-    return Pooling(mode=mode, normalize="Normalize" in types)
+    mode, normalize = declared_pooling(model_dir)
+    return Pooling(mode=mode, normalize=normalize)
 
 
 class EncoderSegment:

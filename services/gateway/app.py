@@ -36,6 +36,7 @@ from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.schemas import Reason
+from ectrans.models.pooling_config import declared_pooling
 from ectrans.services.gateway.errors import CLIENT_CLOSED, TEI_PATHS, GatewayError, bad_request, render
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
@@ -379,7 +380,7 @@ def tei_info(spec: ModelSpec, settings: GatewaySettings) -> TEIInfo:
         model_sha=spec.revision or None,
         model_dtype=spec.dtype,
         served_model_name=spec.name,
-        model_type=TEIModelType(embedding=EmbeddingModelInfo(pooling=declared_pooling(spec.path))),
+        model_type=TEIModelType(embedding=EmbeddingModelInfo(pooling=pooling_mode(spec.path))),
         max_concurrent_requests=settings.gateway_max_inputs,
         max_input_length=spec.max_tokens,
         max_batch_tokens=int(spec.batching.get("token_budget", 0)) or spec.max_tokens * settings.gateway_max_inputs,
@@ -390,23 +391,12 @@ def tei_info(spec: ModelSpec, settings: GatewaySettings) -> TEIInfo:
     )
 
 
-def declared_pooling(model_dir: Path) -> str:
-    """The pooling a sentence-transformers directory declares (`mean` for a plain model), read as
-    `ectrans.models.encoder.read_pooling` does but without importing torch into the gateway."""
+def pooling_mode(model_dir: Path) -> str:
+    """The pooling the model's workers apply (`mean` where its directory cannot be read here)."""
     try:
-        modules = json.loads((model_dir / "modules.json").read_text())
-        folder = next(m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling"))
-        config = json.loads((model_dir / folder / "config.json").read_text())
-    except (OSError, ValueError, StopIteration, AttributeError):
+        return declared_pooling(model_dir)[0]
+    except (OSError, ValueError, AttributeError):
         return "mean"
-    if isinstance(config.get("pooling_mode"), str):
-        return str(config["pooling_mode"])
-    flags = [
-        m
-        for m in ("mean", "cls", "max")
-        if config.get(f"pooling_mode_{m}_token") or config.get(f"pooling_mode_{m}_tokens")
-    ]
-    return flags[0] if flags else "mean"
 
 
 def create_app(
