@@ -165,3 +165,12 @@ def test_bench_lone_times_each_way_quiet_and_beside_a_busy_core() -> None:
     for load in ("quiet", "busy_core"):
         assert set(out[load]["ms_per_request"]) == set(WAYS)
         assert all(ms > 0 for ms in out[load]["ms_per_request"].values()) and out[load]["chosen_vs_best"] > 0
+
+
+def test_bench_traced_pairs_traced_and_eager_layers() -> None:
+    from ectrans.bench.traced import bench_traced
+
+    out = bench_traced(sample_texts(9, seed=1), 2, threads=1)
+    for kind in ("request", "batch"):
+        assert set(out[f"ms_per_{kind}"]) == {"traced", "eager"} and all(v > 0 for v in out[f"ms_per_{kind}"].values())
+        assert out[f"traced_vs_eager_per_{kind}"] > 0

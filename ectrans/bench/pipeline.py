@@ -13,6 +13,9 @@ baseline throughput, per segment count.
 
 - lone: one request at a time, all threads vs one vs the executor's choice, quiet and beside a busy
   core (`ectrans/bench/lone.py`).
+- traced: the executor's traced encoder layers against its eager ones, per request and in batches of
+  8 (`ectrans/bench/traced.py`). The executors above run traced layers, as a worker's do on a CPU;
+  the baselines run the model as transformers does.
 
 Runs alternate within each round (baseline, then each configuration), so a round's runs see about
 the same background load. `speedup` is the median over rounds of the per-round ratio, with its
@@ -34,6 +37,7 @@ import torch
 
 from ectrans.bench.harness import load_average, machine_info, minilm_path
 from ectrans.bench.lone import bench_lone
+from ectrans.bench.traced import bench_traced
 from ectrans.bench.workload import load_sentences
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.api import Request
@@ -280,5 +284,7 @@ def run(quick: bool) -> dict[str, Any]:
     result["embed"] = bench_embed(size, threads)
     result["translate"] = bench_translate(size, threads)
     result["lone"] = bench_lone(workload(size.embed_sentences), size.repeats, threads)
+    # Shorter runs, twice the rounds: the paired ratio needs rounds more than long runs.
+    result["traced"] = bench_traced(workload(size.embed_sentences)[:50], 2 * size.repeats, threads)
     result["load_average_at_end"] = load_average()
     return result

@@ -9,6 +9,7 @@ segmented output equals the unsplit one bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import threading
@@ -24,6 +25,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from ectrans.common.split import EMBED, FIRST_LAYER
 from ectrans.models.pooling_config import POOLING_MODES, declared_pooling
 from ectrans.models.segments import SegmentState
+from ectrans.models.traced import LayerCall, trace_layers
 
 # Families whose layers take (hidden, 4-D mask) and nothing else; others (MPNet's relative bias,
 # ELECTRA's embedding projection) would run without error and compute the wrong thing.
@@ -42,6 +44,13 @@ class EncoderParts:
     embeddings: nn.Module
     layers: nn.ModuleList
     takes_token_types: bool
+    calls: Sequence[LayerCall] = ()  # how each layer runs: traced (traced.py) or eager; () eager
+
+    def run_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.calls:
+            return self.calls[index](hidden, mask)
+        out = self.layers[index](hidden, mask)
+        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
 
     @property
     def num_layers(self) -> int:
@@ -117,8 +126,7 @@ class EncoderSegment:
                 config=self.parts.config, inputs_embeds=hidden, attention_mask=state.mask
             )
             for index in layers:
-                out = self.parts.layers[index](hidden, mask_4d)
-                hidden = out[0] if isinstance(out, tuple) else out
+                hidden = self.parts.run_layer(index, hidden, mask_4d)
         state.hidden = hidden
         if self.pooling is not None:
             state.outputs = list(self.pooling(hidden, state.mask))
@@ -139,11 +147,16 @@ def even_splits(num_layers: int, n_segments: int) -> list[int]:
 
 
 def build_encoder_segments(
-    model: nn.Module, splits: Sequence[int] | int, pooling: Pooling | None = None
+    model: nn.Module, splits: Sequence[int] | int, pooling: Pooling | None = None, *, trace: bool = False
 ) -> list[EncoderSegment]:
     """Segments for `model`; `splits` is a segment count (even split) or the layer indices where
-    segments 2..N start (e.g. from `profile.balance_splits`)."""
+    segments 2..N start (e.g. from `profile.balance_splits`). `trace`: layers run as checked
+    TorchScript traces where those hold (`traced.py`; for the CPU)."""
     parts = encoder_parts(model)
+    if trace:
+        calls = trace_layers(parts.config, list(parts.layers))
+        if calls is not None:
+            parts = dataclasses.replace(parts, calls=calls)
     points = even_splits(parts.num_layers, splits) if isinstance(splits, int) else list(splits)
     bounds = [0, *points, parts.num_layers]
     if any(b <= a for a, b in itertools.pairwise(bounds)):

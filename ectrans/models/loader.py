@@ -110,13 +110,15 @@ def load_executor(
     model: nn.Module | None = None,
     park_limit_bytes: int = DEFAULT_PARK_LIMIT_BYTES,
     between_segments: BoundaryHook | None = None,
+    trace: bool = True,
 ) -> Executor:
     """An executor for `spec`.
 
     `threads`: this executor's share of the CPU cores (torch intra-op threads, split between the
     segment stages). `segments`: segment stages (encoder segments for seq2seq, whose decode
     segments come from the registry option `decode_segments`); default per device kind, capped
-    at the layer count. `model`: a prebuilt model to use instead of loading `spec.path`.
+    at the layer count. `model`: a prebuilt model to use instead of loading `spec.path`. `trace`:
+    on a CPU, encoder layers run as checked TorchScript traces (`ectrans.models.traced`).
     """
     if spec.kind == "noop":
         return NoopExecutor(spec)
@@ -129,7 +131,7 @@ def load_executor(
     wanted = segments if segments is not None else DEFAULT_SEGMENTS.get(torch_device.type, 1)
     if wanted < 1:
         raise ValueError(f"{segments=} must be at least 1")
-    segment_list, tokenize = _build_segments(spec, model, torch_device, wanted)
+    segment_list, tokenize = _build_segments(spec, model, torch_device, wanted, trace and torch_device.type == "cpu")
     resume = _resume(spec, model, tokenize)
     names = [segment.name for segment in segment_list]
     logger.info("[models] %s on %s: %d segment(s) %s", spec.name, torch_device, len(names), names)
@@ -164,7 +166,9 @@ def _resume(spec: ModelSpec, model: nn.Module, tokenize: Any) -> Resume | None:
     )
 
 
-def _build_segments(spec: ModelSpec, model: nn.Module, device: torch.device, wanted: int) -> tuple[list[Segment], Any]:
+def _build_segments(
+    spec: ModelSpec, model: nn.Module, device: torch.device, wanted: int, trace: bool
+) -> tuple[list[Segment], Any]:
     import transformers
 
     from ectrans.models.encoder import EncoderTokenizer, build_encoder_segments, encoder_parts, read_pooling
@@ -173,7 +177,7 @@ def _build_segments(spec: ModelSpec, model: nn.Module, device: torch.device, wan
     if spec.kind == "encoder":
         n_segments = min(wanted, encoder_parts(model).num_layers)
         splits = encoder_splits(spec, model, device, n_segments)
-        segments = build_encoder_segments(model, splits, read_pooling(spec.path))
+        segments = build_encoder_segments(model, splits, read_pooling(spec.path), trace=trace)
         return list(segments), EncoderTokenizer(tokenizer, spec.max_tokens)
     if spec.kind == "seq2seq":
         from ectrans.models.seq2seq import build_seq2seq_segments, encoder_stack

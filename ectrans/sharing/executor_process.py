@@ -174,6 +174,7 @@ def open_session(args: dict[str, Any], socket_path: str, on_holder_lost: Callabl
         "threads": args["threads"],
         "segments": args["segments"],
         "queue_depth": args["queue_depth"],
+        "trace": args.get("trace", True),
     }
     runtime_bytes = _private_bytes()
     started = time.perf_counter()

@@ -28,8 +28,11 @@ def load_executors(specs: list[ModelSpec], settings: WorkerSettings) -> dict[str
                 device=device,
                 threads_per_process=max(1, threads // processes),
                 segments=segments,
+                trace=settings.trace_layers,
                 log_format=settings.log_format,
             )
         else:
-            executors[spec.name] = load_executor(spec, device=device, threads=threads, segments=segments)
+            executors[spec.name] = load_executor(
+                spec, device=device, threads=threads, segments=segments, trace=settings.trace_layers
+            )
     return executors

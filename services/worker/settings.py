@@ -44,6 +44,11 @@ class WorkerSettings(CommonSettings):
             " (until 60 s after the last real-time task; 0: only `token_budget`)."
         ),
     )
+    trace_layers: bool = Field(
+        True,
+        description="On a CPU, encoder layers run as TorchScript traces, each checked against its eager"
+        " layer at load (same outputs, less Python per request; see ectrans/models/traced.py).",
+    )
     fifo: bool = Field(False, description="One FIFO queue for both classes (the baseline to compare against).")
     prefetch: int = Field(256, ge=1, description="Most tasks read from Redis ahead of the device.")
     max_inflight_batches: int = Field(3, ge=1, description="Batches submitted to the executor at once.")
