@@ -198,3 +198,27 @@ def test_tei_left_truncation_is_refused_wherever_truncation_happens() -> None:
     with pytest.raises(GatewayError, match="right truncation"):
         tei_truncate(EmbedRequest(**left, truncate=True), model_truncates=False)
     assert tei_truncate(EmbedRequest(**left, truncate=False), model_truncates=True) is False
+
+
+def test_requests_past_the_concurrency_limit_get_429_at_once(redis_server: Any) -> None:
+    """With no stack behind it a request waits for its timeout; meanwhile one more request than the
+    limit is answered `overloaded` at once, and room comes back when the first ends. /info says the limit."""
+    settings = {"gateway_max_concurrent_requests": "1", "gateway_timeout_s": "2"}
+    with gateway_process(redis_server.url, "tlimit:", **settings) as base:
+        assert httpx.get(base + "/info").json()["max_concurrent_requests"] == 1
+
+        async def race() -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                first = asyncio.create_task(client.post(EMB, json={"model": "minilm", "input": "waits"}))
+                await asyncio.sleep(0.5)
+                refused = await client.post(EMB, json={"model": "minilm", "input": "one too many"})
+                assert refused.status_code == 429, refused.text
+                assert refused.headers["retry-after"] == str(RETRY_AFTER_S[Reason.OVERLOADED])
+                assert refused.json()["error"]["code"] == Reason.OVERLOADED
+                tei = await client.post(TEI, json={"inputs": "one too many"})
+                assert tei.status_code == 429 and tei.json()["error_type"] == "Overloaded", tei.text
+                assert (await first).status_code == 504  # it waited its time out: the limit held it
+                again = await client.post(EMB, json={"model": "minilm", "input": "room again"})
+                assert again.status_code == 504
+
+        asyncio.run(race())

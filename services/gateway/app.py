@@ -37,7 +37,14 @@ from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.registry import ModelSpec
 from ectrans.common.schemas import Reason
 from ectrans.models.pooling_config import declared_pooling
-from ectrans.services.gateway.errors import CLIENT_CLOSED, TEI_PATHS, GatewayError, bad_request, render
+from ectrans.services.gateway.errors import (
+    CLIENT_CLOSED,
+    RETRY_AFTER_S,
+    TEI_PATHS,
+    GatewayError,
+    bad_request,
+    render,
+)
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
 from ectrans.services.gateway.protocol import (
@@ -114,6 +121,7 @@ class Gateway:
         self._stopping = asyncio.Event()
         self._beating: asyncio.Task[None] | None = None
         self.waiting_inputs = 0  # inputs submitted and not yet answered, for the heartbeat
+        self.requests_held = 0  # requests with tasks in flight (gateway_max_concurrent_requests)
 
     def _beat_fields(self) -> dict[str, object]:
         return {"waiting_inputs": self.waiting_inputs}
@@ -168,6 +176,34 @@ class Gateway:
     ) -> list[TaskResult]:
         """Submit one task per text and wait for all; the first error result becomes a GatewayError.
         A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
+        priority, deadline_ms = options
+        limit = self.settings.gateway_max_concurrent_requests
+        if self.requests_held >= limit:
+            raise GatewayError(
+                429,
+                f"the gateway holds {limit} requests, its limit (ECTRANS_GATEWAY_MAX_CONCURRENT_REQUESTS); retry later",
+                Reason.OVERLOADED,
+                retry_after_s=RETRY_AFTER_S[Reason.OVERLOADED],
+            )
+        self.requests_held += 1
+        try:
+            return await self._run(
+                request, model, op, texts, options=(priority, deadline_ms), params=params, truncate=truncate
+            )
+        finally:
+            self.requests_held -= 1
+
+    async def _run(
+        self,
+        request: Request,
+        model: str,
+        op: str,
+        texts: Sequence[str],
+        *,
+        options: tuple[str | None, int | None],
+        params: dict[str, int] | None,
+        truncate: bool,
+    ) -> list[TaskResult]:
         priority, deadline_ms = options
         self.metrics.submitted(model, len(texts))
         submitting = self.client.submit_many(
@@ -381,7 +417,7 @@ def tei_info(spec: ModelSpec, settings: GatewaySettings) -> TEIInfo:
         model_dtype=spec.dtype,
         served_model_name=spec.name,
         model_type=TEIModelType(embedding=EmbeddingModelInfo(pooling=pooling_mode(spec.path))),
-        max_concurrent_requests=settings.gateway_max_inputs,
+        max_concurrent_requests=settings.gateway_max_concurrent_requests,
         max_input_length=spec.max_tokens,
         max_batch_tokens=int(spec.batching.get("token_budget", 0)) or spec.max_tokens * settings.gateway_max_inputs,
         max_client_batch_size=settings.gateway_max_inputs,

@@ -36,6 +36,13 @@ class GatewaySettings(CommonSettings):
         2 * 1024 * 1024, ge=1024, description="Largest request body the gateway reads; larger ones get 413."
     )
     gateway_max_inputs: int = Field(2048, ge=1, description="Most inputs one request may carry (OpenAI allows 2048).")
+    gateway_max_concurrent_requests: int = Field(
+        4096,
+        ge=1,
+        description="Requests the gateway holds at once; one more is answered 429 `overloaded` at once (TEI's"
+        " max_concurrent_requests). Queues shed load by their own bounds; this one keeps a flood of open"
+        " requests from growing the gateway without end.",
+    )
     gateway_timeout_s: float = Field(60.0, gt=0, description="How long a request waits for its results before 504.")
     gateway_default_model: str = Field("minilm", description="Model for requests that name none (TEI's /embed).")
     heartbeat_s: float = Field(2.0, gt=0, description="The gateway's heartbeat, for `ectrans health gateway`.")
