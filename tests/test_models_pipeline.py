@@ -20,7 +20,8 @@ from transformers import AutoTokenizer
 
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.alone import AloneThreads
-from ectrans.models.api import Paced, Request
+from ectrans.models.api import ItemResult, Paced, Request
+from ectrans.models.batch import Job
 from ectrans.models.encoder import EncoderTokenizer, Pooling, embed_unsplit
 from ectrans.models.loader import load_executor, load_model
 from ectrans.models.noop import NoopExecutor
@@ -454,3 +455,27 @@ def test_a_lone_batch_runs_every_segment_on_all_threads(log: list[tuple[str, str
     assert ("A", "big", first, 3) in seen
     assert ("B", "big", "ectrans-steps-B", 1) in seen and ("C", "big", "ectrans-steps-C", 1) in seen
     assert seen.index(("A", "other", first, 1)) > seen.index(("A", "big", first, 3))
+
+
+def test_a_lone_batch_skips_the_hand_over_to_an_idle_results_stage(
+    log: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone client's latency: the thread that ran every segment also collects the results."""
+    collected_in: list[str] = []
+    collect = Job.collect
+
+    def recording(job: Job) -> list[ItemResult]:
+        collected_in.append(threading.current_thread().name)
+        return collect(job)
+
+    monkeypatch.setattr(Job, "collect", recording)
+    steps = [Probe(name, log, [], last=name == "B") for name in "AB"]
+    executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=2)
+    executor.alone_threads = all_threads_win()
+    try:
+        assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:2"
+        executor.alone_threads = all_threads_win(False)  # down the pipeline: the results stage collects
+        assert executor.submit(Request("embed", ["piped"])).result(WAIT_S)[0][0].output == "piped:2"
+    finally:
+        executor.close()
+    assert collected_in == ["ectrans-steps-A", "ectrans-steps-results"]

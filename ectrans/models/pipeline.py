@@ -254,7 +254,9 @@ class PipelinedExecutor(Executor):
                     forward = False
                 if paced:
                     self._front_finished()
-                if forward:
+                if forward and alone and last == len(self.segments) and self._results_idle():
+                    self._finish(job)  # no hand-over to an idle results stage: a lone client's latency
+                elif forward:
                     self._hand_on(last, job)
                 self._set_busy(k, False)
 
@@ -337,6 +339,10 @@ class PipelinedExecutor(Executor):
             if first.rt or first.batch or first.parked is not None:
                 return False
             return all(stage.idle for stage in self._stages[2:-1])
+
+    def _results_idle(self) -> bool:
+        with self._cond:
+            return self._stages[-1].idle
 
     def _run_alone(self, job: Job, measured: bool) -> int:
         """Run `job`'s segments from the first on, on all threads, while it stays alone (a probe of all
