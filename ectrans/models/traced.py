@@ -82,6 +82,10 @@ def trace_layers(config: Any, layers: Sequence[nn.Module]) -> list[LayerCall] | 
     if trace is None or not layers:
         return None
     first = next(layers[0].parameters())
+    threads = torch.get_num_threads()
+    # On one thread: a thread that has run a parallel operation keeps its OpenMP team, and a team
+    # beyond the cores makes every other team's threads sleep between operations (slower requests).
+    torch.set_num_threads(1)
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             # The trace warns of values it records as constants (shape checks in the attention
@@ -96,6 +100,8 @@ def trace_layers(config: Any, layers: Sequence[nn.Module]) -> list[LayerCall] | 
     except Exception as exc:  # any failure only costs the speed-up
         logger.debug("[models] layers stay eager: tracing failed (%r)", exc)
         return None
+    finally:
+        torch.set_num_threads(threads)
     return list(traced)
 
 
