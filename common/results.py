@@ -8,8 +8,9 @@ redis-py cost a worker more than everything else per task (see docs/benchmarks.m
 
 Results are keyed by task id: a client's `id` field, else the ingress entry ID. The two never meet
 (a client id may not look like an entry ID), and the dispatcher claims each client id for the first
-entry that names it (`CLAIM_LUA`, an owner mark beside the result key); a later task naming the
-same id is answered `duplicate_id` under its own entry ID, never with or over the owner's record.
+entry that names it (`claim_id` in CLAIM_ID_LUA, an owner mark beside the result key, claimed on a
+single Redis inside the same script call that forwards the task); a later task naming the same id
+is answered `duplicate_id` under its own entry ID, never with or over the owner's record.
 A reply stream that cannot take a record costs only that record's push, never another task's write.
 
 On a Redis Cluster those keys live in different slots, where no script or MULTI can span them, so
@@ -151,40 +152,46 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
-CLAIM_LUA = """
--- KEYS[1] owner mark of a client id, KEYS[2] its result hash (same slot); ARGV: entry id, ttl s.
--- The first ingress entry to name an id owns it; that entry may claim it again (a redelivery).
--- Returns 1 when ARGV[1] owns the id, 0 when another entry does (or a result already exists).
-local owner = redis.call('GET', KEYS[1])
-if owner then
-  return owner == ARGV[1] and 1 or 0
+# The claim rule, shared by every script that claims a client id (CLAIM_LUA, CLAIM_MANY_LUA and the
+# dispatcher's commit script): the first ingress entry to name an id owns it, and that entry may
+# claim it again (a redelivery). True when `entry` owns the id behind owner mark `mark`, false when
+# another entry does (or a result `result` already exists, written before any mark).
+CLAIM_ID_LUA = """
+local function claim_id(mark, result, entry, ttl)
+  local owner = redis.call('GET', mark)
+  if owner then
+    return owner == entry
+  end
+  if redis.call('EXISTS', result) == 1 then
+    return false
+  end
+  redis.call('SET', mark, entry, 'EX', ttl)
+  return true
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
 """
 
-CLAIM_MANY_LUA = """
+CLAIM_LUA = (
+    CLAIM_ID_LUA
+    + """
+-- KEYS[1] owner mark of a client id, KEYS[2] its result hash (same slot); ARGV: entry id, ttl s.
+-- Returns 1 when ARGV[1] owns the id, 0 when another entry does (see claim_id).
+return claim_id(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) and 1 or 0
+"""
+)
+
+CLAIM_MANY_LUA = (
+    CLAIM_ID_LUA
+    + """
 -- CLAIM_LUA for many ids in one call (single Redis only: the keys live in many slots).
 -- KEYS: owner mark, result hash, owner mark, result hash, ...; ARGV[1] ttl s, then one entry id per
 -- pair of keys. Returns one 1/0 per id, as CLAIM_LUA.
 local owned = {}
 for i = 1, #KEYS / 2 do
-  local mark, result, entry = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
-  local owner = redis.call('GET', mark)
-  if owner then
-    owned[i] = owner == entry and 1 or 0
-  elseif redis.call('EXISTS', result) == 1 then
-    owned[i] = 0
-  else
-    redis.call('SET', mark, entry, 'EX', ARGV[1])
-    owned[i] = 1
-  end
+  owned[i] = claim_id(KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1], ARGV[1]) and 1 or 0
 end
 return owned
 """
+)
 
 # An owner mark lives until its task's result expires (the finish sets the same TTL on both); until
 # then, this long: a task may wait up to a day for its deadline and its result then lives `ttl`.

@@ -18,7 +18,7 @@ from ectrans.common.redis_conn import connect, is_cluster
 from ectrans.common.results import Finish, ResultWriter, error_record
 from ectrans.common.schemas import Task
 from ectrans.services.dispatcher import forwarding as forwarding_module
-from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding
+from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding, Held
 
 TTL_S = 60
 
@@ -69,7 +69,7 @@ def test_commit_forwards_answers_and_acks_once(redis_url: str, prefix: str) -> N
             answers = [_finish(keys, "t2", record, entries[2][0])]
             metrics = [{"kind": "errors", "model": "noop", "class": "batch", "reasons": "bad_input:1"}]
             for _ in range(2):  # the second call is a retry after a lost reply: it must change nothing
-                assert await forwarder.commit(items, answers, writer, metrics, limit=10) == []
+                assert await forwarder.commit(items, answers, writer, metrics, limit=10) == Held()
             queue = await redis.xrange(keys.queue("noop", "batch"))
             assert [fields[b"id"] for _, fields in queue] == [b"t0", b"t1"]
             assert queue[1][1][b"input"] == payload
@@ -92,9 +92,8 @@ def test_a_large_read_is_committed_in_several_calls(redis_url: str, prefix: str,
             forwarder, writer = dispatcher_side(redis, keys)
             items = [forwarding(keys, entry_id, f"t{i}", bytes(256)) for i, (entry_id, _) in enumerate(entries[:3])]
             record = error_record("t3", "bad_input", "no", submitted_ms=0)
-            assert await forwarder.commit(items, [_finish(keys, "t3", record, entries[3][0])], writer, limit=2) == [
-                entries[2][0]
-            ]
+            held = await forwarder.commit(items, [_finish(keys, "t3", record, entries[3][0])], writer, limit=2)
+            assert held == Held(refused=[entries[2][0]])
             assert await redis.xlen(keys.queue("noop", "batch")) == 2
             assert await redis.exists(keys.result("t3"))
             pending = await redis.xpending_range(keys.tasks, DISPATCHER_GROUP, min="-", max="+", count=10)
@@ -110,8 +109,8 @@ def test_commit_refuses_forwards_to_a_full_queue_and_leaves_them_pending(redis_u
             entries = await ingress(redis, keys, 3)
             forwarder, writer = dispatcher_side(redis, keys)
             items = [forwarding(keys, entry_id, f"t{i}") for i, (entry_id, _) in enumerate(entries)]
-            refused = await forwarder.commit(items, [], writer, limit=2)
-            assert refused == [entries[2][0]]
+            held = await forwarder.commit(items, [], writer, limit=2)
+            assert held == Held(refused=[entries[2][0]])
             assert await redis.xlen(keys.queue("noop", "batch")) == 2
             pending = await redis.xpending_range(keys.tasks, DISPATCHER_GROUP, min="-", max="+", count=10)
             assert [row["message_id"].decode() for row in pending] == [entries[2][0]]
@@ -129,9 +128,63 @@ def test_commit_leaves_an_entry_that_is_not_pending_alone(redis_url: str, prefix
             await ensure_group(redis, keys.tasks, DISPATCHER_GROUP)
             entry_id = (await redis.xadd(keys.tasks, {"model": "noop", "op": "noop", "input": "x"})).decode()
             forwarder, writer = dispatcher_side(redis, keys)
-            assert await forwarder.commit([forwarding(keys, entry_id, "t0")], [], writer, limit=10) == []
+            assert await forwarder.commit([forwarding(keys, entry_id, "t0")], [], writer, limit=10) == Held()
             assert await redis.xlen(keys.queue("noop", "batch")) == 0
             assert await redis.xlen(keys.tasks) == 1
+
+    asyncio.run(scenario())
+
+
+def test_commit_claims_each_id_and_leaves_duplicates_pending_until_answered(redis_url: str, prefix: str) -> None:
+    """The commit claims every forward's client id before its queue's limit: in one read the first
+    entry naming an id owns it; a later one is held back as a duplicate (never refused as
+    `overloaded`, which would answer under the owner's id), left pending and returned until answered."""
+
+    async def scenario() -> None:
+        async with single_redis(redis_url) as redis:
+            keys = Keys(prefix)
+            entries = await ingress(redis, keys, 4)
+            forwarder, writer = dispatcher_side(redis, keys)
+            ids = ["job", "job", "other", entries[3][0]]  # the last one is keyed by its own entry ID
+            items = [forwarding(keys, entry_id, task_id) for (entry_id, _), task_id in zip(entries, ids, strict=True)]
+            owner, duplicate, full, unnamed = (entry_id for entry_id, _ in entries)
+            expected = Held(refused=[full, unnamed], duplicates=[duplicate])
+            for _ in range(2):  # a retry while they are still pending returns them again
+                assert await forwarder.commit(items, [], writer, limit=1) == expected
+            assert [fields[b"id"] for _, fields in await redis.xrange(keys.queue("noop", "batch"))] == [b"job"]
+            assert await redis.get(keys.owner("job")) == owner.encode()
+            assert await redis.get(keys.owner("other")) == full.encode()  # claimed, then refused by the limit
+            pending = await redis.xpending_range(keys.tasks, DISPATCHER_GROUP, min="-", max="+", count=10)
+            assert sorted(row["message_id"].decode() for row in pending) == sorted([duplicate, full, unnamed])
+
+            answers = [
+                _finish(keys, entry_id, error_record(entry_id, reason, "no", submitted_ms=0), entry_id)
+                for entry_id, reason in [(duplicate, "duplicate_id"), (full, "overloaded"), (unnamed, "overloaded")]
+            ]
+            assert await forwarder.commit([], answers, writer) == Held()
+            # A retry of the first call after its answers were written returns nothing twice.
+            assert await forwarder.commit(items, [], writer, limit=1) == Held()
+            assert await redis.xlen(keys.queue("noop", "batch")) == 1
+            assert await redis.xlen(keys.tasks) == 0
+            assert not await redis.exists(keys.result("job"))  # the owner's record is a worker's to write
+            assert (await redis.hgetall(keys.result(duplicate)))[b"reason"] == b"duplicate_id"
+
+    asyncio.run(scenario())
+
+
+def test_commit_finds_an_id_whose_result_exists_taken(redis_url: str, prefix: str) -> None:
+    """A result written before any owner mark (an error answered under the id) owns the id too."""
+
+    async def scenario() -> None:
+        async with single_redis(redis_url) as redis:
+            keys = Keys(prefix)
+            entries = await ingress(redis, keys, 1)
+            forwarder, writer = dispatcher_side(redis, keys)
+            await redis.hset(keys.result("done"), mapping={"id": "done", "status": "ok"})
+            held = await forwarder.commit([forwarding(keys, entries[0][0], "done")], [], writer, limit=10)
+            assert held == Held(duplicates=[entries[0][0]])
+            assert await redis.xlen(keys.queue("noop", "batch")) == 0
+            assert not await redis.exists(keys.owner("done"))
 
     asyncio.run(scenario())
 

@@ -7,9 +7,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
+from ectrans.common.cost import CostModel
 from ectrans.common.keys import DISPATCHER_GROUP, Keys
 from ectrans.common.recovery import ensure_group, read_group
-from ectrans.common.redis_conn import RedisClient, connect
+from ectrans.common.redis_conn import RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings
@@ -136,5 +139,107 @@ def test_entries_read_before_a_crash_are_handled_first_and_once(redis_url: str, 
         assert await queued_ids(redis, keys, "batch") == ["read-before", "new"]
         assert not await d.step()
         assert await ingress_left(redis, keys) == (0, 0)
+
+    stepped(redis_url, prefix, body)
+
+
+async def script_calls(redis: RedisClient) -> int:
+    """Script calls Redis has run so far (INFO commandstats), a NOSCRIPT miss and its EVAL included."""
+    stats: Any = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("eval", "evalsha"))
+
+
+def test_a_read_of_named_tasks_costs_one_script_call(redis_url: str, prefix: str) -> None:
+    """On a single Redis the claims of the forwards' client ids ride in the commit script: a read of
+    tasks that name ids (as the client library's all do) is one script call, not a claim and a commit."""
+
+    async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
+        if is_cluster(redis):
+            pytest.skip("a cluster claims and forwards per slot")
+        await submit(redis, keys, "warm", priority="batch")
+        assert await d.step()  # the scripts are loaded now: no NOSCRIPT miss below
+        named = [await submit(redis, keys, f"named-{i}", priority="realtime" if i else "batch") for i in range(3)]
+        before = await script_calls(redis)
+        assert await d.step()
+        assert await script_calls(redis) - before == 1
+        assert await queued_ids(redis, keys, "batch") == ["warm", "named-0"]
+        assert await queued_ids(redis, keys, "realtime") == ["named-1", "named-2"]
+        assert [text(await redis.get(keys.owner(f"named-{i}"))) for i in range(3)] == named  # claimed all the same
+        assert (d.forwarded, d.rejected) == (4, 0)
+
+    stepped(redis_url, prefix, body)
+
+
+async def error_metrics(redis: RedisClient, keys: Keys) -> list[str]:
+    entries: Any = await redis.xrange(keys.metrics)
+    return sorted(text(fields[b"reasons"]) for _, fields in entries if fields.get(b"kind") == b"errors")
+
+
+def test_in_one_read_the_first_entry_owns_an_id_and_a_duplicate_is_never_overloaded(
+    redis_url: str, prefix: str
+) -> None:
+    """Two entries naming one id in the same read: the first owns it. The second is bound for a queue
+    that the first just filled, and is answered `duplicate_id` under its entry ID, not `overloaded`
+    under the owner's id; a task of its own id is refused `overloaded`. Counters and metrics count
+    each once."""
+
+    async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
+        owner = await submit(redis, keys, "shared", priority="batch")
+        duplicate = await submit(redis, keys, "shared", priority="batch")
+        late = await submit(redis, keys, "late", priority="batch")
+        bad = await submit(redis, keys, "shared", model="nosuchmodel")  # an error result naming the id
+        assert await d.step()
+        assert await queued_ids(redis, keys, "batch") == ["shared"]
+        assert text(await redis.get(keys.owner("shared"))) == owner
+        assert await result(redis, keys, "shared") == {}  # the owner's record is its worker's to write
+        for entry_id in (duplicate, bad):
+            record = await result(redis, keys, entry_id)
+            assert (record["reason"], record["requested_id"]) == ("duplicate_id", "shared"), record
+        assert (await result(redis, keys, "late"))["reason"] == "overloaded"
+        assert await result(redis, keys, late) == {}
+        assert await ingress_left(redis, keys) == (0, 0)
+        assert (d.forwarded, d.rejected) == (1, 3)
+        reasons = ",".join(await error_metrics(redis, keys)).split(",")
+        assert sorted(reasons) == ["duplicate_id:1", "duplicate_id:1", "overloaded:1"]
+
+    stepped(redis_url, prefix, body, max_queue_len=1)
+
+
+def test_an_error_result_naming_an_id_after_its_owner_in_the_read_is_a_duplicate(redis_url: str, prefix: str) -> None:
+    """An error result is claimed before the commit, and the forwards naming its id with it, in the
+    order of the read: the forward that comes first keeps the id."""
+
+    async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
+        owner = await submit(redis, keys, "mine", priority="batch")
+        bad = await submit(redis, keys, "mine", op="nosuchop")
+        assert await d.step()
+        assert await queued_ids(redis, keys, "batch") == ["mine"]
+        assert text(await redis.get(keys.owner("mine"))) == owner
+        assert (await result(redis, keys, bad))["reason"] == "duplicate_id"
+        assert await result(redis, keys, "mine") == {}
+        assert (d.forwarded, d.rejected) == (1, 1)
+
+    stepped(redis_url, prefix, body)
+
+
+def test_a_duplicate_that_admission_rejects_is_answered_duplicate_id(redis_url: str, prefix: str) -> None:
+    """Admission runs before the claims on a single Redis: a real-time duplicate it rejects (predicted
+    past its deadline) names the owner's id, and must be claimed, and found a duplicate, before any
+    record is written under that id."""
+
+    async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
+        slow = CostModel(overhead_ms=1000.0, ms_per_token=1.0, segments=1, samples=50, max_batch_tokens=100)
+        await redis.hset(keys.cost("noop"), mapping=dict(slow.to_fields()))  # type: ignore[arg-type]
+        await submit(redis, keys, "held", priority="batch")
+        assert await d.step()
+        duplicate = await submit(redis, keys, "held", priority="realtime", deadline_ms="100")
+        fresh = await submit(redis, keys, "fresh", priority="realtime", deadline_ms="100")
+        assert await d.step()
+        assert await result(redis, keys, "held") == {}  # no `deadline` record under the owner's id
+        record = await result(redis, keys, duplicate)
+        assert (record["reason"], record["requested_id"]) == ("duplicate_id", "held"), record
+        assert (await result(redis, keys, "fresh"))["reason"] == "deadline"
+        assert await result(redis, keys, fresh) == {}
+        assert (d.forwarded, d.rejected) == (1, 2)
 
     stepped(redis_url, prefix, body)

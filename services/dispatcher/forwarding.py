@@ -11,22 +11,33 @@ run the task again, and the result hash (idempotent by task id) still keeps one 
 On a single Redis, `Forwarder.commit` does a whole read in one `COMMIT_LUA` call instead: every
 forward, every error result, the rejection metrics and the acknowledgements, atomically. A task is
 appended only if its ingress entry was still pending (its XACK answers 1), so a repeated call (a
-retry after a lost reply, or a peer that claimed the same entry) forwards nothing twice; and only
-if its queue is under the length limit, checked at that very moment (a refused entry stays pending
-until the caller answers it).
+retry after a lost reply, or a peer that claimed the same entry) forwards nothing twice; only if
+its entry owns the client id it names (claimed in the same call, by the rule of `ResultWriter.claim`);
+and only if its queue is under the length limit, checked at that very moment. A duplicate or a
+refused entry stays pending until the caller answers it (`duplicate_id` under its entry ID, or
+`overloaded`): a read costs one script call, its claims included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ectrans.common.heartbeat import METRICS_MAXLEN
 from ectrans.common.keys import Keys
 from ectrans.common.lua import ACK_LUA, Arg, KeyIndex, Lua
 from ectrans.common.redis_conn import RedisClient, same_slot_pipeline
-from ectrans.common.results import FINISH_ALL_LUA, REPLY_MAXLEN, Finish, ResultWriter, packb_items
+from ectrans.common.results import (
+    CLAIM_ID_LUA,
+    FINISH_ALL_LUA,
+    OWNER_GRACE_S,
+    REPLY_MAXLEN,
+    Finish,
+    ResultWriter,
+    packb_items,
+)
+from ectrans.common.schemas import is_client_id
 
 FORWARD_LUA = """
 -- KEYS[1] dedupe mark, KEYS[2] target stream (same slot); ARGV: ttl s, source entry id, field, value, ...
@@ -47,18 +58,26 @@ COMMIT_MAX_BYTES = 16 * 1024 * 1024
 COMMIT_LUA = (
     ACK_LUA
     + FINISH_ALL_LUA
+    + CLAIM_ID_LUA
     + """
--- Single Redis only. KEYS[1] source stream, KEYS[2] metrics stream, then the queues, result hashes
--- and reply streams, each once. ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply maxlen,
--- ARGV[4] metrics maxlen, ARGV[5] msgpack [forwards, finishes, metrics]:
---   forwards [[queue key, entry id, [field, value, ...], queue length limit (0: none)], ...]
---   (keys as KEYS indices),
+-- Single Redis only. KEYS[1] source stream, KEYS[2] metrics stream, then the queues, owner marks,
+-- result hashes and reply streams, each once. ARGV[1] group, ARGV[2] result ttl s, ARGV[3] reply
+-- maxlen, ARGV[4] metrics maxlen, ARGV[5] msgpack [forwards, finishes, metrics], ARGV[6] owner
+-- mark ttl s:
+--   forwards [[queue key, entry id, [field, value, ...], queue length limit (0: none),
+--   owner mark key or 0, result key or 0], ...] (keys as KEYS indices; a mark for a client id),
 --   finishes as in finish_all, all answering entries of KEYS[1],
 --   metrics [[field, value, ...], ...], appended only if an entry they count was still pending.
--- A forward to a queue at the limit is refused: left pending, its entry id returned, for the caller
--- to answer. Returns {refused entry ids, finish_all's code per finish}.
+-- A forward first claims its client id (claim_id), then checks its queue's limit (so a duplicate is
+-- never refused under the owner's id). A duplicate, or a forward to a queue at the limit, is left
+-- pending, its entry id returned (only while still pending: an earlier call may have seen it
+-- answered) for the caller to answer. Returns {refused entry ids, finish_all's code per finish,
+-- duplicate entry ids}.
+local function pending(entry)
+  return #redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1) > 0
+end
 local body = cmsgpack.unpack(ARGV[5])
-local done, refused, lengths, answered = {}, {}, {}, 0
+local done, refused, duplicates, lengths, answered = {}, {}, {}, {}, 0
 for _, item in ipairs(body[2]) do  -- acks first: a missing group fails the call before any write
   if item[4] ~= '' then
     answered = answered + redis.call('XACK', KEYS[1], ARGV[1], item[4])
@@ -69,8 +88,12 @@ for _, f in ipairs(body[1]) do
   local queue = f[1]
   local length = lengths[queue] or redis.call('XLEN', KEYS[queue])
   local limit = f[4]
-  if limit > 0 and length >= limit then
-    if #redis.call('XPENDING', KEYS[1], ARGV[1], f[2], f[2], 1) > 0 then  -- else answered by an earlier call
+  if f[5] > 0 and not claim_id(KEYS[f[5]], KEYS[f[6]], f[2], ARGV[6]) then
+    if pending(f[2]) then
+      duplicates[#duplicates + 1] = f[2]
+    end
+  elseif limit > 0 and length >= limit then
+    if pending(f[2]) then
       refused[#refused + 1] = f[2]
     end
   else
@@ -91,7 +114,7 @@ if answered > 0 then
   end
 end
 del_all(KEYS[1], done)
-return {refused, codes}
+return {refused, codes, duplicates}
 """
 )
 
@@ -105,6 +128,18 @@ class Forwarding:
     task_id: str
     entry_id: str
     fields: dict[str, str | bytes]
+
+
+@dataclass(frozen=True)
+class Held:
+    """Entries a commit left pending for the caller to answer: forwards refused by a full queue, and
+    forwards naming a client id that another entry owns."""
+
+    refused: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.refused or self.duplicates)
 
 
 class Forwarder:
@@ -127,15 +162,17 @@ class Forwarder:
         metrics: Sequence[Mapping[str, str]] = (),
         *,
         limit: int | Mapping[str, int] = 0,
-    ) -> list[str]:
+    ) -> Held:
         """Single Redis: forward `items`, write the error results `finishes` (answering entries of the
         source stream, through `writer`), append `metrics` to the metrics stream and acknowledge it
         all in one atomic script call (several, each atomic, in one round trip when the forwarded
-        fields exceed COMMIT_MAX_BYTES). An item bound for a queue already at its limit (`limit`, one
-        for every queue or one per queue key; 0 or absent: no limit) is refused: left pending, its
-        entry id returned for the caller to answer."""
+        fields exceed COMMIT_MAX_BYTES). An item naming a client id claims it first; one whose id
+        another entry owns is a duplicate. An item bound for a queue already at its limit (`limit`,
+        one for every queue or one per queue key; 0 or absent: no limit) is refused. Both are left
+        pending, their entry ids returned for the caller to answer. The finishes' client ids must
+        be claimed beforehand (`ResultWriter.claim`)."""
         if not items and not finishes:
-            return []
+            return Held()
         if any(finish.stream != self.source for finish in finishes):
             raise ValueError(f"commit answers entries of {self.source} only")
         calls = []
@@ -145,7 +182,10 @@ class Forwarder:
         replies = await self._commit.run_many(self.redis, calls)
         codes = [int(code) for code in replies[0][1]]  # the finishes went with the first call
         writer.refused_replies.note(f for f, code in zip(finishes, codes, strict=True) if code == 2)
-        return [_text(entry_id) for refused, _ in replies for entry_id in refused]
+        return Held(
+            [_text(entry_id) for reply in replies for entry_id in reply[0]],
+            [_text(entry_id) for reply in replies for entry_id in reply[2]],
+        )
 
     def _commit_call(
         self,
@@ -156,11 +196,16 @@ class Forwarder:
         limit: int | Mapping[str, int],
     ) -> tuple[list[str], list[Arg]]:
         keys = KeyIndex(self.source, self.keys.metrics)
-        forwards = [
-            [keys.index(item.queue), item.entry_id, _flat(item.fields), _limit_of(limit, item.queue)] for item in items
-        ]
+        forwards = []
+        for item in items:
+            owner, result = 0, 0
+            if is_client_id(item.task_id):
+                owner, result = keys.index(self.keys.owner(item.task_id)), keys.index(self.keys.result(item.task_id))
+            queue = keys.index(item.queue)
+            forwards.append([queue, item.entry_id, _flat(item.fields), _limit_of(limit, item.queue), owner, result])
         body: list[Any] = [forwards, writer.pack(finishes, keys), [_flat(m) for m in metrics]]
-        return keys.keys, [self.group, self.ttl_s, REPLY_MAXLEN, METRICS_MAXLEN, packb_items(body)]
+        owner_ttl = self.ttl_s + OWNER_GRACE_S
+        return keys.keys, [self.group, self.ttl_s, REPLY_MAXLEN, METRICS_MAXLEN, packb_items(body), owner_ttl]
 
     async def forward(self, items: Sequence[Forwarding]) -> int:
         """Forward and then acknowledge every item; returns how many were new (not repeats)."""

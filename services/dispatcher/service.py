@@ -221,29 +221,43 @@ class Dispatcher:
         if not entries:
             return
         decisions = [self.decide(eid, raw) for eid, raw in entries]
-        decisions = await self._claim_ids(decisions)
-        decisions = await self._admit(decisions)
+        if self.writer.cluster:
+            decisions = await self._claim_ids(decisions)
+            decisions = await self._admit(decisions)
+        else:  # the commit script claims the forwards' ids; admission's error results are claimed here
+            decisions = await self._admit(decisions)
+            decisions = await self._claim_ids(decisions, forwards=False)
         forwards = [d for d in decisions if isinstance(d, Forward)]
         finishes = [d for d in decisions if isinstance(d, Finish)]
         for forward in forwards:
             self.work_limits.observe(forward.queue, forward.tokens)
-        refused = 0
+        held = 0
         if self.writer.cluster:
             await asyncio.shield(self._commit_per_slot(forwards, finishes))
         else:
-            refused = await asyncio.shield(self._commit(forwards, finishes))
-        self.rejected += len(finishes) + refused
-        self.forwarded += len(forwards) - refused
+            held = await asyncio.shield(self._commit(forwards, finishes))
+        self.rejected += len(finishes) + held
+        self.forwarded += len(forwards) - held
 
-    async def _claim_ids(self, decisions: list[Forward | Finish]) -> list[Forward | Finish]:
-        """Every task naming a client id claims it first (see `ResultWriter.claim`), its error results
-        included: a task whose id another task owns is answered `duplicate_id` under its own entry ID,
-        so it can neither take nor overwrite the owner's record."""
-        owners = [(d.task.id, d.entry_id) if isinstance(d, Forward) else (d.task_id, d.entry_id) for d in decisions]
-        if not any(is_client_id(task_id) for task_id, _ in owners):
+    async def _claim_ids(self, decisions: list[Forward | Finish], *, forwards: bool = True) -> list[Forward | Finish]:
+        """Every task naming a client id claims it (see `ResultWriter.claim`) before anything is written
+        under it: a task whose id another task owns is answered `duplicate_id` under its own entry ID,
+        so it can neither take nor overwrite the owner's record.
+
+        With `forwards=False` (a single Redis, where the commit script claims the forwards' ids) only
+        the error results claim here, and the forwards naming one of their ids, so that within a read
+        the first entry to name an id still owns it. A read with no such error result costs no call."""
+        ids = [d.task.id if isinstance(d, Forward) else d.task_id for d in decisions]
+        if forwards:
+            wanted = [is_client_id(task_id) for task_id in ids]
+        else:
+            finished = {t for d, t in zip(decisions, ids, strict=True) if isinstance(d, Finish) and is_client_id(t)}
+            wanted = [task_id in finished for task_id in ids]
+        if not any(wanted):
             return decisions
-        owned = await self.writer.claim(owners)
-        return [d if ok else self._duplicate(d) for d, ok in zip(decisions, owned, strict=True)]
+        claims = [(t, d.entry_id) for d, t, w in zip(decisions, ids, wanted, strict=True) if w]
+        owned = iter(await self.writer.claim(claims))
+        return [self._duplicate(d) if w and not next(owned) else d for d, w in zip(decisions, wanted, strict=True)]
 
     def _duplicate(self, decision: Forward | Finish) -> Finish:
         if isinstance(decision, Forward):
@@ -261,19 +275,25 @@ class Dispatcher:
         return Finish(entry_id, record, self.keys.tasks, entry_id, reply_to)
 
     async def _commit(self, forwards: list[Forward], finishes: list[Finish]) -> int:
-        """Single Redis: forwards, error results, their metrics and the acks in one script call (a crash
-        leaves all or nothing done; one call per read instead of three commands per task). The script
-        checks each queue's length limit as it appends; the forwards it refused (left pending) are
-        answered `overloaded` in a second call. Returns how many were refused."""
+        """Single Redis: claims of the forwards' ids, forwards, error results, their metrics and the acks
+        in one script call (a crash leaves all or nothing done; one call per read instead of three
+        commands per task). The script claims each forward's client id, then checks its queue's
+        length limit as it appends; the duplicates and the refused forwards (left pending) are
+        answered in a second call, `duplicate_id` and `overloaded`. Returns how many were held back."""
         items = [_forwarding(d) for d in forwards]
         metrics = self._rejection_metrics(finishes)
         limits = {d.queue: self._queue_limit(d).entries for d in forwards}
-        refused_ids = set(await self.forwarder.commit(items, finishes, self.writer, metrics, limit=limits))
-        if not refused_ids:
+        held = await self.forwarder.commit(items, finishes, self.writer, metrics, limit=limits)
+        if not held:
             return 0
-        refused = [self._overloaded(d) for d in forwards if d.entry_id in refused_ids]
-        await self.forwarder.commit([], refused, self.writer, self._rejection_metrics(refused))
-        return len(refused)
+        refused, duplicates = set(held.refused), set(held.duplicates)
+        answers = [
+            self._duplicate(d) if d.entry_id in duplicates else self._overloaded(d)
+            for d in forwards
+            if d.entry_id in duplicates or d.entry_id in refused
+        ]
+        await self.forwarder.commit([], answers, self.writer, self._rejection_metrics(answers))
+        return len(answers)
 
     async def _commit_per_slot(self, forwards: list[Forward], finishes: list[Finish]) -> None:
         """The cluster's dispatch: forwards (deduped in the queue's slot, then acked), error results
