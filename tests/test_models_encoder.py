@@ -185,3 +185,28 @@ def test_minilm_embed_equals_sentence_transformers(minilm_texts: list[str]) -> N
         got = torch.stack(state.outputs).numpy()
         assert got.dtype == np.float32
         assert np.abs(got - expected).max() <= 1e-5, n
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+def test_counted_texts_are_padded_as_the_tokenizer_pads_them(tiny_dirs: dict[str, Path], kind: str, side: str) -> None:
+    """Stage 0 reuses the ids `count_tokens` made; the batch must be exactly the tokenizer's own."""
+    path = tiny_dirs[kind]
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.padding_side = side
+    tokenize = EncoderTokenizer(tokenizer, 12)
+    texts = [s for s in SENTENCES if tokenize.count_tokens([s])[0] <= tokenize.max_tokens]
+    texts = list(dict.fromkeys(texts))[:4]
+    assert len({len(ids) for ids in tokenizer(texts)["input_ids"]}) > 1  # rows of different lengths: padding
+    expected = tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    tokenize.count_tokens(texts)
+    assert all(text in tokenize._counted for text in texts)
+    state = tokenize(texts, {})
+    assert not any(text in tokenize._counted for text in texts)  # taken for this batch
+    assert torch.equal(state.input_ids, expected["input_ids"]) and torch.equal(state.mask, expected["attention_mask"])
+    if "token_type_ids" in expected:
+        assert torch.equal(state.extras["token_type_ids"], expected["token_type_ids"])
+    else:
+        assert "token_type_ids" not in state.extras
+    again = tokenize(texts, {})  # not counted this time: tokenised, the same
+    assert torch.equal(again.input_ids, state.input_ids) and torch.equal(again.mask, state.mask)

@@ -13,11 +13,13 @@ import dataclasses
 import inspect
 import itertools
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
@@ -187,23 +189,36 @@ def token_limit(tokenizer: Any, max_tokens: int) -> int:
     return max_tokens
 
 
+# A text's ids and token type ids (None where the tokenizer makes none), as `count_tokens` made them.
+Counted = tuple[list[int], list[int] | None]
+# Counted texts whose ids are kept for their batch's tokenisation: above a worker's prefetch (256),
+# so a text counted on arrival is still there when its batch forms; the oldest go first.
+COUNTED_KEPT = 4096
+
+
 class EncoderTokenizer:
     """Texts to the first `SegmentState`: padded, truncated at `max_tokens`.
 
     A fast tokenizer must not be used from two threads at once (its Rust state is borrowed per
-    call), and the worker counts tokens while stage 0 tokenises, hence the lock.
+    call), and the worker counts tokens while stage 0 tokenises, hence the lock. The worker counts
+    every text's tokens when it arrives; stage 0 pads those ids instead of tokenising again.
     """
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = token_limit(tokenizer, max_tokens)
         self._lock = threading.Lock()
+        self._counted: OrderedDict[str, Counted] = OrderedDict()  # text -> ids from `count_tokens`
 
     def __call__(self, texts: list[str], params: dict[str, Any]) -> SegmentState:
         with self._lock:
-            encoded = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            )
+            rows = self._take_counted(texts)
+            if rows is None:
+                encoded = self.tokenizer(
+                    texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+                )
+        if rows is not None:
+            encoded = self._padded(rows)
         extras = {"token_type_ids": encoded["token_type_ids"]} if "token_type_ids" in encoded else {}
         return SegmentState(
             hidden=None,
@@ -214,12 +229,46 @@ class EncoderTokenizer:
         )
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Token counts, at most `max_tokens + 1`: a count above `max_tokens` marks a text that is too long."""
+        """Token counts, at most `max_tokens + 1`: a count above `max_tokens` marks a text that is too long.
+        The ids of texts within the limit are kept for the batch that will carry them (`COUNTED_KEPT`)."""
         if not texts:  # a fast tokenizer fails on an empty batch
             return []
         with self._lock:
             encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)
+            types = encoded.get("token_type_ids")
+            for index, (text, ids) in enumerate(zip(texts, encoded["input_ids"], strict=True)):
+                if len(ids) <= self.max_tokens:
+                    self._counted[text] = (ids, None if types is None else types[index])
+            while len(self._counted) > COUNTED_KEPT:
+                self._counted.popitem(last=False)
         return [len(ids) for ids in encoded["input_ids"]]
+
+    def _take_counted(self, texts: list[str]) -> list[Counted] | None:
+        """The counted ids of every text (taken out), or None when one is missing (then none is taken)."""
+        if self.tokenizer.pad_token_id is None or any(text not in self._counted for text in texts):
+            return None
+        if len(set(texts)) != len(texts):  # a text twice in one batch: its ids are kept once
+            return None
+        return [self._counted.pop(text) for text in texts]
+
+    def _padded(self, rows: list[Counted]) -> dict[str, torch.Tensor]:
+        """What the tokenizer returns for the batch with `padding=True` (its padding side and id), from
+        ids it made before: on a lone client's path this saves tokenising the text a second time."""
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        types = np.zeros((len(rows), width), dtype=np.int64)
+        left = self.tokenizer.padding_side == "left"
+        for row, (ids, type_ids) in enumerate(rows):
+            span = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[row, span] = ids
+            mask[row, span] = 1
+            if type_ids is not None:
+                types[row, span] = type_ids
+        encoded = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if rows[0][1] is not None:
+            encoded["token_type_ids"] = torch.from_numpy(types)
+        return encoded
 
 
 def embed_unsplit(model: nn.Module, state: SegmentState, pooling: Pooling) -> torch.Tensor:
