@@ -31,7 +31,7 @@ class WorkerSettings(CommonSettings):
         ge=0,
         description=(
             "Padding a bulk batch may carry, as a share of its real tokens: a task that would pad it more"
-            " waits for a batch nearer its own length. Default: 0.1 on a CPU (padding costs compute"
+            " waits for a batch nearer its own length. Default: 0.25 on a CPU (padding costs compute"
             " there in proportion), no bound on a GPU."
         ),
     )
