@@ -210,3 +210,19 @@ def test_counted_texts_are_padded_as_the_tokenizer_pads_them(tiny_dirs: dict[str
         assert "token_type_ids" not in state.extras
     again = tokenize(texts, {})  # not counted this time: tokenised, the same
     assert torch.equal(again.input_ids, state.input_ids) and torch.equal(again.mask, state.mask)
+
+
+def test_the_counted_ids_cache_stays_small(tiny_dirs: dict[str, Path]) -> None:
+    """Texts that never reach a batch, texts twice in one batch, and long texts of few tokens (spaces)
+    cannot grow the cache past its bound."""
+    from ectrans.models import encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["bert"], local_files_only=True)
+    tokenize = EncoderTokenizer(tokenizer, 12)
+    spaces = "a" + " " * (encoder.COUNTED_CHARS_PER_TOKEN * 12)  # two tokens, many characters
+    tokenize.count_tokens([spaces, "the cat"])
+    assert list(tokenize._counted) == ["the cat"]
+    state = tokenize(["the cat", "the cat"], {})  # twice in one batch: tokenised, and gone from the cache
+    assert not tokenize._counted and state.input_ids.shape[0] == 2
+    tokenize.count_tokens([f"word {i}" for i in range(encoder.COUNTED_KEPT + 50)])
+    assert len(tokenize._counted) == encoder.COUNTED_KEPT

@@ -190,10 +190,13 @@ def token_limit(tokenizer: Any, max_tokens: int) -> int:
 
 
 # A text's ids and token type ids (None where the tokenizer makes none), as `count_tokens` made them.
-Counted = tuple[list[int], list[int] | None]
+Counted = tuple[np.ndarray, np.ndarray | None]
 # Counted texts whose ids are kept for their batch's tokenisation: above a worker's prefetch (256),
-# so a text counted on arrival is still there when its batch forms; the oldest go first.
-COUNTED_KEPT = 4096
+# so a text counted on arrival is still there when its batch forms; the oldest go first. Only texts
+# of at most COUNTED_CHARS_PER_TOKEN characters per allowed token are kept (a text of spaces is a
+# few tokens however long): the cache holds at most about COUNTED_KEPT x that many characters.
+COUNTED_KEPT = 1024
+COUNTED_CHARS_PER_TOKEN = 16
 
 
 class EncoderTokenizer:
@@ -236,20 +239,22 @@ class EncoderTokenizer:
         with self._lock:
             encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens + 1)
             types = encoded.get("token_type_ids")
+            longest = COUNTED_CHARS_PER_TOKEN * self.max_tokens
             for index, (text, ids) in enumerate(zip(texts, encoded["input_ids"], strict=True)):
-                if len(ids) <= self.max_tokens:
-                    self._counted[text] = (ids, None if types is None else types[index])
+                if len(ids) <= self.max_tokens and len(text) <= longest:
+                    type_ids = None if types is None else np.asarray(types[index], dtype=np.int64)
+                    self._counted[text] = (np.asarray(ids, dtype=np.int64), type_ids)
             while len(self._counted) > COUNTED_KEPT:
                 self._counted.popitem(last=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def _take_counted(self, texts: list[str]) -> list[Counted] | None:
-        """The counted ids of every text (taken out), or None when one is missing (then none is taken)."""
-        if self.tokenizer.pad_token_id is None or any(text not in self._counted for text in texts):
+        """The counted ids of every text, or None when one is missing (a text twice in the batch: its
+        ids were kept once). Either way the batch's texts leave the cache."""
+        rows = [self._counted.pop(text, None) for text in texts]
+        if self.tokenizer.pad_token_id is None or any(row is None for row in rows):
             return None
-        if len(set(texts)) != len(texts):  # a text twice in one batch: its ids are kept once
-            return None
-        return [self._counted.pop(text) for text in texts]
+        return [row for row in rows if row is not None]
 
     def _padded(self, rows: list[Counted]) -> dict[str, torch.Tensor]:
         """What the tokenizer returns for the batch with `padding=True` (its padding side and id), from
