@@ -215,6 +215,8 @@ def test_requests_past_the_concurrency_limit_get_429_at_once(redis_server: Any) 
                 assert refused.status_code == 429, refused.text
                 assert refused.headers["retry-after"] == str(RETRY_AFTER_S[Reason.OVERLOADED])
                 assert refused.json()["error"]["code"] == Reason.OVERLOADED
+                unread = await client.post(EMB, content=b"{not even JSON", headers=JSON)
+                assert unread.status_code == 429  # refused before its body is read or parsed
                 tei = await client.post(TEI, json={"inputs": "one too many"})
                 assert tei.status_code == 429 and tei.json()["error_type"] == "Overloaded", tei.text
                 assert (await first).status_code == 504  # it waited its time out: the limit held it

@@ -226,3 +226,20 @@ def test_the_counted_ids_cache_stays_small(tiny_dirs: dict[str, Path]) -> None:
     assert not tokenize._counted and state.input_ids.shape[0] == 2
     tokenize.count_tokens([f"word {i}" for i in range(encoder.COUNTED_KEPT + 50)])
     assert len(tokenize._counted) == encoder.COUNTED_KEPT
+
+
+def test_the_counted_ids_cache_is_bounded_in_characters_too(
+    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ectrans.models import encoder
+
+    monkeypatch.setattr(encoder, "COUNTED_CHARS", 100)
+    tokenize = EncoderTokenizer(AutoTokenizer.from_pretrained(tiny_dirs["bert"], local_files_only=True), 12)
+    texts = [f"the cat {i:02d}" for i in range(30)]  # 10 characters each
+    tokenize.count_tokens(texts)
+    assert list(tokenize._counted) == texts[-10:] and tokenize._counted_chars == 100
+    tokenize(texts[-10:], {})
+    assert not tokenize._counted and tokenize._counted_chars == 0
+    tokenize.keeps_counted = False  # a counter for executor processes, which tokenise themselves
+    tokenize.count_tokens(texts)
+    assert not tokenize._counted

@@ -296,4 +296,6 @@ def _token_counter(spec: ModelSpec) -> Callable[[Sequence[str]], list[int]]:
     from ectrans.models.encoder import EncoderTokenizer
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, local_files_only=True)
-    return EncoderTokenizer(tokenizer, spec.max_tokens).count_tokens
+    counter = EncoderTokenizer(tokenizer, spec.max_tokens)
+    counter.keeps_counted = False  # the executor processes tokenise their batches themselves
+    return counter.count_tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -121,7 +122,7 @@ class Gateway:
         self._stopping = asyncio.Event()
         self._beating: asyncio.Task[None] | None = None
         self.waiting_inputs = 0  # inputs submitted and not yet answered, for the heartbeat
-        self.requests_held = 0  # requests with tasks in flight (gateway_max_concurrent_requests)
+        self.requests_held = 0  # task requests being served (gateway_max_concurrent_requests)
 
     def _beat_fields(self) -> dict[str, object]:
         return {"waiting_inputs": self.waiting_inputs}
@@ -163,6 +164,29 @@ class Gateway:
                     )
         return sum(counts)
 
+    def holding(self, handler: Endpoint) -> Endpoint:
+        """`handler` with its request counted against `gateway_max_concurrent_requests` from its first
+        step: a request over the bound is answered 429 before its body is read, parsed or counted."""
+
+        @functools.wraps(handler)
+        async def held(request: Request) -> Response:
+            limit = self.settings.gateway_max_concurrent_requests
+            if self.requests_held >= limit:
+                raise GatewayError(
+                    429,
+                    f"the gateway holds {limit} requests, its limit (ECTRANS_GATEWAY_MAX_CONCURRENT_REQUESTS);"
+                    " retry later",
+                    Reason.OVERLOADED,
+                    retry_after_s=RETRY_AFTER_S[Reason.OVERLOADED],
+                )
+            self.requests_held += 1
+            try:
+                return await handler(request)
+            finally:
+                self.requests_held -= 1
+
+        return held
+
     async def run(
         self,
         request: Request,
@@ -176,34 +200,6 @@ class Gateway:
     ) -> list[TaskResult]:
         """Submit one task per text and wait for all; the first error result becomes a GatewayError.
         A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
-        priority, deadline_ms = options
-        limit = self.settings.gateway_max_concurrent_requests
-        if self.requests_held >= limit:
-            raise GatewayError(
-                429,
-                f"the gateway holds {limit} requests, its limit (ECTRANS_GATEWAY_MAX_CONCURRENT_REQUESTS); retry later",
-                Reason.OVERLOADED,
-                retry_after_s=RETRY_AFTER_S[Reason.OVERLOADED],
-            )
-        self.requests_held += 1
-        try:
-            return await self._run(
-                request, model, op, texts, options=(priority, deadline_ms), params=params, truncate=truncate
-            )
-        finally:
-            self.requests_held -= 1
-
-    async def _run(
-        self,
-        request: Request,
-        model: str,
-        op: str,
-        texts: Sequence[str],
-        *,
-        options: tuple[str | None, int | None],
-        params: dict[str, int] | None,
-        truncate: bool,
-    ) -> list[TaskResult]:
         priority, deadline_ms = options
         self.metrics.submitted(model, len(texts))
         submitting = self.client.submit_many(
@@ -483,6 +479,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     }
 
     @app.post("/v1/embeddings", **openai_route)  # type: ignore[arg-type]
+    @gateway.holding
     async def embeddings(request: Request) -> Response:
         """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
         body = await parse_body(request, EmbeddingRequest)
@@ -511,6 +508,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     }
 
     @app.post("/embed", **tei_route)  # type: ignore[arg-type]
+    @gateway.holding
     async def embed(request: Request) -> Response:
         """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
         body = await parse_body(request, EmbedRequest)
@@ -534,6 +532,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
         tags=["ECTrans"],
         openapi_extra=request_body(TranslateRequest),
     )
+    @gateway.holding
     async def translate(request: Request) -> Response:
         """Translation (or any generation) with an encoder-decoder model."""
         body = await parse_body(request, TranslateRequest)
