@@ -151,6 +151,8 @@ def test_bench_serve_tiny_prints_its_json(tmp_path: Path) -> None:
     assert result["scenario"] == "serve" and result["device"]
     assert {"per_request", "arrival_batch_8", "sorted_batch_32"} <= set(result["bare_loops_tasks_per_s"])
     assert all(rate > 0 for rate in result["bare_loops_tasks_per_s"].values())
+    for loop, mean in result["bare_loops_tasks_per_s"].items():  # the ratios' bare loops: before and after
+        assert mean == round((result["bare_loops_before"][loop] + result["bare_loops_after"][loop]) / 2, 2)
     assert [row["clients"] for row in result["closed"]] == [1, 8]
     for row in result["closed"]:
         assert row["answered"] > 0 and row["p50_ms"] > 0 and row["server_batches"]["batches"] > 0, row
