@@ -28,7 +28,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from ectrans.common.split import EMBED, FIRST_LAYER
 from ectrans.models.pooling_config import POOLING_MODES, declared_pooling
 from ectrans.models.segments import SegmentState
-from ectrans.models.traced import LayerCall, trace_layers
+from ectrans.models.traced import LayerCall, layer_output, trace_layers
 
 # Families whose layers take (hidden, 4-D mask) and nothing else; others (MPNet's relative bias,
 # ELECTRA's embedding projection) would run without error and compute the wrong thing.
@@ -52,8 +52,7 @@ class EncoderParts:
     def run_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.calls:
             return self.calls[index](hidden, mask)
-        out = self.layers[index](hidden, mask)
-        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+        return layer_output(self.layers[index](hidden, mask))
 
     @property
     def num_layers(self) -> int:

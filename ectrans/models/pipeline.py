@@ -244,6 +244,9 @@ class PipelinedExecutor(Executor):
                     if alone:
                         last = self._run_alone(job, measured)
                         forward = last > 0
+                        if last == len(self.segments) and self._results_idle():
+                            self._finish(job)  # no hand-over to an idle results stage: a lone client's latency
+                            forward = False
                     else:
                         before = job.compute_ms
                         forward = self._work(k, job)
@@ -254,9 +257,7 @@ class PipelinedExecutor(Executor):
                     forward = False
                 if paced:
                     self._front_finished()
-                if forward and alone and last == len(self.segments) and self._results_idle():
-                    self._finish_here(job)  # no hand-over to an idle results stage: a lone client's latency
-                elif forward:
+                if forward:
                     self._hand_on(last, job)
                 self._set_busy(k, False)
 
@@ -344,12 +345,6 @@ class PipelinedExecutor(Executor):
         """The results stage has nothing to do, and no real-time batch waits for this thread."""
         with self._cond:
             return self._stages[-1].idle and not self._realtime_in_flight
-
-    def _finish_here(self, job: Job) -> None:
-        try:
-            self._finish(job)
-        except Exception as exc:  # as in the stage loop: a bug here must not stop this stage
-            self._fail(job, RuntimeError(f"stage 'results' failed: {exc!r}"), exc)
 
     def _run_alone(self, job: Job, measured: bool) -> int:
         """Run `job`'s segments from the first on, on all threads, while it stays alone (a probe of all

@@ -40,7 +40,6 @@ from ectrans.common.schemas import Reason
 from ectrans.models.pooling_config import declared_pooling
 from ectrans.services.gateway.errors import (
     CLIENT_CLOSED,
-    RETRY_AFTER_S,
     TEI_PATHS,
     GatewayError,
     bad_request,
@@ -172,12 +171,10 @@ class Gateway:
         async def held(request: Request) -> Response:
             limit = self.settings.gateway_max_concurrent_requests
             if self.requests_held >= limit:
-                raise GatewayError(
-                    429,
+                raise GatewayError.for_reason(
+                    Reason.OVERLOADED,
                     f"the gateway holds {limit} requests, its limit (ECTRANS_GATEWAY_MAX_CONCURRENT_REQUESTS);"
                     " retry later",
-                    Reason.OVERLOADED,
-                    retry_after_s=RETRY_AFTER_S[Reason.OVERLOADED],
                 )
             self.requests_held += 1
             try:

@@ -52,16 +52,16 @@ class GatewayError(Exception):
         return f"{self.status} {self.code}: {self.message}"
 
     @classmethod
+    def for_reason(cls, reason: str, message: str, param: str | None = None) -> GatewayError:
+        """The error for an ECTrans reason: its status and, where one applies, its Retry-After."""
+        return cls(REASON_STATUS.get(reason, 500), message, reason, param, RETRY_AFTER_S.get(reason))
+
+    @classmethod
     def from_result(cls, result: TaskResult, index: int, count: int) -> GatewayError:
         reason = result.reason or Reason.INTERNAL
         which = f"input {index}: " if count > 1 else ""
-        return cls(
-            status=REASON_STATUS.get(reason, 500),
-            message=f"{which}{result.error or reason}",
-            code=reason,
-            param="input" if reason == Reason.BAD_INPUT else None,
-            retry_after_s=RETRY_AFTER_S.get(reason),
-        )
+        param = "input" if reason == Reason.BAD_INPUT else None
+        return cls.for_reason(reason, f"{which}{result.error or reason}", param)
 
 
 def bad_request(message: str, param: str | None = None, code: str = Reason.BAD_INPUT) -> GatewayError:

@@ -47,7 +47,7 @@ class WorkerSettings(CommonSettings):
     trace_layers: bool = Field(
         True,
         description="On a CPU, encoder layers run as TorchScript traces, each checked against its eager"
-        " layer at load (same outputs, less Python per request; see ectrans/models/traced.py).",
+        " layer at load (within 1e-5, equal in the tests; less Python per request; see ectrans/models/traced.py).",
     )
     fifo: bool = Field(False, description="One FIFO queue for both classes (the baseline to compare against).")
     prefetch: int = Field(256, ge=1, description="Most tasks read from Redis ahead of the device.")
