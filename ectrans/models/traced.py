@@ -78,6 +78,17 @@ class TracedLayer:
         return self.unmasked(hidden) if mask is None else self.masked(hidden, mask)  # type: ignore[no-any-return]
 
 
+def _quiet_trace_warnings() -> None:
+    """The trace warns of values it records as constants (shape checks in the attention dispatch) and
+    of its own deprecation; the checks below decide whether it holds. Filters for those messages only
+    (adding one again moves it, nothing more): `catch_warnings` would swap the process's filters and
+    mute other threads' warnings meanwhile."""
+    tracer_warning = getattr(torch.jit, "TracerWarning", None)
+    if tracer_warning is not None:
+        warnings.filterwarnings("ignore", category=tracer_warning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=DeprecationWarning)
+
+
 def trace_layers(config: Any, layers: Sequence[nn.Module]) -> list[LayerCall] | None:
     """Traced calls for `layers` (see the module docstring), or None to run them eager."""
     trace = getattr(getattr(torch, "jit", None), "trace", None)
@@ -88,11 +99,9 @@ def trace_layers(config: Any, layers: Sequence[nn.Module]) -> list[LayerCall] | 
     # On one thread: a thread that has run a parallel operation keeps its OpenMP team, and a team
     # beyond the cores makes every other team's threads sleep between operations (slower requests).
     torch.set_num_threads(1)
+    _quiet_trace_warnings()
     try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            # The trace warns of values it records as constants (shape checks in the attention
-            # dispatch) and of its own deprecation; the checks below decide whether it holds.
-            warnings.simplefilter("ignore")
+        with torch.inference_mode():
             traced = [_trace_one(trace, config, layer, first.dtype, first.device) for layer in layers]
             for layer, call in zip(layers, traced, strict=True):
                 problem = _mismatch(config, layer, call, first.dtype, first.device)
