@@ -149,13 +149,14 @@ def test_bench_gateway_tiny_prints_its_json(tmp_path: Path) -> None:
 def test_bench_serve_tiny_prints_its_json(tmp_path: Path) -> None:
     result = run_tiny_bench("serve", tmp_path, timeout_s=210)
     assert result["scenario"] == "serve" and result["device"]
-    assert {"per_request", "arrival_batch_8", "sorted_batch_32"} <= set(result["bare_loops_tasks_per_s"])
+    assert set(result["bare_loops_tasks_per_s"]) == {"per_request", "arrival_batch_8"}
     assert all(rate > 0 for rate in result["bare_loops_tasks_per_s"].values())
-    for loop, mean in result["bare_loops_tasks_per_s"].items():  # the ratios' bare loops: before and after
-        assert mean == round((result["bare_loops_before"][loop] + result["bare_loops_after"][loop]) / 2, 2)
     assert [row["clients"] for row in result["closed"]] == [1, 8]
-    for row in result["closed"]:
+    for row, loop in zip(result["closed"], ("per_request", "arrival_batch_8"), strict=True):
         assert row["answered"] > 0 and row["p50_ms"] > 0 and row["server_batches"]["batches"] > 0, row
+        bare = row["bare"]  # the level's bare loop, just before and just after it
+        assert bare["loop"] == loop and bare["mean"] == round((bare["before"] + bare["after"]) / 2, 2) > 0
+        assert result["ratios"][f"clients_{row['clients']}"] == round(row["tasks_per_s"] / bare["mean"], 3)
     assert set(result["ratios"]) == {"clients_1", "clients_8"} and all(r > 0 for r in result["ratios"].values())
     assert result["open"][0]["answered"] > 0 and result["open_kept_at_top_load"] > 0
 

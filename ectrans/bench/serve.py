@@ -12,9 +12,10 @@ users would call it, with the default classification (no priority given).
   the stack runs with a queue bound of `ONLINE_QUEUE_S` seconds of work, an online node's setting);
 - bare loops in a separate process with all cores, same sentences, measured in the same run: one
   `encode` per request; arrival-order batches of 8; length-sorted batches of 32 (what
-  sentence-transformers' `encode` does). They run before the stack starts and again after it stops,
-  and the ratios are against the mean of the two: on a shared host the same loop moved by a quarter
-  between runs, and a figure taken at one end only held the stack to another machine's speed.
+  sentence-transformers' `encode` does). Each closed level's loop runs just before the level and
+  again just after it (the stack idle meanwhile), and its ratio is against the mean of the two: on a
+  shared host the same loop moved by 40% within one run, and a figure taken minutes away from the
+  level held the stack to another machine's speed.
 
 Ratios: 1 client against per request, 8 clients against arrival-order batches of 8, 32 and 256
 clients against length-sorted batches of 32; the open loop's kept share against the closed peak.
@@ -84,8 +85,9 @@ def choose_size(quick: bool) -> Size:
 
 
 class BareLoops:
-    """The bare loops' model processes (all cores, and one thread), kept from before the stack starts
-    until after it stops, so measuring again afterwards costs the loops only (they sit idle between)."""
+    """The bare loops' model processes (all cores, and one thread), loaded before the stack starts and
+    kept until it stops: measuring one loop beside a closed level costs that loop only (they sit idle
+    while the stack runs)."""
 
     def __init__(self, texts: list[str], device: str) -> None:
         spec = build_spec(MODEL, {"path": str(packaged_minilm_path())})
@@ -107,19 +109,27 @@ class BareLoops:
     def __exit__(self, *exc: object) -> None:
         self._opened.close()
 
-    def measure(self) -> dict[str, float]:
-        """Tasks/s of the loops the closed levels are held against, each on all cores; per request also
-        on one thread, the better counting (batch 1 on a busy host often does better on one thread)."""
-        rates: dict[str, float] = {}
-        for threads, procs in self._procs.items():
-            seconds, items = procs.per_request()
-            rates[f"per_request_threads_{threads}"] = items / seconds
-            if threads == cores():
-                for name, batch, sort in (("arrival_batch_8", 8, False), ("sorted_batch_32", 32, True)):
-                    timing = procs.batched(batch, sort=sort)
-                    rates[name] = timing.items / timing.seconds
-        rates["per_request"] = max(v for k, v in rates.items() if k.startswith("per_request_"))
-        return {name: round(rate, 2) for name, rate in rates.items()}
+    def measure(self, loop: str) -> float:
+        """Tasks/s of one loop, on all cores; per request the better of all cores and one thread (batch
+        1 on a busy host often does better on one thread)."""
+        if loop == "per_request":
+            return max(self._per_request(procs) for procs in self._procs.values())
+        batch, sort = BATCHED[loop]
+        timing = self._procs[cores()].batched(batch, sort=sort)
+        return round(timing.items / timing.seconds, 2)
+
+    @staticmethod
+    def _per_request(procs: ModelProcesses) -> float:
+        seconds, items = procs.per_request()
+        return round(items / seconds, 2)
+
+
+BATCHED = {"arrival_batch_8": (8, False), "sorted_batch_32": (32, True)}  # batch size, sorted by length
+
+
+def loop_for(clients: int) -> str:
+    """The bare loop a closed level of `clients` is held against."""
+    return CLOSED_TARGETS.get(clients, LARGE_TARGET)[0]
 
 
 # 2. Driving the stack --------------------------------------------------------------------------------
@@ -228,16 +238,21 @@ class BatchSizes:
         await self.redis.aclose()
 
 
-async def drive(stack: ServiceStack, texts: list[str], size: Size) -> dict[str, Any]:
+async def drive(stack: ServiceStack, loops: BareLoops, texts: list[str], size: Size) -> dict[str, Any]:
     async with AsyncClient(stack.url, prefix=stack.prefix) as client:
         sizes = BatchSizes(stack.url, stack.keys)
         try:
             await closed_loop(client, texts, 8, 2.0)  # warm-up: shapes, and the worker's fitted cost
             closed = []
             for clients in size.clients:
+                loop = loop_for(clients)
+                before = await asyncio.to_thread(loops.measure, loop)  # the stack idle meanwhile
                 await sizes.start()
                 outcome = await closed_loop(client, texts, clients, size.closed_seconds)
-                closed.append({"clients": clients, **outcome.summary(), "server_batches": await sizes.since_start()})
+                batches = await sizes.since_start()
+                after = await asyncio.to_thread(loops.measure, loop)
+                bare = {"loop": loop, "before": before, "after": after, "mean": round((before + after) / 2, 2)}
+                closed.append({"clients": clients, **outcome.summary(), "server_batches": batches, "bare": bare})
                 note(f"closed loop, {clients} clients: {closed[-1]}")
             peak = max(row["tasks_per_s"] for row in closed)
             opened = []
@@ -256,14 +271,24 @@ async def drive(stack: ServiceStack, texts: list[str], size: Size) -> dict[str, 
 # 3. The run ------------------------------------------------------------------------------------------
 
 
-def ratios(closed: list[dict[str, Any]], bare: dict[str, float]) -> dict[str, Any]:
+def ratios(closed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each closed level against the mean of its bare loop's runs just before and just after it."""
     out = {}
     for row in closed:
         loop, target = CLOSED_TARGETS.get(row["clients"], LARGE_TARGET)
-        measured = round(row["tasks_per_s"] / bare[loop], 3) if bare[loop] else None
+        bare = row["bare"]["mean"]
+        measured = round(row["tasks_per_s"] / bare, 3) if bare else None
         met = measured is not None and measured >= target and row["errors"] == 0
         out[f"clients_{row['clients']}"] = {"against": loop, "ratio": measured, "target": target, "met": met}
     return out
+
+
+def bare_means(closed: list[dict[str, Any]]) -> dict[str, float]:
+    """Each bare loop's mean over all its runs (the ratios use each level's own two)."""
+    runs: dict[str, list[float]] = {}
+    for row in closed:
+        runs.setdefault(row["bare"]["loop"], []).extend((row["bare"]["before"], row["bare"]["after"]))
+    return {loop: round(sum(rates) / len(rates), 2) for loop, rates in runs.items()}
 
 
 def shedding(top: dict[str, Any]) -> dict[str, Any]:
@@ -284,16 +309,14 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
     started = time.monotonic()
     info = machine_info()
     texts = sample_texts(max(size.baseline_tasks, 100), seed=SEED)
-    with BareLoops(texts[: size.baseline_tasks], str(resolve_device("auto"))) as loops:
-        before = loops.measure()  # alone on the machine, as after
-        note(f"bare loops before: {before}")
-        with ServiceStack(serve_models=MODEL, settings={"BATCH_MAX_QUEUE_S": str(ONLINE_QUEUE_S)}) as stack:
-            served = run_async(lambda: drive(stack, texts, size))
-            settings = stack.service_settings()
-        after = loops.measure()
-        note(f"bare loops after: {after}")
-    bare = {loop: round((before[loop] + after[loop]) / 2, 2) for loop in before}
-    closed_ratios = ratios(served["closed"], bare)
+    online = {"BATCH_MAX_QUEUE_S": str(ONLINE_QUEUE_S)}
+    with (
+        BareLoops(texts[: size.baseline_tasks], str(resolve_device("auto"))) as loops,
+        ServiceStack(serve_models=MODEL, settings=online) as stack,
+    ):
+        served = run_async(lambda: drive(stack, loops, texts, size))
+        settings = stack.service_settings()
+    closed_ratios = ratios(served["closed"])
     top = served["open"][-1] if served["open"] else {}
     open_met = top.get("kept_of_peak") is not None and top["kept_of_peak"] >= OPEN_KEPT_TARGET
     shed = shedding(top)
@@ -303,9 +326,7 @@ def _run(size: Size, quick: bool) -> dict[str, Any]:
         "device": info["device"],
         "ratios": {name: entry["ratio"] for name, entry in closed_ratios.items()},
         "open_kept_at_top_load": top.get("kept_of_peak"),
-        "bare_loops_tasks_per_s": bare,  # the mean of before and after, which the ratios use
-        "bare_loops_before": before,
-        "bare_loops_after": after,
+        "bare_loops_tasks_per_s": bare_means(served["closed"]),  # each level's own runs: in `closed`
         "closed": served["closed"],
         "open": served["open"],
         "closed_peak_tasks_per_s": served["closed_peak_tasks_per_s"],
