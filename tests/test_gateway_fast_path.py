@@ -83,7 +83,7 @@ def test_a_body_cut_off_by_a_disconnect_is_a_closed_request() -> None:
 
 
 def test_metrics_count_through_their_cached_children() -> None:
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(["noop"])
     metrics.inflight += 2
     for status in (200, 200, 429):
         metrics.answered("/embed", status, 0.002)
@@ -95,6 +95,18 @@ def test_metrics_count_through_their_cached_children() -> None:
     assert 'ectrans_gateway_request_seconds_bucket{endpoint="/embed",le="0.0025"} 3.0' in lines
     assert 'ectrans_gateway_inputs_total{model="noop"} 4.0' in lines
     assert "ectrans_gateway_inflight_requests 2.0" in lines
+
+
+def test_model_names_outside_the_registry_share_one_label_value() -> None:
+    """A client picks the model names it sends: one label value each would grow without bound."""
+    metrics = GatewayMetrics(["noop", "minilm"])
+    for index in range(2000):
+        metrics.submitted(f"no-such-model-{index}", 1)
+    metrics.submitted("noop", 2)
+    lines = [line for line in metrics.exposition().decode().splitlines() if line.startswith("ectrans_gateway_inputs_")]
+    assert 'ectrans_gateway_inputs_total{model="unknown"} 2000.0' in lines
+    assert 'ectrans_gateway_inputs_total{model="noop"} 2.0' in lines
+    assert len(lines) == 4, lines  # `_total` and `_created` of the two values
 
 
 def test_vectors_go_out_as_json_lists_that_read_back_to_the_same_float32() -> None:

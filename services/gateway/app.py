@@ -434,7 +434,7 @@ def create_app(
     """The FastAPI app behind the gateway's two pure ASGI layers (see middleware.py). They wrap it from
     outside rather than through `add_middleware`, which would put FastAPI's own outer layers (server
     errors, telemetry, body limit) on every task request's path."""
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(registry)
     gateway = Gateway(settings, registry, metrics, instance)
 
     @contextlib.asynccontextmanager
