@@ -15,7 +15,7 @@ import pytest
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message
 
-from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body
+from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body, request_options
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Guard, Shortcut
@@ -66,6 +66,22 @@ def test_options_come_from_the_x_ectrans_headers_only() -> None:
         "headers": [(b"x-ectrans-priority", b"batch"), (b"x-ectrans-deadline-ms", b"50"), (b"x-other", b"1")],
     }
     assert ectrans_headers(Request(scope)) == {"x-ectrans-priority": "batch", "x-ectrans-deadline-ms": "50"}
+
+
+@pytest.mark.parametrize("value", [b"\xb2", b"1" + b"0" * 5000, b"0", b"-5", b"12.5", b"86400001"])
+def test_a_deadline_header_that_is_not_a_small_whole_number_is_a_400(value: bytes) -> None:
+    """'\xb2' (a superscript two in Latin-1) passes `str.isdigit` and 5,000 digits pass it too; `int`
+    refuses both, which must not become a 500."""
+    request = Request({"type": "http", "headers": [(b"x-ectrans-deadline-ms", value)]})
+    with pytest.raises(GatewayError) as error:
+        request_options(request, None, None)
+    assert error.value.status == 400
+    assert request_options(
+        Request({"type": "http", "headers": [(b"x-ectrans-deadline-ms", b" 250 ")]}), None, None
+    ) == (
+        None,
+        250,
+    )
 
 
 def test_a_body_cut_off_by_a_disconnect_is_a_closed_request() -> None:

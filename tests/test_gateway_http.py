@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,13 @@ CORPUS: dict[str, Case] = {
         EMB,
         body({"model": "minilm", "input": "x"}),
         {**JSON, "x-ectrans-deadline-ms": "soon"},
+        400,
+    ),
+    "deadline header of 5000 digits": (
+        "POST",
+        EMB,
+        body({"model": "minilm", "input": "x"}),
+        {**JSON, "x-ectrans-deadline-ms": "1" + "0" * 5000},
         400,
     ),
     "deep nesting": ("POST", EMB, b"[" * 1500 + b"]" * 1500, JSON, 400),
@@ -231,3 +239,19 @@ def test_requests_past_the_concurrency_limit_get_429_at_once(redis_server: Any) 
                 assert again.status_code == 504
 
         asyncio.run(race())
+
+
+def test_a_body_that_stalls_is_refused_and_frees_its_place(redis_server: Any) -> None:
+    """A client that sends part of a body and waits would hold its place under the request bound for
+    as long as it likes: past the body timeout it gets a 408, and the next request is served."""
+    settings = {"gateway_max_concurrent_requests": "1", "gateway_body_timeout_s": "1"}
+    with gateway_process(redis_server.url, "tstall:", **settings) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as stalled:
+            stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 100\r\n\r\n" + b'{"model": ')
+            answer = stalled.recv(65536)
+        head, _, content = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"408", answer
+        assert json.loads(content)["error"]["code"] == "body_timeout"
+        after = httpx.post(base + EMB, json={"model": "minilm", "input": []}, timeout=10)
+        assert after.status_code == 400, after.text  # its place was given back: not a 429
