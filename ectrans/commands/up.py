@@ -60,24 +60,53 @@ def gateway_address(spec: str) -> tuple[str, int]:
     port = int(port_text)
     if not is_loopback(host) and not os.environ.get("ECTRANS_GATEWAY_API_KEYS"):
         raise SystemExit(f"[up] the gateway on {host} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS")
+    free = free_port_or(host, port)
+    if free != port and spec != GATEWAY_DEFAULT:
+        raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken")
+    return host, free
+
+
+def free_port_or(host: str, port: int) -> int:
+    """`port` if it can be listened on at `host`, else a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError:
-            if spec != GATEWAY_DEFAULT:
-                raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken") from None
             probe.bind((host, 0))
-        return host, int(probe.getsockname()[1])
+        return int(probe.getsockname()[1])
 
 
-def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = None) -> list[ServiceProcess]:
+def metrics_address() -> tuple[str, int] | None:
+    """Where the monitor serves /metrics (None: turned off). Its default port, when taken (another
+    stack on this machine), gives way to a free one, as the gateway's does; a port set by
+    ECTRANS_METRICS_PORT is kept, taken or not."""
+    from ectrans.services.monitor.settings import MonitorSettings
+
+    try:
+        settings = MonitorSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"[up] {exc}") from None
+    if not settings.metrics_port:
+        return None
+    if "metrics_port" in settings.model_fields_set:
+        return settings.metrics_host, settings.metrics_port
+    return settings.metrics_host, free_port_or(settings.metrics_host, settings.metrics_port)
+
+
+def _children(
+    redis_url: str,
+    workers: int,
+    gateway: tuple[str, int] | None = None,
+    metrics: tuple[str, int] | None = None,
+) -> list[ServiceProcess]:
     env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
     children = [ServiceProcess("dispatcher", "dispatcher", env)]
     for index in range(workers):
         worker_env = {**env, "ECTRANS_INSTANCE": env.get("ECTRANS_INSTANCE", "") or f"{os.uname().nodename}-{index}"}
         children.append(ServiceProcess(f"worker-{index}", "worker", worker_env))
-    children.append(ServiceProcess("monitor", "monitor", env))
+    monitor_env = {**env, "ECTRANS_METRICS_PORT": str(metrics[1]) if metrics else "0"}
+    children.append(ServiceProcess("monitor", "monitor", monitor_env))
     if gateway is not None:
         host, port = gateway
         gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
@@ -85,16 +114,22 @@ def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = No
     return children
 
 
-def _http_banner(gateway: tuple[str, int] | None) -> str:
-    if gateway is None:
-        return ""
-    host, port = gateway
-    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    body = """'{"model": "minilm", "input": "some text"}'"""
-    return (
-        f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
-        f"  API docs:     {base}/docs\n"
-    )
+def _http_banner(gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None) -> str:
+    lines = ""
+    if gateway is not None:
+        base = _base_url(*gateway)
+        body = """'{"model": "minilm", "input": "some text"}'"""
+        lines += (
+            f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
+            f"  API docs:     {base}/docs\n"
+        )
+    if metrics is not None:
+        lines += f"  Prometheus:   {_base_url(*metrics)}/metrics\n"
+    return lines
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _banner(url: str, prefix: str, name: str) -> str:
@@ -142,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     server: RedisServer | None = None
     gateway = None if args.no_gateway else gateway_address(args.gateway)
+    metrics = metrics_address()
     url = os.environ.get("ECTRANS_REDIS_URL")
     if not url:
         data_dir = Path(args.data_dir) if args.data_dir else None
@@ -155,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.cleanup()
         return 2
-    print(_banner(url, prefix, name) + _http_banner(gateway), flush=True)
-    children = _children(url, args.workers, gateway)
+    print(_banner(url, prefix, name) + _http_banner(gateway, metrics), flush=True)
+    children = _children(url, args.workers, gateway, metrics)
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
