@@ -197,6 +197,11 @@ def test_settings_refuse_a_public_address_without_keys() -> None:
         GatewaySettings(gateway_host="0.0.0.0")
     assert GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys="a, b").gateway_api_keys == ["a", "b"]
     assert GatewaySettings(gateway_host="::1").gateway_api_keys == []
+    # An empty key would admit a bare `Authorization: Bearer`: dropped, so these are no keys at all.
+    for empty in ('[""]', '["  "]', " , "):
+        with pytest.raises(ValidationError, match="ECTRANS_GATEWAY_API_KEYS"):
+            GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys=empty)
+    assert GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys='[" k ", ""]').gateway_api_keys == ["k"]
 
 
 def test_tei_left_truncation_is_refused_wherever_truncation_happens() -> None:

@@ -53,10 +53,15 @@ class GatewaySettings(CommonSettings):
     @field_validator("gateway_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        """`ECTRANS_GATEWAY_API_KEYS=k1,k2` as well as a JSON list."""
+        """`ECTRANS_GATEWAY_API_KEYS=k1,k2` as well as a JSON list. Keys are stripped, as the header's key
+        is, and empty ones dropped in both forms: an empty key would admit a bare `Authorization: Bearer`."""
         if isinstance(value, str):
             text = value.strip()
-            return json.loads(text) if text.startswith("[") else [k.strip() for k in text.split(",") if k.strip()]
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list):
+            return [
+                key.strip() if isinstance(key, str) else key for key in value if not isinstance(key, str) or key.strip()
+            ]
         return value
 
     @model_validator(mode="after")
