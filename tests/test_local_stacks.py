@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from ectrans import __version__, cli
 from ectrans.client import AsyncClient
@@ -123,6 +125,21 @@ def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> N
         for name, (redis_url, _, _) in addresses.items():
             stack = stacks.find(name)
             assert stack is not None and stack.redis_url == redis_url, name
+
+        # A third stack on a's Redis and prefix (more workers for it): its processes take names of their
+        # own, not a's (a starting process takes back the pending entries of its name).
+        logs["c"] = tmp_path / "c.log"
+        with logs["c"].open("w") as out:
+            command = [sys.executable, "-m", "ectrans.cli", "up", "--name", "c", "--serve", "noop", "--no-gateway"]
+            env_c = {**env, "ECTRANS_REDIS_URL": addresses["a"][0]}
+            ups["c"] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env_c, cwd=tmp_path)
+        wait_for_line(logs["c"], r"\[up\] ready in", 60)
+        with redis.Redis.from_url(addresses["a"][0]) as shared:
+            beats = sorted(key.decode().split(":", 2)[2] for key in shared.scan_iter(match="ectrans:hb:*"))
+        host = socket.gethostname()
+        assert [beat for beat in beats if not beat.startswith("gateway:")] == [
+            f"{service}:{host}-{stack}-0" for service in ("dispatcher", "monitor", "worker") for stack in ("a", "c")
+        ], beats
     finally:
         for up in ups.values():
             up.send_signal(signal.SIGINT)

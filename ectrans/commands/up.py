@@ -15,6 +15,8 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from ectrans.common.heartbeat import host_name
+from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import redact
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
@@ -94,24 +96,52 @@ def metrics_address() -> tuple[str, int] | None:
     return settings.metrics_host, free_port_or(settings.metrics_host, settings.metrics_port)
 
 
+def instance_names(name: str, workers: int) -> dict[str, str]:
+    """Each service's instance name (its consumer name and heartbeat key), by child name. A named stack
+    puts its name in them: two stacks on one Redis and prefix must never share a consumer name, since
+    a process that starts takes back the pending entries of its name (those of the other stack's live
+    process). ECTRANS_INSTANCE, when set, is the base instead."""
+    base = os.environ.get("ECTRANS_INSTANCE") or (
+        host_name() if name == stacks.DEFAULT_NAME else f"{host_name()}-{name}"
+    )
+    explicit = bool(os.environ.get("ECTRANS_INSTANCE"))
+    slot = base if explicit else f"{base}-0"
+    names = {"dispatcher": slot}
+    for index in range(workers):
+        names[f"worker-{index}"] = base if explicit and workers == 1 else f"{base}-{index}"
+    names["monitor"] = slot
+    return names
+
+
 def _children(
     redis_url: str,
-    workers: int,
+    instances: dict[str, str],
     gateway: tuple[str, int] | None = None,
     metrics: tuple[str, int] | None = None,
 ) -> list[ServiceProcess]:
     env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
-    children = [ServiceProcess("dispatcher", "dispatcher", env)]
-    for index in range(workers):
-        worker_env = {**env, "ECTRANS_INSTANCE": env.get("ECTRANS_INSTANCE", "") or f"{os.uname().nodename}-{index}"}
-        children.append(ServiceProcess(f"worker-{index}", "worker", worker_env))
-    monitor_env = {**env, "ECTRANS_METRICS_PORT": str(metrics[1]) if metrics else "0"}
-    children.append(ServiceProcess("monitor", "monitor", monitor_env))
+    children = [
+        ServiceProcess(child, child.split("-")[0], {**env, "ECTRANS_INSTANCE": instance})
+        for child, instance in instances.items()
+    ]
+    monitor = next(child for child in children if child.kind == "monitor")
+    monitor.env["ECTRANS_METRICS_PORT"] = str(metrics[1]) if metrics else "0"
     if gateway is not None:
         host, port = gateway
         gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
         children.append(ServiceProcess("gateway", "gateway", gateway_env))
     return children
+
+
+def heartbeat_keys(prefix: str, children: list[ServiceProcess]) -> list[str]:
+    """The heartbeat key each child writes once it runs (the gateway's instance is `<host>-<port>`)."""
+    keys = Keys(prefix)
+    return [
+        keys.heartbeat(
+            child.kind, child.env.get("ECTRANS_INSTANCE") or f"{host_name()}-{child.env['ECTRANS_GATEWAY_PORT']}"
+        )
+        for child in children
+    ]
 
 
 def _http_banner(gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None) -> str:
@@ -192,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
             server.cleanup()
         return 2
     print(_banner(url, prefix, name) + _http_banner(gateway, metrics), flush=True)
-    children = _children(url, args.workers, gateway, metrics)
+    children = _children(url, instance_names(name, args.workers), gateway, metrics)
+    beats = heartbeat_keys(prefix, children)
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -209,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         while not stopping:
             time.sleep(0.2)
             restart_dead(children, _say)
-            if not announced and _all_alive(url, prefix, len(children)):
+            if not announced and _all_alive(url, beats):
                 announced = True
                 print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
     finally:
@@ -220,15 +251,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _all_alive(url: str, prefix: str, expected: int) -> bool:
-    """True once every started service has written its heartbeat."""
+def _all_alive(url: str, beats: list[str]) -> bool:
+    """True once every started service has written its own heartbeat (not merely as many heartbeats
+    as it started: another stack on the same Redis and prefix writes some too)."""
     import redis
 
     from ectrans.common.redis_conn import connect_sync
 
     try:
         with connect_sync(url, socket_timeout=1) as client:  # any URL the services take (cluster, Sentinel)
-            return len(list(client.scan_iter(match=f"{prefix}hb:*", count=100))) >= expected
+            return all(client.exists(key) for key in beats)  # one key a call: keys of several slots on a cluster
     except redis.RedisError:
         return False
 
