@@ -260,3 +260,23 @@ def test_a_body_that_stalls_is_refused_and_frees_its_place(redis_server: Any) ->
         assert json.loads(content)["error"]["code"] == "body_timeout"
         after = httpx.post(base + EMB, json={"model": "minilm", "input": []}, timeout=10)
         assert after.status_code == 400, after.text  # its place was given back: not a 429
+
+
+def test_without_redis_the_gateway_serves_503s_not_a_start_up_failure() -> None:
+    """Redis not up yet (or gone): the process stays up for its liveness probe, and everything that
+    needs Redis answers 503 `unavailable` in its endpoint's shape, never a 500 or a restart loop."""
+    from ectrans.local.redis_server import free_port
+
+    with gateway_process(f"redis://127.0.0.1:{free_port()}/0", "tnoredis:") as base:
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        assert httpx.get(base + "/ready", timeout=10).status_code == 503
+        for method, path, content in (
+            ("GET", "/v1/models", b""),
+            ("POST", EMB, body({"model": "minilm", "input": "x"})),
+            ("POST", TEI, body({"inputs": "x"})),
+        ):
+            response = httpx.request(method, base + path, content=content, headers=JSON, timeout=30)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"] == "1"
+            error = response.json()
+            assert (error["error_type"] == "Unhealthy") if path == TEI else (error["error"]["code"] == "unavailable")

@@ -127,7 +127,13 @@ class Gateway:
         return {"waiting_inputs": self.waiting_inputs}
 
     async def start(self) -> None:
-        await self.client.connect()
+        """Serve whether or not Redis answers yet: `/health` says the process is up, `/ready` and task
+        requests answer 503 until Redis does (the client connects on its first task then), instead of
+        a start-up failure and a restart loop while Redis itself starts."""
+        try:
+            await self.client.connect()
+        except RedisError as exc:
+            logger.warning("[start] Redis unreachable (%s); answering 503 until it is", exc)
         self._beating = asyncio.create_task(self.heartbeat.run(self._stopping))
 
     async def stop(self) -> None:
@@ -630,6 +636,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error = GatewayError(exc.status_code, str(exc.detail), code, headers=dict(exc.headers or {}))  # 405's `Allow`
         return render(error, tei=is_tei(request))
 
+    async def redis_down(request: Request, exc: Exception) -> Response:
+        logger.warning("[gateway] Redis unreachable on %s: %s", request.url.path, exc)
+        error = GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1)
+        return render(error, tei=is_tei(request))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("[gateway] unexpected error on %s", request.url.path)
         return render(GatewayError(500, "internal error", Reason.INTERNAL), tei=is_tei(request))
@@ -637,4 +648,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RedisError, redis_down)
     app.add_exception_handler(Exception, unexpected)
