@@ -280,3 +280,27 @@ def test_without_redis_the_gateway_serves_503s_not_a_start_up_failure() -> None:
             assert response.headers["retry-after"] == "1"
             error = response.json()
             assert (error["error_type"] == "Unhealthy") if path == TEI else (error["error"]["code"] == "unavailable")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 5\r\ncontent-length: 50\r\n\r\n{}",
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n{}",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nhost: g\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["two lengths", "length and chunked", "100 KB URL", "not HTTP"],
+)
+def test_what_the_http_parser_refuses_is_a_json_400(gateway: str, raw: bytes) -> None:
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(raw)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, answer[:300]
+    error = json.loads(content)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "bad_request" and error["message"]
+    assert httpx.get(gateway + "/health", timeout=10).status_code == 200

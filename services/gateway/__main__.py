@@ -14,6 +14,7 @@ from ectrans.common.lifecycle import run_main
 from ectrans.common.logs import setup_logging
 from ectrans.common.registry import load_registry
 from ectrans.services.gateway.app import create_app
+from ectrans.services.gateway.parser_errors import JsonParserErrors
 from ectrans.services.gateway.settings import GatewaySettings
 
 
@@ -36,7 +37,7 @@ def main() -> int:
     config = uvicorn.Config(
         app,
         loop="none",  # run_main already runs uvloop
-        http="httptools",
+        http=JsonParserErrors,  # httptools, with its parser's 400s in the API's error shape
         lifespan="on",
         access_log=False,  # quiet: no line per request (the metrics count them)
         log_config=None,  # uvicorn's loggers go through ours
