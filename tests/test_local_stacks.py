@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -145,3 +146,34 @@ def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> N
             up.send_signal(signal.SIGINT)
         codes = [up.wait(timeout=60) for up in ups.values()]
     assert codes == [0] * len(ups)
+
+
+def test_a_stack_named_but_not_running_is_an_error_not_the_default_redis(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ECTRANS_STACK=b with no stack b here must not reach whatever Redis listens on the default URL
+    (another stack's): the commands and the client say so instead."""
+    monkeypatch.setenv("ECTRANS_STACK", "b")
+    with pytest.raises(stacks.StackNotFound, match="no stack named 'b'"):
+        stacks.with_local_stack(CommonSettings())
+    with pytest.raises(stacks.StackNotFound):
+        AsyncClient()
+    assert cli.main(["submit", "x"]) == 2
+    assert "no stack named 'b' runs on this machine" in capsys.readouterr().err
+    assert stacks.with_local_stack(CommonSettings(), "redis://flag:1/0").redis_url == "redis://flag:1/0"
+    monkeypatch.setenv("ECTRANS_REDIS_URL", "redis://env:1/0")
+    assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://env:1/0"
+
+
+def test_submit_to_an_unreachable_redis_says_so_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    from ectrans.local.redis_server import free_port
+
+    def client_threads() -> int:
+        return sum(thread.name == "ectrans-client" for thread in threading.enumerate())
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    before = client_threads()
+    assert cli.main(["submit", "x", "--redis-url", url]) == 1
+    err = capsys.readouterr().err
+    assert f"ectrans submit: cannot reach {url}" in err and "Traceback" not in err
+    assert client_threads() == before  # the client that never connected left no loop thread behind
