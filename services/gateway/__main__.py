@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
@@ -17,6 +18,8 @@ from ectrans.services.gateway.app import create_app
 from ectrans.services.gateway.parser_errors import JsonParserErrors
 from ectrans.services.gateway.settings import GatewaySettings
 
+logger = logging.getLogger(__name__)
+
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     """uvicorn stops gracefully on SIGTERM and then raises the signal again: end with status 0."""
@@ -30,7 +33,14 @@ def main() -> int:
     family = socket.AF_INET6 if ":" in settings.gateway_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.gateway_host, settings.gateway_port))  # port 0: a free one, named in the instance
+    try:
+        sock.bind((settings.gateway_host, settings.gateway_port))  # port 0: a free one, named in the instance
+        # Listen now: SO_REUSEADDR lets a bind succeed beside another process's socket, and a listen
+        # failing later, inside the server, left a gateway that reported ready and served nobody.
+        sock.listen(2048)
+    except OSError as exc:
+        logger.error("[start] cannot listen on %s:%d: %s", settings.gateway_host, settings.gateway_port, exc)
+        return 1
     port = sock.getsockname()[1]
     host = f"[{settings.gateway_host}]" if family == socket.AF_INET6 else settings.gateway_host
     app = create_app(settings, registry, instance=f"{host_name()}-{port}", address=f"http://{host}:{port}")
