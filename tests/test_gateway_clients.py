@@ -144,6 +144,11 @@ def test_openai_sdk_edge_cases(served: tuple[str, str, ModelSpec], expected: np.
     assert raw.headers["content-type"] == "application/json" and raw.parse().data[0].embedding == [4.0]
     no_v1 = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)  # TEI serves `/embeddings` too
     assert no_v1.embeddings.create(model="noop", input="four").data[0].embedding == [4.0]
+    assert {"tiny", "noop"} <= {model.id for model in sdk.models.list()}
+    assert sdk.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert missing.value.code == "unknown_model"
 
     errors: list[tuple[dict[str, Any], type[openai.APIStatusError], str, str]] = [
         ({"input": ["x"] * (MAX_INPUTS + 1)}, openai.BadRequestError, "bad_input", f"limit of {MAX_INPUTS}"),

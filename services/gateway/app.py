@@ -571,15 +571,24 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
 def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
     registry, metrics = gateway.registry, gateway.metrics
 
+    def card(name: str, spec: ModelSpec, served: set[str]) -> ModelCard:
+        return ModelCard(
+            id=name, kind=spec.kind, ops=sorted(spec.ops), max_tokens=spec.max_tokens, served=name in served
+        )
+
     @app.get("/v1/models", response_model=ModelList, tags=["OpenAI"])
     async def models() -> ModelList:
         """The registry, and which models a live worker serves now."""
         served = await gateway.served_models()
-        cards = [
-            ModelCard(id=name, kind=spec.kind, ops=sorted(spec.ops), max_tokens=spec.max_tokens, served=name in served)
-            for name, spec in sorted(registry.items())
-        ]
-        return ModelList(data=cards)
+        return ModelList(data=[card(name, spec, served) for name, spec in sorted(registry.items())])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERRORS[404]}, tags=["OpenAI"])
+    async def model(model: str) -> ModelCard:
+        """One registry entry (the OpenAI SDK's `models.retrieve`)."""
+        spec = registry.get(model)
+        if spec is None:
+            raise GatewayError(404, f"unknown model {model[:100]!r}", Reason.UNKNOWN_MODEL, "model")
+        return card(model, spec, await gateway.served_models())
 
     @app.get("/info", response_model=TEIInfo, tags=["TEI"])
     async def info() -> Response:
