@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -260,6 +261,12 @@ def test_a_body_that_stalls_is_refused_and_frees_its_place(redis_server: Any) ->
         assert json.loads(content)["error"]["code"] == "body_timeout"
         after = httpx.post(base + EMB, json={"model": "minilm", "input": []}, timeout=10)
         assert after.status_code == 400, after.text  # its place was given back: not a 429
+        # Headers that never end, or nothing at all: the connection is closed (uvicorn alone waits forever).
+        for sent in (b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\n", b""):
+            with socket.create_connection((host, int(port)), timeout=10) as idle:
+                idle.sendall(sent)
+                started = time.monotonic()
+                assert idle.recv(65536) == b"" and time.monotonic() - started < 5
 
 
 def test_without_redis_the_gateway_serves_503s_not_a_start_up_failure() -> None:

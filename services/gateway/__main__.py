@@ -47,7 +47,8 @@ def main() -> int:
     config = uvicorn.Config(
         app,
         loop="none",  # run_main already runs uvloop
-        http=JsonParserErrors,  # httptools, with its parser's 400s in the API's error shape
+        # httptools, with its parser's 400s in the API's error shape and a deadline for headers
+        http=type("GatewayProtocol", (JsonParserErrors,), {"headers_timeout_s": settings.gateway_body_timeout_s}),
         lifespan="on",
         access_log=False,  # quiet: no line per request (the metrics count them)
         log_config=None,  # uvicorn's loggers go through ours

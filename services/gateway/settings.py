@@ -45,7 +45,10 @@ class GatewaySettings(CommonSettings):
     )
     gateway_timeout_s: float = Field(60.0, gt=0, description="How long a request waits for its results before 504.")
     gateway_body_timeout_s: float = Field(
-        30.0, gt=0, description="How long a request's body may take to arrive before 408 (slow or stalled clients)."
+        30.0,
+        gt=0,
+        description="How long a request's headers, then its body, may take to arrive (slow or stalled clients):"
+        " then the connection is closed, or the request answered 408.",
     )
     gateway_default_model: str = Field("minilm", description="Model for requests that name none (TEI's /embed).")
     heartbeat_s: float = Field(2.0, gt=0, description="The gateway's heartbeat, for `ectrans health gateway`.")
