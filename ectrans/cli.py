@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ectrans import __version__
 from ectrans.bench import PLOTTED, SCENARIOS
+from ectrans.local import stacks
 
 COMMANDS = {
     "up": "start Redis, dispatcher, worker and monitor on this machine",
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # ECTrans never reaches a model hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except stacks.StackNotFound as exc:
+        print(f"ectrans: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -477,7 +477,11 @@ class Client:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ectrans-client", daemon=True)
         self._thread.start()
         self._async = AsyncClient(url, prefix=prefix)
-        self._call(self._async.connect())
+        try:
+            self._call(self._async.connect())
+        except BaseException:  # Redis unreachable: no loop thread left behind by a client never made
+            self.close()
+            raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

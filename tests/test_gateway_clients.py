@@ -144,6 +144,11 @@ def test_openai_sdk_edge_cases(served: tuple[str, str, ModelSpec], expected: np.
     assert raw.headers["content-type"] == "application/json" and raw.parse().data[0].embedding == [4.0]
     no_v1 = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)  # TEI serves `/embeddings` too
     assert no_v1.embeddings.create(model="noop", input="four").data[0].embedding == [4.0]
+    assert {"tiny", "noop"} <= {model.id for model in sdk.models.list()}
+    assert sdk.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert missing.value.code == "unknown_model"
 
     errors: list[tuple[dict[str, Any], type[openai.APIStatusError], str, str]] = [
         ({"input": ["x"] * (MAX_INPUTS + 1)}, openai.BadRequestError, "bad_input", f"limit of {MAX_INPUTS}"),
@@ -240,3 +245,24 @@ def test_base64_is_little_endian_float32(served: tuple[str, str, ModelSpec]) -> 
     body = {"model": "noop", "input": ["a", "bcd"], "encoding_format": "base64"}
     data = httpx.post(served[0] + "/v1/embeddings", json=body, timeout=10).json()["data"]
     assert [np.frombuffer(base64.b64decode(e["embedding"]), "<f4").tolist() for e in data] == [[1.0], [3.0]]
+
+
+def test_unknown_model_names_by_the_hundred_add_no_metric_labels(served: tuple[str, str, ModelSpec]) -> None:
+    """Each gets `unknown_model` (404); /metrics counts them all under one `unknown` label value."""
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served[0], timeout=30) as http:
+            names = [f"nope-{uuid.uuid4().hex}" for _ in range(200)]
+            return list(
+                await asyncio.gather(
+                    *(http.post("/v1/embeddings", json={"model": name, "input": "x"}) for name in names)
+                )
+            )
+
+    responses = asyncio.run(flood())
+    assert {response.status_code for response in responses} == {404}
+    assert {response.json()["error"]["code"] for response in responses} == {"unknown_model"}
+    metrics = httpx.get(served[0] + "/metrics", timeout=10).text
+    labels = {line.split("}")[0] for line in metrics.splitlines() if line.startswith("ectrans_gateway_inputs_total{")}
+    assert 'ectrans_gateway_inputs_total{model="unknown"' in labels and "nope-" not in metrics
+    assert labels <= {f'ectrans_gateway_inputs_total{{model="{name}"' for name in ("tiny", "noop", "unknown")}

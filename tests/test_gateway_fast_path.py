@@ -15,7 +15,7 @@ import pytest
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message
 
-from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body
+from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body, request_options
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Guard, Shortcut
@@ -68,6 +68,22 @@ def test_options_come_from_the_x_ectrans_headers_only() -> None:
     assert ectrans_headers(Request(scope)) == {"x-ectrans-priority": "batch", "x-ectrans-deadline-ms": "50"}
 
 
+@pytest.mark.parametrize("value", [b"\xb2", b"1" + b"0" * 5000, b"0", b"-5", b"12.5", b"86400001"])
+def test_a_deadline_header_that_is_not_a_small_whole_number_is_a_400(value: bytes) -> None:
+    """'\xb2' (a superscript two in Latin-1) passes `str.isdigit` and 5,000 digits pass it too; `int`
+    refuses both, which must not become a 500."""
+    request = Request({"type": "http", "headers": [(b"x-ectrans-deadline-ms", value)]})
+    with pytest.raises(GatewayError) as error:
+        request_options(request, None, None)
+    assert error.value.status == 400
+    assert request_options(
+        Request({"type": "http", "headers": [(b"x-ectrans-deadline-ms", b" 250 ")]}), None, None
+    ) == (
+        None,
+        250,
+    )
+
+
 def test_a_body_cut_off_by_a_disconnect_is_a_closed_request() -> None:
     messages: list[Message] = [
         {"type": "http.request", "body": b'{"model": ', "more_body": True},
@@ -83,7 +99,7 @@ def test_a_body_cut_off_by_a_disconnect_is_a_closed_request() -> None:
 
 
 def test_metrics_count_through_their_cached_children() -> None:
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(["noop"])
     metrics.inflight += 2
     for status in (200, 200, 429):
         metrics.answered("/embed", status, 0.002)
@@ -95,6 +111,18 @@ def test_metrics_count_through_their_cached_children() -> None:
     assert 'ectrans_gateway_request_seconds_bucket{endpoint="/embed",le="0.0025"} 3.0' in lines
     assert 'ectrans_gateway_inputs_total{model="noop"} 4.0' in lines
     assert "ectrans_gateway_inflight_requests 2.0" in lines
+
+
+def test_model_names_outside_the_registry_share_one_label_value() -> None:
+    """A client picks the model names it sends: one label value each would grow without bound."""
+    metrics = GatewayMetrics(["noop", "minilm"])
+    for index in range(2000):
+        metrics.submitted(f"no-such-model-{index}", 1)
+    metrics.submitted("noop", 2)
+    lines = [line for line in metrics.exposition().decode().splitlines() if line.startswith("ectrans_gateway_inputs_")]
+    assert 'ectrans_gateway_inputs_total{model="unknown"} 2000.0' in lines
+    assert 'ectrans_gateway_inputs_total{model="noop"} 2.0' in lines
+    assert len(lines) == 4, lines  # `_total` and `_created` of the two values
 
 
 def test_vectors_go_out_as_json_lists_that_read_back_to_the_same_float32() -> None:

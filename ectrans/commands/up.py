@@ -15,6 +15,8 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from ectrans.common.heartbeat import host_name
+from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import redact
 from ectrans.common.registry import RegistryError, load_registry
 from ectrans.common.settings import CommonSettings
@@ -49,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
 
 
-def gateway_address(spec: str) -> tuple[str, int]:
-    """HOST:PORT to listen on; the default port, when taken, gives way to a free one."""
+def gateway_address(spec: str, held: list[socket.socket]) -> tuple[str, int]:
+    """HOST:PORT to listen on; the default port, when taken, gives way to a free one (held: see
+    `hold_port`)."""
     from ectrans.services.gateway.settings import is_loopback
 
     host, _, port_text = spec.rpartition(":")
@@ -60,24 +63,76 @@ def gateway_address(spec: str) -> tuple[str, int]:
     port = int(port_text)
     if not is_loopback(host) and not os.environ.get("ECTRANS_GATEWAY_API_KEYS"):
         raise SystemExit(f"[up] the gateway on {host} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS")
+    free = hold_port(host, port, held)
+    if free != port and spec != GATEWAY_DEFAULT:
+        raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken")
+    return host, free
+
+
+def hold_port(host: str, port: int, held: list[socket.socket]) -> int:
+    """`port` if nothing else has it at `host`, else a free one; bound here, not listening, and kept
+    in `held` while `up` runs. Another `up` starting at the same moment then finds it taken, instead
+    of choosing it too (two gateways on one port: one listens, the other serves nobody). The child
+    still listens on it: both sockets set SO_REUSEADDR (this one after its bind, which is what makes
+    the bind a test), and only one listens."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            if spec != GATEWAY_DEFAULT:
-                raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken") from None
-            probe.bind((host, 0))
-        return host, int(probe.getsockname()[1])
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, port))
+    except OSError:
+        probe.bind((host, 0))
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.append(probe)
+    return int(probe.getsockname()[1])
 
 
-def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = None) -> list[ServiceProcess]:
-    env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
-    children = [ServiceProcess("dispatcher", "dispatcher", env)]
+def metrics_address(held: list[socket.socket]) -> tuple[str, int] | None:
+    """Where the monitor serves /metrics (None: turned off). Its default port, when taken (another
+    stack on this machine), gives way to a free one, as the gateway's does; a port set by
+    ECTRANS_METRICS_PORT is kept, taken or not."""
+    from ectrans.services.monitor.settings import MonitorSettings
+
+    try:
+        settings = MonitorSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"[up] {exc}") from None
+    if not settings.metrics_port:
+        return None
+    if "metrics_port" in settings.model_fields_set:
+        return settings.metrics_host, settings.metrics_port
+    return settings.metrics_host, hold_port(settings.metrics_host, settings.metrics_port, held)
+
+
+def instance_names(name: str, workers: int) -> dict[str, str]:
+    """Each service's instance name (its consumer name and heartbeat key), by child name. A named stack
+    puts its name in them: two stacks on one Redis and prefix must never share a consumer name, since
+    a process that starts takes back the pending entries of its name (those of the other stack's live
+    process). ECTRANS_INSTANCE, when set, is the base instead."""
+    base = os.environ.get("ECTRANS_INSTANCE") or (
+        host_name() if name == stacks.DEFAULT_NAME else f"{host_name()}-{name}"
+    )
+    explicit = bool(os.environ.get("ECTRANS_INSTANCE"))
+    slot = base if explicit else f"{base}-0"
+    names = {"dispatcher": slot}
     for index in range(workers):
-        worker_env = {**env, "ECTRANS_INSTANCE": env.get("ECTRANS_INSTANCE", "") or f"{os.uname().nodename}-{index}"}
-        children.append(ServiceProcess(f"worker-{index}", "worker", worker_env))
-    children.append(ServiceProcess("monitor", "monitor", env))
+        names[f"worker-{index}"] = base if explicit and workers == 1 else f"{base}-{index}"
+    names["monitor"] = slot
+    return names
+
+
+def _children(
+    redis_url: str,
+    instances: dict[str, str],
+    gateway: tuple[str, int] | None = None,
+    metrics: tuple[str, int] | None = None,
+) -> list[ServiceProcess]:
+    env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
+    children = [
+        ServiceProcess(child, child.split("-")[0], {**env, "ECTRANS_INSTANCE": instance})
+        for child, instance in instances.items()
+    ]
+    monitor = next(child for child in children if child.kind == "monitor")
+    monitor.env["ECTRANS_METRICS_PORT"] = str(metrics[1]) if metrics else "0"
     if gateway is not None:
         host, port = gateway
         gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
@@ -85,16 +140,33 @@ def _children(redis_url: str, workers: int, gateway: tuple[str, int] | None = No
     return children
 
 
-def _http_banner(gateway: tuple[str, int] | None) -> str:
-    if gateway is None:
-        return ""
-    host, port = gateway
-    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    body = """'{"model": "minilm", "input": "some text"}'"""
-    return (
-        f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
-        f"  API docs:     {base}/docs\n"
-    )
+def heartbeat_keys(prefix: str, children: list[ServiceProcess]) -> list[str]:
+    """The heartbeat key each child writes once it runs (the gateway's instance is `<host>-<port>`)."""
+    keys = Keys(prefix)
+    return [
+        keys.heartbeat(
+            child.kind, child.env.get("ECTRANS_INSTANCE") or f"{host_name()}-{child.env['ECTRANS_GATEWAY_PORT']}"
+        )
+        for child in children
+    ]
+
+
+def _http_banner(gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None) -> str:
+    lines = ""
+    if gateway is not None:
+        base = _base_url(*gateway)
+        body = """'{"model": "minilm", "input": "some text"}'"""
+        lines += (
+            f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
+            f"  API docs:     {base}/docs\n"
+        )
+    if metrics is not None:
+        lines += f"  Prometheus:   {_base_url(*metrics)}/metrics\n"
+    return lines
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _banner(url: str, prefix: str, name: str) -> str:
@@ -141,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     server: RedisServer | None = None
-    gateway = None if args.no_gateway else gateway_address(args.gateway)
+    held: list[socket.socket] = []  # the gateway's and the monitor's ports, until `up` ends
+    gateway = None if args.no_gateway else gateway_address(args.gateway, held)
+    metrics = metrics_address(held)
     url = os.environ.get("ECTRANS_REDIS_URL")
     if not url:
         data_dir = Path(args.data_dir) if args.data_dir else None
@@ -155,8 +229,9 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.cleanup()
         return 2
-    print(_banner(url, prefix, name) + _http_banner(gateway), flush=True)
-    children = _children(url, args.workers, gateway)
+    print(_banner(url, prefix, name) + _http_banner(gateway, metrics), flush=True)
+    children = _children(url, instance_names(name, args.workers), gateway, metrics)
+    beats = heartbeat_keys(prefix, children)
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -173,26 +248,29 @@ def run(args: argparse.Namespace) -> int:
         while not stopping:
             time.sleep(0.2)
             restart_dead(children, _say)
-            if not announced and _all_alive(url, prefix, len(children)):
+            if not announced and _all_alive(url, beats):
                 announced = True
                 print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
     finally:
         stop_all(children, STOP_GRACE_S, _say)
+        for port in held:
+            port.close()
         if server is not None:
             server.cleanup()
         stacks.remove(stack)
     return 0
 
 
-def _all_alive(url: str, prefix: str, expected: int) -> bool:
-    """True once every started service has written its heartbeat."""
+def _all_alive(url: str, beats: list[str]) -> bool:
+    """True once every started service has written its own heartbeat (not merely as many heartbeats
+    as it started: another stack on the same Redis and prefix writes some too)."""
     import redis
 
     from ectrans.common.redis_conn import connect_sync
 
     try:
         with connect_sync(url, socket_timeout=1) as client:  # any URL the services take (cluster, Sentinel)
-            return len(list(client.scan_iter(match=f"{prefix}hb:*", count=100))) >= expected
+            return all(client.exists(key) for key in beats)  # one key a call: keys of several slots on a cluster
     except redis.RedisError:
         return False
 

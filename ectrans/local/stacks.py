@@ -36,6 +36,10 @@ class StackRunning(RuntimeError):
     """Another live `ectrans up` holds this stack name."""
 
 
+class StackNotFound(RuntimeError):
+    """`ECTRANS_STACK` names a stack that does not run on this machine."""
+
+
 def state_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return Path(runtime) / "ectrans" if runtime else Path.home() / ".cache" / "ectrans"
@@ -95,10 +99,19 @@ def add_redis_url_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def with_local_stack(settings: CommonSettings, url: str | None = None) -> CommonSettings:
-    """`settings` aimed at `url` if given, else at the local stack when Redis URL was not configured."""
+    """`settings` aimed at `url` if given, else at the local stack when Redis URL was not configured.
+    A stack named by `ECTRANS_STACK` must run: falling back to the default URL would reach whatever
+    Redis listens there (another stack's, perhaps) instead of the one asked for."""
     if url:
         return settings.model_copy(update={"redis_url": url})
-    if "redis_url" in settings.model_fields_set or (stack := find()) is None:
+    if "redis_url" in settings.model_fields_set:
+        return settings
+    if (stack := find()) is None:
+        if named := os.environ.get("ECTRANS_STACK"):
+            raise StackNotFound(
+                f"no stack named {named!r} runs on this machine (`ectrans up --name {named}` starts it);"
+                " unset ECTRANS_STACK, or name a Redis with ECTRANS_REDIS_URL or --redis-url"
+            )
         return settings
     update = {"redis_url": stack.redis_url}
     if "prefix" not in settings.model_fields_set:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
@@ -14,7 +15,10 @@ from ectrans.common.lifecycle import run_main
 from ectrans.common.logs import setup_logging
 from ectrans.common.registry import load_registry
 from ectrans.services.gateway.app import create_app
+from ectrans.services.gateway.parser_errors import JsonParserErrors
 from ectrans.services.gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -29,14 +33,22 @@ def main() -> int:
     family = socket.AF_INET6 if ":" in settings.gateway_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.gateway_host, settings.gateway_port))  # port 0: a free one, named in the instance
+    try:
+        sock.bind((settings.gateway_host, settings.gateway_port))  # port 0: a free one, named in the instance
+        # Listen now: SO_REUSEADDR lets a bind succeed beside another process's socket, and a listen
+        # failing later, inside the server, left a gateway that reported ready and served nobody.
+        sock.listen(2048)
+    except OSError as exc:
+        logger.error("[start] cannot listen on %s:%d: %s", settings.gateway_host, settings.gateway_port, exc)
+        return 1
     port = sock.getsockname()[1]
     host = f"[{settings.gateway_host}]" if family == socket.AF_INET6 else settings.gateway_host
     app = create_app(settings, registry, instance=f"{host_name()}-{port}", address=f"http://{host}:{port}")
     config = uvicorn.Config(
         app,
         loop="none",  # run_main already runs uvloop
-        http="httptools",
+        # httptools, with its parser's 400s in the API's error shape and a deadline for headers
+        http=type("GatewayProtocol", (JsonParserErrors,), {"headers_timeout_s": settings.gateway_body_timeout_s}),
         lifespan="on",
         access_log=False,  # quiet: no line per request (the metrics count them)
         log_config=None,  # uvicorn's loggers go through ours

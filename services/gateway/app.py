@@ -36,7 +36,7 @@ from ectrans.common.heartbeat import Heartbeat
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
 from ectrans.common.registry import ModelSpec
-from ectrans.common.schemas import Reason
+from ectrans.common.schemas import MAX_DEADLINE_MS, Reason
 from ectrans.models.pooling_config import declared_pooling
 from ectrans.services.gateway.errors import (
     CLIENT_CLOSED,
@@ -127,7 +127,13 @@ class Gateway:
         return {"waiting_inputs": self.waiting_inputs}
 
     async def start(self) -> None:
-        await self.client.connect()
+        """Serve whether or not Redis answers yet: `/health` says the process is up, `/ready` and task
+        requests answer 503 until Redis does (the client connects on its first task then), instead of
+        a start-up failure and a restart loop while Redis itself starts."""
+        try:
+            await self.client.connect()
+        except RedisError as exc:
+            logger.warning("[start] Redis unreachable (%s); answering 503 until it is", exc)
         self._beating = asyncio.create_task(self.heartbeat.run(self._stopping))
 
     async def stop(self) -> None:
@@ -270,10 +276,10 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
+async def parse_body(request: Request, model: type[M], timeout_s: float) -> M:
     """The JSON body as `model`, in one pass of pydantic's own JSON parser: several times less CPU per
     request than FastAPI's parameter machinery (a JSON decode, then validation of the Python objects)."""
-    body = await read_body(request)
+    body = await read_body(request, timeout_s)
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as exc:
@@ -292,17 +298,23 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, timeout_s: float | None = None) -> bytes:
     """The body, from the ASGI messages themselves: a third of the CPU of `Request.body`, which
-    streams them through an async generator."""
+    streams them through an async generator. A body still incomplete after `timeout_s` is refused
+    (408): a client that sends part of one and waits would hold its place under the request bound."""
     chunks = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise GatewayError(CLIENT_CLOSED, "the client closed the request before its body arrived", Reason.CANCELLED)
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    closed = "the client closed the request before its body arrived"
+                    raise GatewayError(CLIENT_CLOSED, closed, Reason.CANCELLED)
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise GatewayError(408, f"the request body did not arrive within {timeout_s:g}s", "body_timeout") from None
 
 
 def invalid_request(errors: Sequence[Any]) -> GatewayError:
@@ -335,9 +347,14 @@ def request_options(request: Request, priority: str | None, deadline_ms: int | N
     if deadline_ms is None:
         header = headers.get(DEADLINE_HEADER)
         if header is not None:
-            if not header.strip().isdigit() or not 1 <= int(header) <= 24 * 3600 * 1000:
+            # ASCII digits only, and few: int() refuses other Unicode digits ('²') and 4,300 digits and more.
+            digits = header.strip()
+            if (
+                not (digits.isascii() and digits.isdigit() and len(digits) <= 9)
+                or not 1 <= int(digits) <= MAX_DEADLINE_MS
+            ):
                 raise bad_request(f"header {DEADLINE_HEADER} must be a whole number of ms, got {header[:40]!r}")
-            deadline_ms = int(header)
+            deadline_ms = int(digits)
     return priority, deadline_ms
 
 
@@ -434,7 +451,7 @@ def create_app(
     """The FastAPI app behind the gateway's two pure ASGI layers (see middleware.py). They wrap it from
     outside rather than through `add_middleware`, which would put FastAPI's own outer layers (server
     errors, telemetry, body limit) on every task request's path."""
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(registry)
     gateway = Gateway(settings, registry, metrics, instance)
 
     @contextlib.asynccontextmanager
@@ -479,7 +496,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     @gateway.holding
     async def embeddings(request: Request) -> Response:
         """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
-        body = await parse_body(request, EmbeddingRequest)
+        body = await parse_body(request, EmbeddingRequest, settings.gateway_body_timeout_s)
         texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
         tokens = await gateway.check_lengths(body.model, texts, truncate=body.truncate, status=400)
@@ -508,7 +525,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     @gateway.holding
     async def embed(request: Request) -> Response:
         """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
-        body = await parse_body(request, EmbedRequest)
+        body = await parse_body(request, EmbedRequest, settings.gateway_body_timeout_s)
         model = body.model or settings.gateway_default_model
         texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
         spec = gateway.registry.get(model)
@@ -532,7 +549,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     @gateway.holding
     async def translate(request: Request) -> Response:
         """Translation (or any generation) with an encoder-decoder model."""
-        body = await parse_body(request, TranslateRequest)
+        body = await parse_body(request, TranslateRequest, settings.gateway_body_timeout_s)
         texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
         params = {k: v for k, v in (("num_beams", body.num_beams), ("max_new_tokens", body.max_new_tokens)) if v}
@@ -554,15 +571,24 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
 def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
     registry, metrics = gateway.registry, gateway.metrics
 
+    def card(name: str, spec: ModelSpec, served: set[str]) -> ModelCard:
+        return ModelCard(
+            id=name, kind=spec.kind, ops=sorted(spec.ops), max_tokens=spec.max_tokens, served=name in served
+        )
+
     @app.get("/v1/models", response_model=ModelList, tags=["OpenAI"])
     async def models() -> ModelList:
         """The registry, and which models a live worker serves now."""
         served = await gateway.served_models()
-        cards = [
-            ModelCard(id=name, kind=spec.kind, ops=sorted(spec.ops), max_tokens=spec.max_tokens, served=name in served)
-            for name, spec in sorted(registry.items())
-        ]
-        return ModelList(data=cards)
+        return ModelList(data=[card(name, spec, served) for name, spec in sorted(registry.items())])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERRORS[404]}, tags=["OpenAI"])
+    async def model(model: str) -> ModelCard:
+        """One registry entry (the OpenAI SDK's `models.retrieve`)."""
+        spec = registry.get(model)
+        if spec is None:
+            raise GatewayError(404, f"unknown model {model[:100]!r}", Reason.UNKNOWN_MODEL, "model")
+        return card(model, spec, await gateway.served_models())
 
     @app.get("/info", response_model=TEIInfo, tags=["TEI"])
     async def info() -> Response:
@@ -619,6 +645,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error = GatewayError(exc.status_code, str(exc.detail), code, headers=dict(exc.headers or {}))  # 405's `Allow`
         return render(error, tei=is_tei(request))
 
+    async def redis_down(request: Request, exc: Exception) -> Response:
+        logger.warning("[gateway] Redis unreachable on %s: %s", request.url.path, exc)
+        error = GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1)
+        return render(error, tei=is_tei(request))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("[gateway] unexpected error on %s", request.url.path)
         return render(GatewayError(500, "internal error", Reason.INTERNAL), tei=is_tei(request))
@@ -626,4 +657,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RedisError, redis_down)
     app.add_exception_handler(Exception, unexpected)

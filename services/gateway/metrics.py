@@ -3,13 +3,19 @@ global one, so that tests and benchmarks can run several gateways in one process
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# The `model` label of a name not in the registry: requested names are the client's to choose, and
+# one label value per name would grow the gateway (and every scrape) without bound.
+UNKNOWN_MODEL = "unknown"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, models: Iterable[str] = ()) -> None:
+        self.models = frozenset(models)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "ectrans_gateway_requests",
@@ -51,6 +57,9 @@ class GatewayMetrics:
         children[1].observe(seconds)
 
     def submitted(self, model: str, inputs: int) -> None:
+        """Inputs submitted for `model`; a model outside the registry is counted as `unknown`."""
+        if model not in self.models:
+            model = UNKNOWN_MODEL
         child = self._inputs.get(model)
         if child is None:
             child = self._inputs[model] = self.inputs.labels(model)

@@ -2,7 +2,8 @@
 
 `/v1/embeddings` follows OpenAI's embeddings API, `/embed` Hugging Face TEI's; both take ECTrans's
 own `priority` and `deadline_ms` as extra fields. Unknown fields are refused, so a typo is a 400,
-not a silently ignored option.
+not a silently ignored option; so are values of the wrong JSON type (`"deadline_ms": true` or
+`"100"`, `"normalize": "false"`), which lax parsing would turn into a value the client never meant.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ TokenIds = list[int]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ECTransOptions(Strict):

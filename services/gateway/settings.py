@@ -44,16 +44,27 @@ class GatewaySettings(CommonSettings):
         " requests from growing the gateway without end.",
     )
     gateway_timeout_s: float = Field(60.0, gt=0, description="How long a request waits for its results before 504.")
+    gateway_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a request's headers, then its body, may take to arrive (slow or stalled clients):"
+        " then the connection is closed, or the request answered 408.",
+    )
     gateway_default_model: str = Field("minilm", description="Model for requests that name none (TEI's /embed).")
     heartbeat_s: float = Field(2.0, gt=0, description="The gateway's heartbeat, for `ectrans health gateway`.")
 
     @field_validator("gateway_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        """`ECTRANS_GATEWAY_API_KEYS=k1,k2` as well as a JSON list."""
+        """`ECTRANS_GATEWAY_API_KEYS=k1,k2` as well as a JSON list. Keys are stripped, as the header's key
+        is, and empty ones dropped in both forms: an empty key would admit a bare `Authorization: Bearer`."""
         if isinstance(value, str):
             text = value.strip()
-            return json.loads(text) if text.startswith("[") else [k.strip() for k in text.split(",") if k.strip()]
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list):
+            return [
+                key.strip() if isinstance(key, str) else key for key in value if not isinstance(key, str) or key.strip()
+            ]
         return value
 
     @model_validator(mode="after")
