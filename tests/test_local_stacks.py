@@ -173,6 +173,22 @@ def test_a_stack_named_but_not_running_is_an_error_not_the_default_redis(
     assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://env:1/0"
 
 
+@pytest.mark.parametrize("name", ["a/b", "../x", "", "-flag", "x" * 64, "a b", "é"])
+def test_a_name_no_stack_can_have_is_refused(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stack's name is part of a file name and of its process names: `up --name a/b` made a
+    subdirectory of the state folder."""
+    with pytest.raises(SystemExit):
+        cli.main(["up", f"--name={name}"])
+    assert "is not a stack name" in capsys.readouterr().err
+    monkeypatch.setenv("ECTRANS_STACK", name)
+    if name:  # an empty ECTRANS_STACK means the default stack
+        assert cli.main(["submit", "x"]) == 2
+        assert "is not a stack name" in capsys.readouterr().err
+    assert not any(stacks.state_dir().rglob("*"))
+
+
 def test_submit_to_an_unreachable_redis_says_so_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     from ectrans.local.redis_server import free_port
 

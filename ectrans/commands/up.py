@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
     parser.add_argument(
         "--name",
+        type=_stack_name,
         default=None,
         help="this stack's name on this machine (default: $ECTRANS_STACK, else 'default'); "
         "other commands find it with ECTRANS_STACK=<name>",
@@ -198,6 +199,13 @@ def _apply_model_flags(args: argparse.Namespace) -> str | None:
     except (RegistryError, ValidationError) as exc:
         return str(exc)
     return None
+
+
+def _stack_name(value: str) -> str:
+    try:
+        return stacks.checked_name(value)
+    except stacks.BadStackName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import psutil
 from ectrans.common.settings import CommonSettings
 
 DEFAULT_NAME = "default"
+# A name becomes part of a file name and of the stack's process names (`<host>-<name>-<n>`).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,20 @@ def state_dir() -> Path:
     return Path(runtime) / "ectrans" if runtime else Path.home() / ".cache" / "ectrans"
 
 
+class BadStackName(StackNotFound):
+    """A stack name no stack can have (`ectrans up --name` refuses it too)."""
+
+
+def checked_name(name: str) -> str:
+    """`name`, if a stack can have it."""
+    if not NAME_RE.fullmatch(name):
+        rule = "1-63 of letters, digits, '.', '_' and '-', starting with a letter or digit"
+        raise BadStackName(f"{name[:80]!r} is not a stack name: {rule}")
+    return name
+
+
 def stack_file(name: str) -> Path:
-    return state_dir() / f"up-{name}.json"
+    return state_dir() / f"up-{checked_name(name)}.json"
 
 
 def stack_name() -> str:
