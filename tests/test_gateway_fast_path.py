@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import cast
 
 import httpx
@@ -19,6 +20,7 @@ from ectrans.services.gateway.app import create_app, ectrans_headers, json_respo
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Guard, Shortcut
+from ectrans.services.gateway.parser_errors import INVALID, QuietParserWarnings
 from ectrans.services.gateway.settings import GatewaySettings
 from tests.test_gateway_http import CORPUS, MAX_BODY
 
@@ -132,3 +134,18 @@ def test_vectors_go_out_as_json_lists_that_read_back_to_the_same_float32() -> No
     assert np.array_equal(np.asarray(body["rows"], dtype=np.float32), rows)
     assert np.array_equal(np.asarray(body["strided"], dtype=np.float32), strided)
     assert np.array_equal(np.asarray(body["one"], dtype=np.float32), rows[0])
+
+
+def test_uvicorns_warning_per_refused_request_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """A client sending garbage must not write a log line per request; uvicorn's other warnings stay."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    quiet = QuietParserWarnings()
+    uvicorn_log.addFilter(quiet)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                uvicorn_log.warning(INVALID)
+            uvicorn_log.warning("Unsupported upgrade request.")
+    finally:
+        uvicorn_log.removeFilter(quiet)
+    assert [record.getMessage() for record in caplog.records] == ["Unsupported upgrade request."]

@@ -15,7 +15,7 @@ from ectrans.common.lifecycle import run_main
 from ectrans.common.logs import setup_logging
 from ectrans.common.registry import load_registry
 from ectrans.services.gateway.app import create_app
-from ectrans.services.gateway.parser_errors import JsonParserErrors
+from ectrans.services.gateway.parser_errors import JsonParserErrors, quiet_parser_warnings
 from ectrans.services.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 def main() -> int:
     settings = GatewaySettings()
     setup_logging(settings.log_level, settings.log_format, "gateway")
+    quiet_parser_warnings()
     registry = load_registry(settings.models_file, settings.models_json)
     family = socket.AF_INET6 if ":" in settings.gateway_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

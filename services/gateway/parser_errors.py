@@ -8,10 +8,26 @@ could hold every file descriptor the gateway has."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ectrans.services.gateway.errors import GatewayError, render
+
+logger = logging.getLogger(__name__)
+INVALID = "Invalid HTTP request received."  # what uvicorn warns, once per refused request
+
+
+class QuietParserWarnings(logging.Filter):
+    """Drops uvicorn's warning per request its parser refuses: a client sending garbage would write a
+    log line per request. Each still gets its 400, and a DEBUG line here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != INVALID
+
+
+def quiet_parser_warnings() -> None:
+    logging.getLogger("uvicorn.error").addFilter(QuietParserWarnings())
 
 
 class JsonParserErrors(HttpToolsProtocol):
@@ -44,6 +60,7 @@ class JsonParserErrors(HttpToolsProtocol):
             self._headers_due = None
 
     def send_400_response(self, msg: str) -> None:
+        logger.debug("[gateway] a request refused by the HTTP parser: %s", msg)
         body = render(GatewayError(400, msg, "bad_request")).body
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
