@@ -296,6 +296,9 @@ def assert_refused_beyond_their_role(port: int, passwords: dict[str, str], versi
             ("tenant-alice", lambda r: r.hgetall(keys.result("orphan-in"))),  # another's result
             ("tenant-alice", lambda r: r.delete(keys.reply("c1"))),
             ("tenant-alice", lambda r: r.set(keys.cancelled("c1.another-clients-task"), "1")),
+            # The ingress stream takes XADD only: trimming or deleting it drops others' unread tasks.
+            *[(user, lambda r: r.xtrim(keys.tasks, maxlen=0)) for user in ("client", "tenant-alice")],
+            *[(user, lambda r: r.delete(keys.tasks)) for user in ("client", "tenant-alice")],
         ]
     else:  # said plainly in docs/security.md: on 6.2 a client can read the ingress stream
         assert as_user["client"].xread({keys.tasks: "0"}) is not None
