@@ -177,6 +177,8 @@ def test_api_keys(redis_server: Any) -> None:
         right = httpx.post(base + EMB, json=request, headers={"authorization": f"Bearer {KEY}"})
         assert right.status_code == 400  # past the key check: the empty list is refused
         assert httpx.get(base + "/health").status_code == 200  # probes need no key
+        assert httpx.get(base + "/").status_code == 200 and httpx.head(base + "/").status_code == 200  # TEI's
+        assert httpx.post(base + "/", json={"inputs": "x"}).status_code == 401  # TEI's embed at the root
 
 
 def test_every_reason_has_a_status() -> None:

@@ -21,7 +21,8 @@ from ectrans.services.gateway.metrics import GatewayMetrics
 logger = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-# Probes, metrics and the API docs answer without a key: they reveal no data.
+# Probes, metrics and the API docs answer without a key: they reveal no data. So does `GET /`, TEI's
+# health check (a `POST /` embeds, and needs one).
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 ENDPOINTS = frozenset(
     {"/v1/embeddings", "/embeddings", "/v1/translate", "/v1/models", "/info", *TEI_PATHS, *OPEN_PATHS}
@@ -65,7 +66,7 @@ class Guard:
 
         try:
             headers: dict[bytes, bytes] = dict(scope["headers"])
-            refusal = self._refusal(headers, path)
+            refusal = self._refusal(headers, path, scope["method"])
             if refusal is not None:
                 await render(refusal, tei=path in TEI_PATHS)(scope, receive, send_status)
                 return
@@ -79,9 +80,10 @@ class Guard:
             self.metrics.inflight -= 1
             self.metrics.answered(endpoint, status, time.perf_counter() - started)
 
-    def _refusal(self, headers: dict[bytes, bytes], path: str) -> GatewayError | None:
+    def _refusal(self, headers: dict[bytes, bytes], path: str, method: str) -> GatewayError | None:
         """A request refused before it is read: a missing or wrong key, or a declared body over the limit."""
-        if self.keys and path not in OPEN_PATHS and not self._authorised(headers.get(b"authorization", b"")):
+        open_path = path in OPEN_PATHS or (path == "/" and method == "GET")
+        if self.keys and not open_path and not self._authorised(headers.get(b"authorization", b"")):
             return GatewayError(401, "a valid API key is required: send 'Authorization: Bearer <key>'", "unauthorized")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
