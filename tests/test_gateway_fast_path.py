@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import cast
 
 import httpx
@@ -16,13 +17,22 @@ import pytest
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message
 
-from ectrans.services.gateway.app import create_app, ectrans_headers, json_response, read_body, request_options
+from ectrans.common.registry import build_spec
+from ectrans.services.gateway.app import (
+    Gateway,
+    create_app,
+    ectrans_headers,
+    json_response,
+    read_body,
+    request_options,
+)
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Guard, Shortcut
 from ectrans.services.gateway.parser_errors import INVALID, QuietParserWarnings
 from ectrans.services.gateway.settings import GatewaySettings
 from tests.test_gateway_http import CORPUS, MAX_BODY
+from tests.tiny_encoders import make_tiny_bert
 
 # Nothing listens there: no request of the corpus gets as far as Redis.
 SETTINGS = GatewaySettings(
@@ -149,3 +159,20 @@ def test_uvicorns_warning_per_refused_request_is_dropped(caplog: pytest.LogCaptu
     finally:
         uvicorn_log.removeFilter(quiet)
     assert [record.getMessage() for record in caplog.records] == ["Unsupported upgrade request."]
+
+
+def test_an_explicit_truncate_false_refuses_a_long_input_where_the_model_entry_cuts(tmp_path: Path) -> None:
+    """TEI's `truncate: false` wins over the server's `--auto-truncate`; here over the entry's `truncate`."""
+    spec = build_spec("cuts", {"path": str(make_tiny_bert(tmp_path / "bert")), "max_tokens": 8, "truncate": True})
+    registry = {"cuts": spec}
+    gateway = Gateway(GatewaySettings(), registry, GatewayMetrics(registry), "test")
+    long = [" ".join(["word"] * 20)]
+
+    async def check(**options: bool) -> int:
+        return await gateway.check_lengths("cuts", long, status=413, **options)
+
+    assert asyncio.run(check(truncate=False)) > 8  # left to the entry, which cuts
+    with pytest.raises(GatewayError, match="over the limit of 8") as refused:
+        asyncio.run(check(truncate=False, entry_may_cut=False))
+    assert refused.value.status == 413
+    assert asyncio.run(check(truncate=True, entry_may_cut=False)) > 8

@@ -151,13 +151,16 @@ class Gateway:
         spec = self.registry.get(model)
         return "noop" if spec is not None and spec.kind == "noop" else "embed"
 
-    async def check_lengths(self, model: str, texts: Sequence[str], *, truncate: bool, status: int) -> int:
-        """Total tokens of `texts`; an input over the model's limit is refused unless `truncate`."""
+    async def check_lengths(
+        self, model: str, texts: Sequence[str], *, truncate: bool, status: int, entry_may_cut: bool = True
+    ) -> int:
+        """Total tokens of `texts`; an input over the model's limit is refused unless `truncate`, or
+        the model entry's `truncate` where the request leaves it to the entry (`entry_may_cut`)."""
         counts = await self.tokens.count(model, texts)
         if counts is None:  # a model the dispatcher may know and this gateway does not: it decides
             return 0
         spec = self.registry[model]
-        if not (truncate or spec.truncate) and spec.kind != "noop":
+        if not (truncate or (spec.truncate and entry_may_cut)) and spec.kind != "noop":
             for index, count in enumerate(counts):
                 if count > spec.max_tokens:
                     raise GatewayError(
@@ -531,7 +534,10 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
         spec = gateway.registry.get(model)
         truncate = tei_truncate(body, spec is not None and spec.truncate)
         options = request_options(request, body.priority, body.deadline_ms)
-        await gateway.check_lengths(model, texts, truncate=truncate, status=413)
+        # An explicit `truncate: false` refuses a long input even where the model entry cuts (as TEI's
+        # `--auto-truncate` yields to the request's own setting).
+        entry_may_cut = body.truncate is None
+        await gateway.check_lengths(model, texts, truncate=truncate, status=413, entry_may_cut=entry_may_cut)
         op = gateway.embed_op(model)
         results = await gateway.run(request, model, op, texts, options=options, truncate=truncate)
         return json_response(tei_vectors([vector(result) for result in results], body, model))
