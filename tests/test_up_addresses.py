@@ -58,3 +58,16 @@ def test_a_sync_client_for_a_stack_not_running_leaves_no_loop_thread(monkeypatch
     with pytest.raises(stacks.StackNotFound):
         Client()
     assert client_threads() == before
+
+
+@pytest.mark.parametrize("keys", ["", " , ", '[""]'])
+def test_a_public_gateway_without_a_usable_key_is_refused_before_anything_starts(
+    keys: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys as the gateway reads them: blank ones are none, and a gateway that refuses to start would
+    be restarted in a loop while `up` waits for its heartbeat."""
+    monkeypatch.setenv("ECTRANS_GATEWAY_API_KEYS", keys)
+    held: list[socket.socket] = []
+    with pytest.raises(SystemExit, match="set ECTRANS_GATEWAY_API_KEYS"):
+        up.gateway_address("0.0.0.0:0", held)
+    assert held == []

@@ -60,14 +60,18 @@ class PortTaken(OSError):
 def gateway_address(spec: str, held: list[socket.socket]) -> tuple[str, int]:
     """HOST:PORT to listen on; the default port, when taken, gives way to a free one (held: see
     `hold_port`)."""
-    from ectrans.services.gateway.settings import is_loopback
+    from ectrans.services.gateway.settings import GatewaySettings, is_loopback
 
     host, _, port_text = spec.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port_text.isdigit():
         raise SystemExit(f"[up] --gateway wants HOST:PORT, got {spec!r}")
     port = int(port_text)
-    if not is_loopback(host) and not os.environ.get("ECTRANS_GATEWAY_API_KEYS"):
+    try:  # the keys as the gateway reads them: blank ones are none (it would refuse to start, and restart)
+        keys = GatewaySettings(gateway_host="127.0.0.1", gateway_port=0).gateway_api_keys
+    except ValidationError as exc:
+        raise SystemExit(f"[up] {exc}") from None
+    if not is_loopback(host) and not keys:
         raise SystemExit(f"[up] the gateway on {host} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS")
     try:
         return host, hold_port(host, port, held, or_free=spec == GATEWAY_DEFAULT)
