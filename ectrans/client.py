@@ -473,10 +473,10 @@ class Client:
     number of threads may call one Client at once; their calls share its connections."""
 
     def __init__(self, url: str | None = None, *, prefix: str | None = None) -> None:
+        self._async = AsyncClient(url, prefix=prefix)  # first: it raises if ECTRANS_STACK's stack is not here
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ectrans-client", daemon=True)
         self._thread.start()
-        self._async = AsyncClient(url, prefix=prefix)
         try:
             self._call(self._async.connect())
         except BaseException:  # Redis unreachable: no loop thread left behind by a client never made

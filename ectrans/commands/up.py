@@ -5,6 +5,7 @@ stopped cleanly on Ctrl-C/SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import socket
@@ -52,36 +53,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
 
 
+class PortTaken(OSError):
+    """The port asked for is bound by another socket, and no other will do."""
+
+
 def gateway_address(spec: str, held: list[socket.socket]) -> tuple[str, int]:
     """HOST:PORT to listen on; the default port, when taken, gives way to a free one (held: see
     `hold_port`)."""
-    from ectrans.services.gateway.settings import is_loopback
+    from ectrans.services.gateway.settings import GatewaySettings, is_loopback
 
     host, _, port_text = spec.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port_text.isdigit():
         raise SystemExit(f"[up] --gateway wants HOST:PORT, got {spec!r}")
     port = int(port_text)
-    if not is_loopback(host) and not os.environ.get("ECTRANS_GATEWAY_API_KEYS"):
+    try:  # the keys as the gateway reads them: blank ones are none (it would refuse to start, and restart)
+        keys = GatewaySettings(gateway_host="127.0.0.1", gateway_port=0).gateway_api_keys
+    except ValidationError as exc:
+        raise SystemExit(f"[up] {exc}") from None
+    if not is_loopback(host) and not keys:
         raise SystemExit(f"[up] the gateway on {host} is reachable from other machines: set ECTRANS_GATEWAY_API_KEYS")
-    free = hold_port(host, port, held)
-    if free != port and spec != GATEWAY_DEFAULT:
-        raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken")
-    return host, free
+    try:
+        return host, hold_port(host, port, held, or_free=spec == GATEWAY_DEFAULT)
+    except PortTaken:
+        raise SystemExit(f"[up] cannot listen on {spec} for the gateway: the port is taken") from None
+    except (OSError, OverflowError) as exc:  # an address not of this machine, a port past 65535
+        raise SystemExit(f"[up] cannot listen on {spec} for the gateway: {exc}") from None
 
 
-def hold_port(host: str, port: int, held: list[socket.socket]) -> int:
-    """`port` if nothing else has it at `host`, else a free one; bound here, not listening, and kept
-    in `held` while `up` runs. Another `up` starting at the same moment then finds it taken, instead
-    of choosing it too (two gateways on one port: one listens, the other serves nobody). The child
-    still listens on it: both sockets set SO_REUSEADDR (this one after its bind, which is what makes
-    the bind a test), and only one listens."""
+def hold_port(host: str, port: int, held: list[socket.socket], *, or_free: bool = True) -> int:
+    """`port` (0: any free one) if nothing else has it at `host`, else a free one when `or_free`;
+    bound here, not listening, and kept in `held` while `up` runs. Another `up` starting at the same
+    moment then finds it taken, instead of choosing it too (two gateways on one port: one listens, the
+    other serves nobody). The child still listens on it: both sockets set SO_REUSEADDR (this one after
+    its bind, which is what makes the bind a test), and only one listens."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
-        probe.bind((host, port))
-    except OSError:
-        probe.bind((host, 0))
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if not or_free:
+                raise PortTaken(exc.errno, exc.strerror) from None
+            probe.bind((host, 0))
+    except BaseException:
+        probe.close()
+        raise
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     held.append(probe)
     return int(probe.getsockname()[1])
@@ -101,7 +120,10 @@ def metrics_address(held: list[socket.socket]) -> tuple[str, int] | None:
         return None
     if "metrics_port" in settings.model_fields_set:
         return settings.metrics_host, settings.metrics_port
-    return settings.metrics_host, hold_port(settings.metrics_host, settings.metrics_port, held)
+    try:
+        return settings.metrics_host, hold_port(settings.metrics_host, settings.metrics_port, held)
+    except OSError:  # a host not of this machine: the monitor says it cannot serve /metrics, and runs on
+        return settings.metrics_host, settings.metrics_port
 
 
 def instance_names(name: str, workers: int) -> dict[str, str]:
@@ -144,12 +166,15 @@ def _children(
 def heartbeat_keys(prefix: str, children: list[ServiceProcess]) -> list[str]:
     """The heartbeat key each child writes once it runs (the gateway's instance is `<host>-<port>`)."""
     keys = Keys(prefix)
-    return [
-        keys.heartbeat(
-            child.kind, child.env.get("ECTRANS_INSTANCE") or f"{host_name()}-{child.env['ECTRANS_GATEWAY_PORT']}"
+
+    def instance(child: ServiceProcess) -> str:  # the gateway ignores ECTRANS_INSTANCE, even when set
+        return (
+            f"{host_name()}-{child.env['ECTRANS_GATEWAY_PORT']}"
+            if child.kind == "gateway"
+            else child.env["ECTRANS_INSTANCE"]
         )
-        for child in children
-    ]
+
+    return [keys.heartbeat(child.kind, instance(child)) for child in children]
 
 
 def _http_banner(gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None) -> str:

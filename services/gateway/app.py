@@ -317,7 +317,9 @@ async def read_body(request: Request, timeout_s: float | None = None) -> bytes:
                 if not message.get("more_body", False):
                     return b"".join(chunks)
     except TimeoutError:
-        raise GatewayError(408, f"the request body did not arrive within {timeout_s:g}s", "body_timeout") from None
+        late = f"the request body did not arrive within {timeout_s:g}s"
+        # `close` (RFC 9110, 408): the connection would otherwise wait out keep-alive for the body's rest.
+        raise GatewayError(408, late, "body_timeout", headers={"connection": "close"}) from None
 
 
 def invalid_request(errors: Sequence[Any]) -> GatewayError:
