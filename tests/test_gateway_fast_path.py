@@ -176,3 +176,25 @@ def test_an_explicit_truncate_false_refuses_a_long_input_where_the_model_entry_c
         asyncio.run(check(truncate=False, entry_may_cut=False))
     assert refused.value.status == 413
     assert asyncio.run(check(truncate=True, entry_may_cut=False)) > 8
+
+
+def test_redis_failures_are_503_when_retrying_helps_500_otherwise_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    from ectrans.services.gateway.store import StoreHealth
+
+    store = StoreHealth()
+    with caplog.at_level(logging.WARNING, logger="ectrans.services.gateway.store"):
+        for _ in range(3):  # an outage: every request answered 503, one log line
+            error = store.failed(RedisConnectionError("Connection refused"))
+            assert (error.status, error.code, error.retry_after_s) == (503, "unavailable", 1)
+        assert store.failed(ResponseError("OOM command not allowed")).status == 503
+        store.answered()  # and one line when it is back
+        for _ in range(2):  # a configuration error: retrying cannot help, no Retry-After
+            refused = store.failed(NoPermissionError("NOPERM this user has no permissions"))
+            assert (refused.status, refused.code, refused.retry_after_s) == (500, "internal", None)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3 and "unreachable" in lines[0] and "again" in lines[1] and "NOPERM" in lines[2], lines

@@ -62,6 +62,7 @@ from ectrans.services.gateway.protocol import (
     TranslateResponse,
 )
 from ectrans.services.gateway.settings import GatewaySettings
+from ectrans.services.gateway.store import StoreHealth
 from ectrans.services.gateway.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Gateway:
         self.client = AsyncClient(settings.redis_url, prefix=settings.prefix)
         self.redis: RedisClient = connect(settings.redis_url, client_name=f"ectrans-gateway-{instance}")
         self.tokens = TokenCounter(registry)
+        self.store = StoreHealth()
         self.heartbeat = Heartbeat(
             self.redis, self.keys, "gateway", instance, interval_s=settings.heartbeat_s, extra=self._beat_fields
         )
@@ -133,7 +135,7 @@ class Gateway:
         try:
             await self.client.connect()
         except RedisError as exc:
-            logger.warning("[start] Redis unreachable (%s); answering 503 until it is", exc)
+            self.store.failed(exc)  # logged once; answered per request until Redis is back
         self._beating = asyncio.create_task(self.heartbeat.run(self._stopping))
 
     async def stop(self) -> None:
@@ -229,17 +231,20 @@ class Gateway:
             waited = self.settings.gateway_timeout_s
             raise GatewayError(504, f"no answer within {waited:g}s: {exc}", "timeout") from None
         except RedisError as exc:
-            logger.warning("[gateway] tasks not submitted: %s", exc)
-            raise GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1) from None
+            raise self.store.failed(exc) from None
         finally:
             self.waiting_inputs -= len(texts)
+        self.store.answered()
         for index, result in enumerate(results):
             if not result.ok:
                 raise GatewayError.from_result(result, index, len(results))
         return results
 
     async def served_models(self) -> set[str]:
-        return {model for worker in await live(self.redis, self.keys, "worker") for model in worker.models}
+        """Models some live worker serves now; a RedisError where Redis fails (see `store.py`)."""
+        workers = await live(self.redis, self.keys, "worker")
+        self.store.answered()
+        return {model for worker in workers for model in worker.models}
 
 
 class ClientGone(Exception):
@@ -475,7 +480,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    install_error_handlers(app)
+    install_error_handlers(app, gateway.store)
     endpoints = add_task_routes(app, gateway)
     add_model_and_probe_routes(app, gateway)
     return Guard(
@@ -620,8 +625,9 @@ def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
         """Redis answers and a live worker serves a model (a readiness probe)."""
         try:
             served = await gateway.served_models()
-        except RedisError as exc:
-            return json_response({"status": "unready", "reason": f"Redis unreachable: {exc}"}, 503)
+        except RedisError as exc:  # no address in the answer: probes need no key
+            reason = gateway.store.failed(exc).message
+            return json_response({"status": "unready", "reason": reason}, 503)
         if not served:
             return json_response({"status": "unready", "reason": "no live worker serves a model"}, 503)
         return json_response({"status": "ready", "models": sorted(served)})
@@ -632,7 +638,7 @@ def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, store: StoreHealth) -> None:
     """Every error in one of two shapes (TEI's on `/embed` and `/`), and never a stack trace."""
 
     def is_tei(request: Request) -> bool:
@@ -653,10 +659,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error = GatewayError(exc.status_code, str(exc.detail), code, headers=dict(exc.headers or {}))  # 405's `Allow`
         return render(error, tei=is_tei(request))
 
-    async def redis_down(request: Request, exc: Exception) -> Response:
-        logger.warning("[gateway] Redis unreachable on %s: %s", request.url.path, exc)
-        error = GatewayError(503, "the task store is unreachable", Reason.UNAVAILABLE, retry_after_s=1)
-        return render(error, tei=is_tei(request))
+    async def redis_failed(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RedisError)
+        return render(store.failed(exc), tei=is_tei(request))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("[gateway] unexpected error on %s", request.url.path)
@@ -665,5 +670,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RedisError, redis_down)
+    app.add_exception_handler(RedisError, redis_failed)
     app.add_exception_handler(Exception, unexpected)
