@@ -27,9 +27,9 @@ from ectrans.services.gateway.app import (
     request_options,
 )
 from ectrans.services.gateway.errors import CLIENT_CLOSED, GatewayError
+from ectrans.services.gateway.http_protocol import INVALID, QuietParserWarnings
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Guard, Shortcut
-from ectrans.services.gateway.parser_errors import INVALID, QuietParserWarnings
 from ectrans.services.gateway.settings import GatewaySettings
 from tests.test_gateway_http import CORPUS, MAX_BODY
 from tests.tiny_encoders import make_tiny_bert

@@ -171,6 +171,9 @@ def test_a_stack_named_but_not_running_is_an_error_not_the_default_redis(
     assert stacks.with_local_stack(CommonSettings(), "redis://flag:1/0").redis_url == "redis://flag:1/0"
     monkeypatch.setenv("ECTRANS_REDIS_URL", "redis://env:1/0")
     assert stacks.with_local_stack(CommonSettings()).redis_url == "redis://env:1/0"
+    monkeypatch.delenv("ECTRANS_REDIS_URL")
+    monkeypatch.setenv("ECTRANS_STACK", stacks.DEFAULT_NAME)  # named or not, as when unset
+    assert stacks.with_local_stack(CommonSettings()).redis_url == CommonSettings().redis_url
 
 
 @pytest.mark.parametrize("name", ["a/b", "../x", "", "-flag", "x" * 64, "a b", "é"])

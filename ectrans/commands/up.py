@@ -5,6 +5,7 @@ stopped cleanly on Ctrl-C/SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
@@ -245,26 +246,38 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    server: RedisServer | None = None
-    held: list[socket.socket] = []  # the gateway's and the monitor's ports, until `up` ends
-    gateway = None if args.no_gateway else gateway_address(args.gateway, held)
-    metrics = metrics_address(held)
-    url = os.environ.get("ECTRANS_REDIS_URL")
-    if not url:
-        data_dir = Path(args.data_dir) if args.data_dir else None
-        server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir).start()
-        url = server.url
-    prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
-    try:
-        stack = stacks.record(name, url, prefix)
-    except stacks.StackRunning as exc:  # another `up` of this name started meanwhile
-        print(f"ectrans up: {exc}", file=sys.stderr)
-        if server is not None:
-            server.cleanup()
-        return 2
-    print(_banner(url, prefix, name) + _http_banner(gateway, metrics), flush=True)
-    children = _children(url, instance_names(name, args.workers), gateway, metrics)
-    beats = heartbeat_keys(prefix, children)
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, on every way out
+        held: list[socket.socket] = []  # the gateway's and the monitor's ports, until `up` ends
+        cleanup.callback(_close_all, held)
+        gateway = None if args.no_gateway else gateway_address(args.gateway, held)
+        metrics = metrics_address(held)
+        url = os.environ.get("ECTRANS_REDIS_URL")
+        if not url:
+            data_dir = Path(args.data_dir) if args.data_dir else None
+            server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir)
+            cleanup.callback(server.cleanup)
+            url = server.start().url
+        prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
+        try:
+            stack = stacks.record(name, url, prefix)
+        except stacks.StackRunning as exc:  # another `up` of this name started meanwhile
+            print(f"ectrans up: {exc}", file=sys.stderr)
+            return 2
+        cleanup.callback(stacks.remove, stack)
+        print(_banner(url, prefix, name) + _http_banner(gateway, metrics), flush=True)
+        children = _children(url, instance_names(name, args.workers), gateway, metrics)
+        cleanup.callback(stop_all, children, STOP_GRACE_S, _say)
+        _serve(children, url, heartbeat_keys(prefix, children))
+    return 0
+
+
+def _close_all(ports: list[socket.socket]) -> None:
+    for port in ports:
+        port.close()
+
+
+def _serve(children: list[ServiceProcess], url: str, beats: list[str]) -> None:
+    """Start the services and keep them running (restarted if they die) until Ctrl-C or SIGTERM."""
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -273,25 +286,16 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    try:
-        for child in children:
-            child.start()
-        started = time.monotonic()
-        announced = False
-        while not stopping:
-            time.sleep(0.2)
-            restart_dead(children, _say)
-            if not announced and _all_alive(url, beats):
-                announced = True
-                print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
-    finally:
-        stop_all(children, STOP_GRACE_S, _say)
-        for port in held:
-            port.close()
-        if server is not None:
-            server.cleanup()
-        stacks.remove(stack)
-    return 0
+    for child in children:
+        child.start()
+    started = time.monotonic()
+    announced = False
+    while not stopping:
+        time.sleep(0.2)
+        restart_dead(children, _say)
+        if not announced and _all_alive(url, beats):
+            announced = True
+            print(f"[up] ready in {time.monotonic() - started:.1f}s: all services are heartbeating", flush=True)
 
 
 def _all_alive(url: str, beats: list[str]) -> bool:

@@ -122,7 +122,7 @@ def with_local_stack(settings: CommonSettings, url: str | None = None) -> Common
     if "redis_url" in settings.model_fields_set:
         return settings
     if (stack := find()) is None:
-        if named := os.environ.get("ECTRANS_STACK"):
+        if (named := stack_name()) != DEFAULT_NAME:  # the default stack's absence is no error: no `up` ran
             raise StackNotFound(
                 f"no stack named {named!r} runs on this machine (`ectrans up --name {named}` starts it);"
                 " unset ECTRANS_STACK, or name a Redis with ECTRANS_REDIS_URL or --redis-url"

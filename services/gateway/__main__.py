@@ -15,7 +15,7 @@ from ectrans.common.lifecycle import run_main
 from ectrans.common.logs import setup_logging
 from ectrans.common.registry import load_registry
 from ectrans.services.gateway.app import create_app
-from ectrans.services.gateway.parser_errors import JsonParserErrors, quiet_parser_warnings
+from ectrans.services.gateway.http_protocol import http_protocol, quiet_parser_warnings
 from ectrans.services.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def main() -> int:
         app,
         loop="none",  # run_main already runs uvloop
         # httptools, with its parser's 400s in the API's error shape and a deadline for headers
-        http=type("GatewayProtocol", (JsonParserErrors,), {"headers_timeout_s": settings.gateway_body_timeout_s}),
+        http=http_protocol(settings.gateway_body_timeout_s),
         lifespan="on",
         access_log=False,  # quiet: no line per request (the metrics count them)
         log_config=None,  # uvicorn's loggers go through ours

@@ -30,8 +30,8 @@ def quiet_parser_warnings() -> None:
     logging.getLogger("uvicorn.error").addFilter(QuietParserWarnings())
 
 
-class JsonParserErrors(HttpToolsProtocol):
-    headers_timeout_s = 30.0
+class GatewayHttpProtocol(HttpToolsProtocol):
+    headers_timeout_s = 30.0  # set by `http_protocol`
     _headers_due: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -71,3 +71,8 @@ class JsonParserErrors(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+def http_protocol(headers_timeout_s: float) -> type[GatewayHttpProtocol]:
+    """The protocol class for uvicorn's `http` setting (it takes a class, not an instance)."""
+    return type("GatewayHttpProtocol", (GatewayHttpProtocol,), {"headers_timeout_s": headers_timeout_s})
