@@ -198,3 +198,20 @@ def test_redis_failures_are_503_when_retrying_helps_500_otherwise_and_logged_onc
             assert (refused.status, refused.code, refused.retry_after_s) == (500, "internal", None)
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 3 and "unreachable" in lines[0] and "again" in lines[1] and "NOPERM" in lines[2], lines
+
+
+def test_while_redis_is_unreachable_one_request_a_second_tries_it_the_rest_get_503_at_once() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from ectrans.services.gateway.store import PROBE_EVERY_S, StoreHealth
+
+    store = StoreHealth()
+    assert store.refusal() is None  # Redis up: every request goes to it
+    store.failed(RedisConnectionError("Connection refused"))
+    refusal = store.refusal()
+    assert refusal is not None and (refusal.status, refusal.retry_after_s) == (503, 1)
+    store._tried_at -= PROBE_EVERY_S  # a second later
+    assert store.refusal() is None  # this request tries Redis...
+    assert store.refusal() is not None  # ...and the others do not wait for it
+    store.answered()  # it was back
+    assert store.refusal() is None

@@ -122,6 +122,7 @@ class Gateway:
         )
         self._stopping = asyncio.Event()
         self._beating: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self.waiting_inputs = 0  # inputs submitted and not yet answered, for the heartbeat
         self.requests_held = 0  # task requests being served (gateway_max_concurrent_requests)
 
@@ -129,17 +130,23 @@ class Gateway:
         return {"waiting_inputs": self.waiting_inputs}
 
     async def start(self) -> None:
-        """Serve whether or not Redis answers yet: `/health` says the process is up, `/ready` and task
-        requests answer 503 until Redis does (the client connects on its first task then), instead of
-        a start-up failure and a restart loop while Redis itself starts."""
+        """Serve whether or not Redis answers yet: the client connects in the background (on its first
+        task if that fails), so `/health` answers at once; `/ready` and task requests answer 503 until
+        Redis does, instead of a start-up failure and a restart loop while Redis itself starts."""
+        self._connecting = asyncio.create_task(self._connect())
+        self._beating = asyncio.create_task(self.heartbeat.run(self._stopping))
+
+    async def _connect(self) -> None:
         try:
             await self.client.connect()
         except RedisError as exc:
-            self.store.failed(exc)  # logged once; answered per request until Redis is back
-        self._beating = asyncio.create_task(self.heartbeat.run(self._stopping))
+            self.store.failed(exc)
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
         if self._beating is not None:
             await self._beating
         await self.client.close()
@@ -209,6 +216,8 @@ class Gateway:
         """Submit one task per text and wait for all; the first error result becomes a GatewayError.
         A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
         priority, deadline_ms = options
+        if (refusal := self.store.refusal()) is not None:
+            raise refusal
         self.metrics.submitted(model, len(texts))
         submitting = self.client.submit_many(
             model,
@@ -241,7 +250,10 @@ class Gateway:
         return results
 
     async def served_models(self) -> set[str]:
-        """Models some live worker serves now; a RedisError where Redis fails (see `store.py`)."""
+        """Models some live worker serves now; a GatewayError or a RedisError where Redis fails (see
+        `store.py`)."""
+        if (refusal := self.store.refusal()) is not None:
+            raise refusal
         workers = await live(self.redis, self.keys, "worker")
         self.store.answered()
         return {model for worker in workers for model in worker.models}
@@ -626,8 +638,9 @@ def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
         try:
             served = await gateway.served_models()
         except RedisError as exc:  # no address in the answer: probes need no key
-            reason = gateway.store.failed(exc).message
-            return json_response({"status": "unready", "reason": reason}, 503)
+            return json_response({"status": "unready", "reason": gateway.store.failed(exc).message}, 503)
+        except GatewayError as exc:
+            return json_response({"status": "unready", "reason": exc.message}, 503)
         if not served:
             return json_response({"status": "unready", "reason": "no live worker serves a model"}, 503)
         return json_response({"status": "ready", "models": sorted(served)})
