@@ -132,10 +132,8 @@ def instance_names(name: str, workers: int) -> dict[str, str]:
     puts its name in them: two stacks on one Redis and prefix must never share a consumer name, since
     a process that starts takes back the pending entries of its name (those of the other stack's live
     process). ECTRANS_INSTANCE, when set, is the base instead."""
-    base = os.environ.get("ECTRANS_INSTANCE") or (
-        host_name() if name == stacks.DEFAULT_NAME else f"{host_name()}-{name}"
-    )
-    explicit = bool(os.environ.get("ECTRANS_INSTANCE"))
+    explicit = os.environ.get("ECTRANS_INSTANCE")
+    base = explicit or (host_name() if name == stacks.DEFAULT_NAME else f"{host_name()}-{name}")
     slot = base if explicit else f"{base}-0"
     names = {"dispatcher": slot}
     for index in range(workers):
@@ -166,14 +164,14 @@ def _children(
 
 def heartbeat_keys(prefix: str, children: list[ServiceProcess]) -> list[str]:
     """The heartbeat key each child writes once it runs (the gateway's instance is `<host>-<port>`)."""
+    from ectrans.services.gateway.settings import instance_name
+
     keys = Keys(prefix)
 
     def instance(child: ServiceProcess) -> str:  # the gateway ignores ECTRANS_INSTANCE, even when set
-        return (
-            f"{host_name()}-{child.env['ECTRANS_GATEWAY_PORT']}"
-            if child.kind == "gateway"
-            else child.env["ECTRANS_INSTANCE"]
-        )
+        if child.kind == "gateway":
+            return instance_name(int(child.env["ECTRANS_GATEWAY_PORT"]))
+        return child.env["ECTRANS_INSTANCE"]
 
     return [keys.heartbeat(child.kind, instance(child)) for child in children]
 

@@ -10,13 +10,12 @@ from types import FrameType
 
 import uvicorn
 
-from ectrans.common.heartbeat import host_name
 from ectrans.common.lifecycle import run_main
 from ectrans.common.logs import setup_logging
 from ectrans.common.registry import load_registry
 from ectrans.services.gateway.app import create_app
 from ectrans.services.gateway.http_protocol import http_protocol, quiet_parser_warnings
-from ectrans.services.gateway.settings import GatewaySettings
+from ectrans.services.gateway.settings import GatewaySettings, instance_name
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def main() -> int:
         return 1
     port = sock.getsockname()[1]
     host = f"[{settings.gateway_host}]" if family == socket.AF_INET6 else settings.gateway_host
-    app = create_app(settings, registry, instance=f"{host_name()}-{port}", address=f"http://{host}:{port}")
+    app = create_app(settings, registry, instance=instance_name(port), address=f"http://{host}:{port}")
     config = uvicorn.Config(
         app,
         loop="none",  # run_main already runs uvloop

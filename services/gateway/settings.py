@@ -9,7 +9,14 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from ectrans.common.heartbeat import host_name
 from ectrans.common.settings import CommonSettings
+
+
+def instance_name(port: int) -> str:
+    """The gateway's instance (heartbeat and client names): `<host>-<port>`, whatever ECTRANS_INSTANCE
+    says, so that several gateways on one host never share one."""
+    return f"{host_name()}-{port}"
 
 
 def is_loopback(host: str) -> bool:
