@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 from ectrans.client import AsyncClient
 from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import connect
 from ectrans.common.registry import build_spec
+from ectrans.common.schemas import Task
 from ectrans.models.api import Paced, Request
 from ectrans.models.noop import NoopExecutor
+from ectrans.services.worker.batcher import Pending
+from ectrans.services.worker.lanes import ModelLane
+from ectrans.services.worker.settings import WorkerSettings
 from tests.stack import running_stack
 
 DEVICE_MS = 400  # long enough for 24 arrivals 3 ms apart on a busy host
@@ -83,5 +88,26 @@ def test_noop_device_reports_its_progress() -> None:
         stop()
         executor.submit(Request("noop", ["d"])).result(5)
         assert len(starts) == 3  # no calls once stopped
+    finally:
+        executor.close()
+
+
+def test_a_free_first_segment_takes_the_next_bulk_batch_at_once() -> None:
+    """With the first segment free and a batch further down the pipeline, the queued bulk task is due
+    `now`: found due a moment after `now` at every look, the scheduler polled every 0.5 ms (a core's
+    worth of CPU) and formed no batch until the pipeline had emptied."""
+    spec = build_spec("slow", {"kind": "noop", "delay_ms": 50})
+    executor = NoopExecutor(spec)
+    try:
+        lane = ModelLane(spec, executor, WorkerSettings())
+        lane.inflight["batch"] = 1  # running in a later segment: the first one is free
+        task = Task(id="t", model="slow", op="noop", input="x", submitted_ms=1, task_class="batch")
+        now = time.monotonic() - 1.0  # the scheduler's reading, taken a moment before
+        lane.batcher.add(Pending("1-0", "stream", task, 2, now))
+        free = lane.free_classes()
+        due = lane.bulk_due(free, now)
+        assert due == now
+        batch = lane.batcher.next_batch(now, free, bulk_due=due)
+        assert batch is not None and [p.task.id for p in batch.items] == ["t"]
     finally:
         executor.close()

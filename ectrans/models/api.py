@@ -117,8 +117,14 @@ class Paced(Protocol):
         ...
 
     def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call `callback` (from the executor's threads) whenever the first segment starts a bulk
-        batch; returns the function that stops it."""
+        """Call `callback` (from the executor's threads) whenever the first segment starts or leaves
+        a bulk batch; returns the function that stops it."""
+        ...
+
+    def watch_backlog(self, queued: Callable[[], int]) -> None:
+        """`queued()` (called from the executor's threads) counts the bulk tasks the worker holds
+        back for this executor: work the executor cannot see yet, but will get as soon as its first
+        segment is free (e.g. a CPU pipeline then runs a batch on its stage's threads, not alone)."""
         ...
 
 

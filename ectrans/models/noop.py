@@ -82,6 +82,9 @@ class NoopExecutor(Executor):
     def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self._progress.add(callback)
 
+    def watch_backlog(self, queued: Callable[[], int]) -> None:
+        """One device, no threads to share: the worker's backlog changes nothing."""
+
     def close(self) -> None:
         self._closed = True
         if self._device is not None:

@@ -21,13 +21,16 @@ empty runs its segments one after another in the first segment's thread on all t
 threads (real-time batches, short by nature, keep their stages' threads: on a busy host a small
 batch on several threads can stall behind other processes). Work arriving meanwhile ends that at
 the next segment boundary, where the batch goes on down the pipeline as usual (so real-time
-cut-in still happens at segment boundaries). One client gets the whole machine; many clients
-get a full pipeline. Where other processes take cores, all threads can cost more than one
+cut-in still happens at segment boundaries). Work the worker holds back for its next batch
+(`Paced.watch_backlog`: pacing hands it over once the first segment is free) counts as arriving:
+without it, under many clients every batch ran alone, one after another, and the pipeline never
+filled. One client gets the whole machine; many clients get a full pipeline. Where other processes take cores, all threads can cost more than one
 (`alone.py`): both ways are measured, and the cheaper one runs.
 
 Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
 segment and which one it runs since when, and calls back when it starts one, so the worker can
-form the next batch just before that segment is free.
+form the next batch just before that segment is free (or at once, when a batch leaves its lone run
+early and frees the segment before its predicted end).
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class PipelinedExecutor(Executor):
         self._bulk_ahead: set[int] = set()  # bulk jobs the first segment has not started
         self._front: FrontSegment | None = None
         self._progress = ProgressCallbacks()
+        self._backlog: Callable[[], int] = lambda: 0  # bulk tasks the worker holds back (watch_backlog)
         self._threads = [
             threading.Thread(target=self._stage_loop, args=(k,), name=f"ectrans-{spec.name}-{name}", daemon=True)
             for k, name in enumerate(names)
@@ -206,6 +210,9 @@ class PipelinedExecutor(Executor):
     def on_progress(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self._progress.add(callback)
 
+    def watch_backlog(self, queued: Callable[[], int]) -> None:
+        self._backlog = queued
+
     def _front_started(self, job: Job, alone: bool) -> None:
         with self._cond:
             self._bulk_ahead.discard(job.id)
@@ -216,6 +223,7 @@ class PipelinedExecutor(Executor):
     def _front_finished(self) -> None:
         with self._cond:
             self._front = None
+        self._progress()  # a batch that left its lone run early frees the segment before its predicted end
 
     # -- stage threads ---------------------------------------------------------------------
 
@@ -332,7 +340,13 @@ class PipelinedExecutor(Executor):
     # -- alone on the CPU (see the module docstring) ------------------------------------------
 
     def _alone(self, job: Job) -> bool:
-        """Nothing but bulk `job` in the segment stages, and no other work on its way to the first one."""
+        """Nothing but bulk `job` in the segment stages, and no other work on its way to the first one
+        (nor held back by the worker, which hands it over once the first segment is free)."""
+        try:
+            if self._backlog() > 0:
+                return False
+        except Exception:  # the worker's count must never stop a stage
+            logger.exception("[pipeline] counting the worker's backlog failed")
         with self._cond:
             if self._realtime_in_flight:
                 return False

@@ -5,7 +5,6 @@ flight, the counts, and the events that wake the loops."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -53,6 +52,8 @@ class ModelLane:
         self.last_batch: tuple[int, float] | None = None  # padded tokens and ms of the latest batch (before a fit)
         # A paced executor gets its bulk batches just before it can start them (FIFO, the baseline, is not paced).
         self.paced = executor.pacing() if not settings.fifo else None
+        if self.paced is not None:  # bulk tasks held back for the next batch are work on its way
+            self.paced.watch_backlog(lambda: len(self.batcher.queues["batch"]))
         # Bulk batches formed but not yet handed to the executor (their cancel marks being looked up):
         # to pacing they are already waiting for the first segment.
         self.bulk_forming = 0
@@ -74,7 +75,7 @@ class ModelLane:
 
         return self.paced.on_progress(wake)
 
-    def bulk_due(self, free: set[str]) -> float | None:
+    def bulk_due(self, free: set[str], now: float) -> float | None:
         """When the next bulk batch should be formed (paced executors; None: by `max_wait_s`). While a
         bulk batch still waits for the first segment, none: tasks arriving meanwhile join the next one
         (the batch class leaves `free`). While the segment runs one, just before its predicted end."""
@@ -86,7 +87,7 @@ class ModelLane:
         front = self.paced.front_segment()
         busy_ms = None if front is None else self.busy_ms(front.padded_tokens, front.share)
         if front is None or busy_ms is None:  # the segment is free, or its cost not yet known: at once
-            return time.monotonic()
+            return now  # (not a later clock reading: due after `now`, the batch would never be ready)
         return front.started + busy_ms / 1000.0 - PACE_LEAD_S
 
     def busy_ms(self, padded_tokens: int, share: float) -> float | None:

@@ -76,7 +76,7 @@ class Scheduler:
         may be (None: not known)."""
         free = lane.free_classes()
         idle = not any(lane.inflight.values())  # nothing running: waiting for batch-mates only idles the device
-        due = lane.bulk_due(free)
+        due = lane.bulk_due(free, now)
         batch = lane.batcher.next_batch(now, free, idle=idle, bulk_due=due)
         if batch is not None:
             self.state.room.set()
