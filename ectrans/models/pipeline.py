@@ -24,8 +24,9 @@ the next segment boundary, where the batch goes on down the pipeline as usual (s
 cut-in still happens at segment boundaries). Work the worker holds back for its next batch
 (`Paced.watch_backlog`: pacing hands it over once the first segment is free) counts as arriving:
 without it, under many clients every batch ran alone, one after another, and the pipeline never
-filled. One client gets the whole machine; many clients get a full pipeline. Where other processes take cores, all threads can cost more than one
-(`alone.py`): both ways are measured, and the cheaper one runs.
+filled. One client gets the whole machine; many clients get a full pipeline. Where other
+processes take cores, all threads can cost more than one (`alone.py`): both ways are measured, and
+the cheaper one runs.
 
 Pacing (`ectrans.models.api.Paced`): the executor says how many bulk batches wait for the first
 segment and which one it runs since when, and calls back when it starts one, so the worker can
