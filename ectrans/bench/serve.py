@@ -127,9 +127,9 @@ class BareLoops:
 BATCHED = {"arrival_batch_8": (8, False), "sorted_batch_32": (32, True)}  # batch size, sorted by length
 
 
-def loop_for(clients: int) -> str:
-    """The bare loop a closed level of `clients` is held against."""
-    return CLOSED_TARGETS.get(clients, LARGE_TARGET)[0]
+def target_for(clients: int) -> tuple[str, float]:
+    """The bare loop a closed level of `clients` is held against, and the ratio it must reach."""
+    return CLOSED_TARGETS.get(clients, LARGE_TARGET)
 
 
 # 2. Driving the stack --------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ async def drive(stack: ServiceStack, loops: BareLoops, texts: list[str], size: S
             await closed_loop(client, texts, 8, 2.0)  # warm-up: shapes, and the worker's fitted cost
             closed = []
             for clients in size.clients:
-                loop = loop_for(clients)
+                loop, _ = target_for(clients)
                 before = await asyncio.to_thread(loops.measure, loop)  # the stack idle meanwhile
                 await sizes.start()
                 outcome = await closed_loop(client, texts, clients, size.closed_seconds)
@@ -275,7 +275,7 @@ def ratios(closed: list[dict[str, Any]]) -> dict[str, Any]:
     """Each closed level against the mean of its bare loop's runs just before and just after it."""
     out = {}
     for row in closed:
-        loop, target = CLOSED_TARGETS.get(row["clients"], LARGE_TARGET)
+        loop, target = target_for(row["clients"])
         bare = row["bare"]["mean"]
         measured = round(row["tasks_per_s"] / bare, 3) if bare else None
         met = measured is not None and measured >= target and row["errors"] == 0

@@ -177,21 +177,19 @@ def heartbeat_keys(prefix: str, children: list[ServiceProcess]) -> list[str]:
 
 
 def _http_banner(gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None) -> str:
+    from ectrans.services.gateway.settings import http_url
+
     lines = ""
     if gateway is not None:
-        base = _base_url(*gateway)
+        base = http_url(*gateway)
         body = """'{"model": "minilm", "input": "some text"}'"""
         lines += (
             f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
             f"  API docs:     {base}/docs\n"
         )
     if metrics is not None:
-        lines += f"  Prometheus:   {_base_url(*metrics)}/metrics\n"
+        lines += f"  Prometheus:   {http_url(*metrics)}/metrics\n"
     return lines
-
-
-def _base_url(host: str, port: int) -> str:
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _banner(url: str, prefix: str, name: str) -> str:

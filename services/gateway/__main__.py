@@ -15,7 +15,7 @@ from ectrans.common.logs import setup_logging
 from ectrans.common.registry import load_registry
 from ectrans.services.gateway.app import create_app
 from ectrans.services.gateway.http_protocol import http_protocol, quiet_parser_warnings
-from ectrans.services.gateway.settings import GatewaySettings, instance_name
+from ectrans.services.gateway.settings import GatewaySettings, http_url, instance_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def main() -> int:
         logger.error("[start] cannot listen on %s:%d: %s", settings.gateway_host, settings.gateway_port, exc)
         return 1
     port = sock.getsockname()[1]
-    host = f"[{settings.gateway_host}]" if family == socket.AF_INET6 else settings.gateway_host
-    app = create_app(settings, registry, instance=instance_name(port), address=f"http://{host}:{port}")
+    address = http_url(settings.gateway_host, port)
+    app = create_app(settings, registry, instance=instance_name(port), address=address)
     config = uvicorn.Config(
         app,
         loop="none",  # run_main already runs uvloop

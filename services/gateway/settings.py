@@ -19,6 +19,11 @@ def instance_name(port: int) -> str:
     return f"{host_name()}-{port}"
 
 
+def http_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     """True for an address only this machine can reach (`localhost`, 127.0.0.0/8, ::1)."""
     if host == "localhost":
