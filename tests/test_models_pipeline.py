@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.common.schemas import Task
 from ectrans.models.alone import AloneThreads
 from ectrans.models.api import ItemResult, Paced, Request
 from ectrans.models.batch import Job
@@ -27,6 +28,9 @@ from ectrans.models.loader import load_executor, load_model
 from ectrans.models.noop import NoopExecutor
 from ectrans.models.pipeline import BoundaryEvent, PipelinedExecutor
 from ectrans.models.segments import SegmentState
+from ectrans.services.worker.batcher import Pending
+from ectrans.services.worker.lanes import ModelLane
+from ectrans.services.worker.settings import WorkerSettings
 from tests.tiny_encoders import SENTENCES, make_tiny_bert, one_torch_thread
 
 WAIT_S = 20.0
@@ -501,6 +505,35 @@ def test_a_failing_backlog_count_leaves_the_stage_running(log: list[tuple[str, s
     executor.watch_backlog(broken)
     try:
         assert executor.submit(Request("embed", ["x"])).result(WAIT_S)[0][0].output == "x:2"
+    finally:
+        executor.close()
+
+
+def test_tasks_held_back_without_a_free_batch_slot_leave_a_lone_batch_alone(log: list[tuple[str, str]]) -> None:
+    """Queued bulk tasks are work on its way only while the worker has a batch slot to hand them over
+    in: with every slot taken (here the one slot, by the lone batch itself) they wait for a batch to
+    end, so the batch keeps all threads (found: with `max_inflight_batches=1` every batch ran on its
+    stage's threads, one after another, the pipeline never filling); a batch being formed counts."""
+    seen: list[tuple[str, str, str, int]] = []
+    steps = [Probe(name, log, seen, last=name == "B") for name in "AB"]
+    executor = PipelinedExecutor(STEPS_SPEC, steps, CharTokenize(), threads=2)
+    executor.alone_threads = all_threads_win()
+    try:
+        lane = ModelLane(STEPS_SPEC, executor, WorkerSettings(max_inflight_batches=1, device="cpu"))
+        task = Task(id="t", model="steps", op="embed", input="queued", submitted_ms=1, task_class="batch")
+        lane.batcher.add(Pending("1-0", "stream", task, 6, time.monotonic()))
+        lane.inflight["batch"] = 1  # the batch below holds the one slot
+        assert executor.submit(Request("embed", ["solo"])).result(WAIT_S)[0][0].output == "solo:2"
+        assert seen == [("A", "solo", "ectrans-steps-A", 2), ("B", "solo", "ectrans-steps-A", 2)]
+        seen.clear()
+        lane.limits["batch"] = 2  # a free slot: the queued task is handed over once the segment is free
+        assert executor.submit(Request("embed", ["two"])).result(WAIT_S)[0][0].output == "two:2"
+        assert seen == [("A", "two", "ectrans-steps-A", 1), ("B", "two", "ectrans-steps-B", 1)]
+        seen.clear()
+        lane.batcher.take_all()
+        lane.bulk_forming = 1  # taken from the queue, on its way to the executor
+        assert executor.submit(Request("embed", ["three"])).result(WAIT_S)[0][0].output == "three:2"
+        assert seen == [("A", "three", "ectrans-steps-A", 1), ("B", "three", "ectrans-steps-B", 1)]
     finally:
         executor.close()
 

@@ -122,9 +122,10 @@ class Paced(Protocol):
         ...
 
     def watch_backlog(self, queued: Callable[[], int]) -> None:
-        """`queued()` (called from the executor's threads) counts the bulk tasks the worker holds
-        back for this executor: work the executor cannot see yet, but will get as soon as its first
-        segment is free (e.g. a CPU pipeline then runs a batch on its stage's threads, not alone)."""
+        """`queued()` (called from the executor's threads) counts the bulk work the worker holds
+        back for this executor (queued tasks it has a batch slot for, batches being formed): work the
+        executor cannot see yet, but will get as soon as its first segment is free (e.g. a CPU
+        pipeline then runs a batch on its stage's threads, not alone)."""
         ...
 
 

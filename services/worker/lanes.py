@@ -53,10 +53,17 @@ class ModelLane:
         # A paced executor gets its bulk batches just before it can start them (FIFO, the baseline, is not paced).
         self.paced = executor.pacing() if not settings.fifo else None
         if self.paced is not None:  # bulk tasks held back for the next batch are work on its way
-            self.paced.watch_backlog(lambda: len(self.batcher.queues["batch"]))
+            self.paced.watch_backlog(self.bulk_held_back)
         # Bulk batches formed but not yet handed to the executor (their cancel marks being looked up):
         # to pacing they are already waiting for the first segment.
         self.bulk_forming = 0
+
+    def bulk_held_back(self) -> int:
+        """Bulk tasks (and batches being formed) the executor gets as soon as its first segment is free;
+        called from the executor's threads. Queued tasks count only while a batch slot is free: else
+        they wait for a batch to end, not for the segment, and a lone batch may keep all threads."""
+        queued = len(self.batcher.queues["batch"]) if self.inflight["batch"] < self.limits["batch"] else 0
+        return queued + self.bulk_forming
 
     def free_classes(self) -> set[str]:
         return {c for c, n in self.inflight.items() if n < self.limits[c]}
