@@ -62,11 +62,14 @@ class ModelLane:
         """Bulk tasks (and batches being formed) the executor gets as soon as its first segment is free;
         called from the executor's threads. Queued tasks count only while a batch slot is free: else
         they wait for a batch to end, not for the segment, and a lone batch may keep all threads."""
-        queued = len(self.batcher.queues["batch"]) if self.inflight["batch"] < self.limits["batch"] else 0
+        queued = len(self.batcher.queues["batch"]) if self.slot_free("batch") else 0
         return queued + self.bulk_forming
 
+    def slot_free(self, task_class: str) -> bool:
+        return self.inflight[task_class] < self.limits[task_class]
+
     def free_classes(self) -> set[str]:
-        return {c for c, n in self.inflight.items() if n < self.limits[c]}
+        return {c for c in self.inflight if self.slot_free(c)}
 
     def slot_class(self, batch: Batch) -> str:
         return "realtime" if batch.task_class == "realtime" else "batch"
