@@ -135,6 +135,42 @@ def test_a_duplicate_id_gets_duplicate_id_never_the_owners_record(redis_url: str
     asyncio.run(scenario())
 
 
+def test_keys_planted_where_results_go_cost_no_task_its_result(redis_url: str, prefix: str) -> None:
+    """A client whose ACL covers `result:*` (the base client user on Redis 6.2, or no ACL) SETs a
+    string at the result key of each entry ID of the next second, and a string and a stream at the
+    keys of two ids a client will use. Neither is a record: every honest task still gets its own
+    result under its key, once, and on its reply stream; the two ids stay their tasks'."""
+
+    async def scenario() -> None:
+        async with running_stack(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}) as stack:
+            keys, redis = stack.keys, stack.redis
+            seconds, micros = await redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            pipe = redis.pipeline(transaction=False)
+            for ms in range(now_ms + 20, now_ms + 1020):
+                for seq in (0, 1):
+                    pipe.set(keys.result(f"{ms}-{seq}"), "planted")
+            await pipe.execute()
+            await redis.set(keys.result("job-a"), "planted")
+            await redis.xadd(keys.result("job-b"), {"status": "ok", "output": "forged"})
+            task = {"model": "noop", "op": "noop", "input": "honest", "reply_to": "honest-c"}
+            named = await pipelined(stack, [{**task, "id": "job-a"}, {**task, "id": "job-b"}])
+            honest: list[str] = []
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # XADD * inside the planted millisecond range
+                honest += await pipelined(stack, [task] * 2)
+                await asyncio.sleep(0.004)
+            got = await records(stack, [*honest, "job-a", "job-b"])
+            for task_id in [*honest, "job-a", "job-b"]:
+                assert got[task_id]["status"] == "ok" and got[task_id]["output"] == '{"chars": 6}', got[task_id]
+                assert got[task_id]["id"] == task_id
+            assert len(named) == 2
+            replies = await reply_entries(stack, "honest-c")
+            assert sorted(r["id"] for r in replies) == sorted([*honest, "job-a", "job-b"])
+
+    asyncio.run(scenario())
+
+
 # 2. A split task is checked against its model, and a failing batch costs only the guilty task --------
 
 
