@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -197,6 +198,10 @@ class Dispatcher:
         """Validate and classify one entry: a forward to a queue, or an error result."""
         try:
             task = parse_task(entry_id, raw, self.limits)
+            if task.submitted_ms > (now := now_ms()):
+                # A client's XADD with an explicit ID ahead of the clock moves every later entry's
+                # ID ahead too: those tasks' deadlines and latencies count from now instead.
+                task = dataclasses.replace(task, submitted_ms=now)
             spec = self.registry.get(task.model)
             if spec is None:
                 known = ", ".join(sorted(self.registry))
