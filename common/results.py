@@ -54,6 +54,24 @@ REPLY_MAXLEN = 100_000
 # a worker's batch of 256 goes in several calls, all in one round trip.
 FINISH_CHUNK = 64
 
+# A result key holds a record only as a hash. Anything else there is no record: a client may SET or
+# XADD any `result:*` key where its ACL covers them (the base client user on Redis 6.2, or no ACL),
+# e.g. at the entry ID a later task will get; taken for a record, it would cost that task its result
+# (or its id). True when `key` holds a record; a key of another type is deleted, for the record.
+RECORD_LUA = """
+local function record_exists(key)
+  if redis.call('EXISTS', key) == 0 then
+    return false
+  end
+  local got = redis.pcall('HGETALL', key)
+  if type(got) == 'table' and got.err then
+    redis.call('DEL', key)
+    return false
+  end
+  return true
+end
+"""
+
 # The finish steps for many tasks, shared by FINISH_MANY_LUA and the dispatcher's commit script.
 # items: [[result key, source stream key, reply stream key or 0, entry id, [field, value, ...], owner
 # mark or 0], ...] with keys as KEYS indices. Writes each absent result (its owner mark, if any, then
@@ -64,14 +82,16 @@ FINISH_CHUNK = 64
 # and would answer only part of a read. Each reply stream's TTL is refreshed once per call, after its
 # pushes. Returns one code per item: 1 where this call created the result, 2 where it did but the
 # reply stream refused it, 0 where the result existed.
-FINISH_ALL_LUA = """
+FINISH_ALL_LUA = (
+    RECORD_LUA
+    + """
 local function finish_all(items, ttl, maxlen, acks)
   local created, replied = {}, {}
   for i = 1, #items do
     local item = items[i]
     local result, fields = KEYS[item[1]], item[5]
     local code = 0
-    if redis.call('EXISTS', result) == 0 then
+    if not record_exists(result) then
       code = 1
       redis.call('HSET', result, unpack(fields))
       redis.call('EXPIRE', result, ttl)
@@ -102,6 +122,7 @@ local function finish_all(items, ttl, maxlen, acks)
   return created
 end
 """
+)
 
 FINISH_MANY_LUA = (
     ACK_LUA
@@ -122,11 +143,13 @@ return created
 """
 )
 
-RESULT_LUA = """
+RESULT_LUA = (
+    RECORD_LUA
+    + """
 -- Cluster step 1, on the result key's own slot. KEYS[1] result hash, KEYS[2] (optional) its owner
 -- mark (same slot); ARGV: ttl s, field, value, ...
 -- Returns 1 when this call created the result, else the stored record (field, value, ...).
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if not record_exists(KEYS[1]) then
   redis.call('HSET', KEYS[1], unpack(ARGV, 2))
   redis.call('EXPIRE', KEYS[1], ARGV[1])
   if #KEYS >= 2 then
@@ -136,6 +159,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return redis.call('HGETALL', KEYS[1])
 """
+)
 
 REPLY_LUA = """
 -- Cluster step 2, on the reply stream's slot. KEYS[1] replied mark, KEYS[2] reply stream (same tag)
@@ -156,19 +180,22 @@ return 1
 # dispatcher's commit script): the first ingress entry to name an id owns it, and that entry may
 # claim it again (a redelivery). True when `entry` owns the id behind owner mark `mark`, false when
 # another entry does (or a result `result` already exists, written before any mark).
-CLAIM_ID_LUA = """
+CLAIM_ID_LUA = (
+    RECORD_LUA
+    + """
 local function claim_id(mark, result, entry, ttl)
   local owner = redis.call('GET', mark)
   if owner then
     return owner == entry
   end
-  if redis.call('EXISTS', result) == 1 then
+  if record_exists(result) then
     return false
   end
   redis.call('SET', mark, entry, 'EX', ttl)
   return true
 end
 """
+)
 
 CLAIM_LUA = (
     CLAIM_ID_LUA

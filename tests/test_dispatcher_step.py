@@ -98,6 +98,31 @@ def test_a_step_answers_bad_entries_and_forwards_the_good_ones_of_the_same_read(
     stepped(redis_url, prefix, body)
 
 
+def test_entry_ids_ahead_of_the_clock_do_not_move_submission_times(redis_url: str, prefix: str) -> None:
+    """A client XADDs with an explicit ID a year ahead: every later `XADD *` gets an ID of that
+    millisecond too. Their tasks are still dated from when the dispatcher read them, so their
+    deadlines can expire and their latencies count as usual."""
+
+    async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
+        seconds, micros = await redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        ahead = now_ms + 365 * 24 * 3600 * 1000
+        entry: Any = {"model": "noop", "op": "noop", "input": "x", "id": "ahead", "priority": "batch"}
+        await redis.xadd(keys.tasks, entry, id=f"{ahead}-0")
+        honest = await submit(redis, keys, "honest", priority="batch")
+        assert honest == f"{ahead}-1"
+        await submit(redis, keys, "late", deadline_ms="60000", priority="batch")
+        assert await d.step()
+        entries: Any = await redis.xrange(keys.queue("noop", "batch"))
+        submitted = {text(f[b"id"]): int(f[b"submitted_ms"]) for _, f in entries}
+        assert sorted(submitted) == ["ahead", "honest", "late"]
+        assert all(now_ms <= ms <= now_ms + 60_000 for ms in submitted.values()), submitted
+        (_, late), *_ = [e for e in entries if e[1][b"id"] == b"late"]
+        assert int(late[b"submitted_ms"]) + int(late[b"deadline_ms"]) < ahead  # it can expire this year
+
+    stepped(redis_url, prefix, body)
+
+
 def test_a_step_answers_tasks_past_the_queue_limit_overloaded(redis_url: str, prefix: str) -> None:
     async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
         for i in range(3):

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from redis.exceptions import ResponseError
 
 from ectrans.client import AsyncClient
 from ectrans.common import codec
@@ -27,7 +28,7 @@ from ectrans.common.schemas import Limits, Reason, Task, TaskError, parse_task
 from ectrans.common.split import SPLIT_FORMAT, check_split, pack_activation
 from ectrans.models.api import BatchStats, Executor, ItemResult, Request
 from ectrans.models.noop import NoopExecutor
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, running_stack, until
 from tests.tiny_encoders import make_tiny_bert
 
 NOOP: ModelSpec = build_spec("noop", {"kind": "noop"})
@@ -131,6 +132,79 @@ def test_a_duplicate_id_gets_duplicate_id_never_the_owners_record(redis_url: str
             assert sorted(r["id"] for r in thief_replies) == sorted(entries), "never the owner's record"
             assert all(r["reason"] == Reason.DUPLICATE_ID for r in thief_replies)
             assert done  # the owner's first entry was answered once, under its id
+
+    asyncio.run(scenario())
+
+
+def test_keys_planted_where_results_go_cost_no_task_its_result(redis_url: str, prefix: str) -> None:
+    """A client whose ACL covers `result:*` (the base client user on Redis 6.2, or no ACL) SETs a
+    string at the result key of each entry ID of the next second, and a string and a stream at the
+    keys of two ids a client will use. Neither is a record: every honest task still gets its own
+    result under its key, once, and on its reply stream; the two ids stay their tasks'."""
+
+    async def scenario() -> None:
+        async with running_stack(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}) as stack:
+            keys, redis = stack.keys, stack.redis
+            seconds, micros = await redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            pipe = redis.pipeline(transaction=False)
+            for ms in range(now_ms + 20, now_ms + 1020):
+                for seq in (0, 1):
+                    pipe.set(keys.result(f"{ms}-{seq}"), "planted")
+            await pipe.execute()
+            await redis.set(keys.result("job-a"), "planted")
+            await redis.xadd(keys.result("job-b"), {"status": "ok", "output": "forged"})
+            task = {"model": "noop", "op": "noop", "input": "honest", "reply_to": "honest-c"}
+            named = await pipelined(stack, [{**task, "id": "job-a"}, {**task, "id": "job-b"}])
+            honest: list[str] = []
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # XADD * inside the planted millisecond range
+                honest += await pipelined(stack, [task] * 2)
+                await asyncio.sleep(0.004)
+            got = await records(stack, [*honest, "job-a", "job-b"])
+            for task_id in [*honest, "job-a", "job-b"]:
+                assert got[task_id]["status"] == "ok" and got[task_id]["output"] == '{"chars": 6}', got[task_id]
+                assert got[task_id]["id"] == task_id
+            assert len(named) == 2
+            replies = await reply_entries(stack, "honest-c")
+            assert sorted(r["id"] for r in replies) == sorted([*honest, "job-a", "job-b"])
+
+    asyncio.run(scenario())
+
+
+def test_an_entry_at_the_last_possible_id_stops_submissions_only_until_it_is_answered(
+    redis_url: str, prefix: str
+) -> None:
+    """A client XADDs to the ingress stream at the last possible ID: until the dispatcher has answered
+    it, every other XADD is refused by Redis (its client knows: nothing is lost). Then the stream's
+    last ID is back at the clock: later tasks get IDs of now and their results, and the tasks sent
+    before the attack keep theirs."""
+
+    async def scenario() -> None:
+        async with running_stack(redis_url, prefix, {"noop": NOOP}, {"noop": NoopExecutor(NOOP)}) as stack:
+            task = {"model": "noop", "op": "noop", "input": "honest", "reply_to": "honest-c"}
+            before = await pipelined(stack, [task] * 5)
+            planted: Any = {**task, "input": "x"}
+            attacker = text(await stack.redis.xadd(stack.keys.tasks, planted, id=STREAM_END))
+            assert attacker == STREAM_END
+            assert (await records(stack, [STREAM_END]))[STREAM_END]["status"] == "ok"
+
+            async def accepted() -> bool:
+                try:
+                    await stack.redis.xadd(stack.keys.tasks, {"model": "noop", "op": "noop", "input": "probe"})
+                except ResponseError:
+                    return False
+                return True
+
+            await until(accepted, 10, "the ingress stream takes entries again")
+            after = await pipelined(stack, [task] * 5)
+            seconds, _ = await stack.redis.time()
+            assert all(abs(int(entry_id.split("-")[0]) // 1000 - int(seconds)) < 60 for entry_id in after)
+            got = await records(stack, [*before, *after])
+            assert all(got[t]["status"] == "ok" and got[t]["output"] == '{"chars": 6}' for t in got), got
+            replies = await reply_entries(stack, "honest-c")
+            assert sorted(r["id"] for r in replies) == sorted([*before, STREAM_END, *after])
+            assert stack.dispatcher.rewinder.rewound == 1
 
     asyncio.run(scenario())
 

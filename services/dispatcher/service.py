@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from ectrans.common.split import check_split
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding
 from ectrans.services.dispatcher.placement import Placement
+from ectrans.services.dispatcher.rewind import Rewinder
 from ectrans.services.dispatcher.settings import DispatcherSettings
 from ectrans.services.dispatcher.shedding import QueueLimit, WorkLimits
 
@@ -91,6 +93,7 @@ class Dispatcher:
             min_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries,
         )
+        self.rewinder = Rewinder(self.redis, self.keys.tasks, DISPATCHER_GROUP, settings.result_ttl_s)
         self.heartbeat = Heartbeat(
             self.redis,
             self.keys,
@@ -197,6 +200,10 @@ class Dispatcher:
         """Validate and classify one entry: a forward to a queue, or an error result."""
         try:
             task = parse_task(entry_id, raw, self.limits)
+            if task.submitted_ms > (now := now_ms()):
+                # A client's XADD with an explicit ID ahead of the clock moves every later entry's
+                # ID ahead too: those tasks' deadlines and latencies count from now instead.
+                task = dataclasses.replace(task, submitted_ms=now)
             spec = self.registry.get(task.model)
             if spec is None:
                 known = ", ".join(sorted(self.registry))
@@ -238,6 +245,8 @@ class Dispatcher:
             held = await asyncio.shield(self._commit(forwards, finishes))
         self.rejected += len(finishes) + held
         self.forwarded += len(forwards) - held
+        if self.rewinder.wanted(entries[-1][0]):  # a client XADDed an ID far ahead (see rewind.py)
+            await self.rewinder.rewind()
 
     async def _claim_ids(self, decisions: list[Forward | Finish], *, forwards: bool = True) -> list[Forward | Finish]:
         """Every task naming a client id claims it (see `ResultWriter.claim`) before anything is written
