@@ -199,6 +199,9 @@ class AsyncClient:
         self._check_loop()
         if self._cancelling:  # cancel marks of abandoned calls go out before the writer closes
             await asyncio.wait(set(self._cancelling), timeout=2)
+        unanswered = [task_id for task_id, fut in self._waiting.items() if not fut.done()]
+        if unanswered and self._sender is not None:  # no one will read their records: drop what has not started
+            await self.cancel(unanswered)
         if self._sender is not None:
             await self._sender.close()  # what callers queued still goes out
             self._sender = None
@@ -212,7 +215,9 @@ class AsyncClient:
                 await asyncio.wait_for(self._reader, BLOCK_MS / 1000 + 2)
             self._reader = None
         for fut in self._waiting.values():
-            fut.cancel()
+            if not fut.done():  # their callers get an error, not a cancellation they never asked for
+                fut.set_exception(SenderClosed("the client was closed before this task's record arrived"))
+                fut.exception()  # read now: a handle no one awaits any more is nothing to log
         self._waiting.clear()
         if self._redis is not None:
             with contextlib.suppress(Exception):

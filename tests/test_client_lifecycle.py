@@ -96,3 +96,39 @@ def test_an_interrupted_sync_call_cancels_its_tasks(redis_url: str, prefix: str)
             await redis.aclose()
 
     assert asyncio.run(marks()) == [1, 1, 1]
+
+
+def test_closing_a_client_with_calls_in_flight(redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Calls still waiting when their client closes get a clear error (not a CancelledError they never
+    asked for), and their tasks get cancel marks: no one is left to read their records."""
+    keys = Keys(prefix)
+
+    async def scenario() -> None:
+        client = AsyncClient(redis_url, prefix=prefix)  # no services run: the tasks stay queued
+        await client.connect()
+        calls = [asyncio.create_task(client.submit("noop", "noop", f"text {i}", timeout=30)) for i in range(3)]
+        handles = await client.submit_tasks("noop", "noop", ["never awaited"])
+        redis = connect(redis_url)
+        try:
+            await until_queued(redis, keys, 4)
+            await client.close()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert [type(outcome) for outcome in outcomes] == [SenderClosed] * 3, outcomes
+            with pytest.raises(SenderClosed, match="closed before"):
+                await handles[0]
+            entries: Any = await redis.xrange(keys.tasks)
+            ids = [fields[b"id"].decode() for _, fields in entries]
+            assert [await redis.exists(keys.cancelled(task_id)) for task_id in ids] == [1] * 4
+        finally:
+            await redis.aclose()
+
+    asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")], caplog.text
+
+
+async def until_queued(redis: Any, keys: Keys, count: int) -> None:
+    for _ in range(500):
+        if await redis.xlen(keys.tasks) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"{count} tasks not in {keys.tasks}")
