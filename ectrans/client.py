@@ -162,6 +162,7 @@ class AsyncClient:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self._cancelling: set[asyncio.Task[None]] = set()  # cancel marks being written for abandoned calls
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop its connections and tasks belong to
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -173,6 +174,7 @@ class AsyncClient:
         await self.close()
 
     async def connect(self) -> None:
+        self._check_loop()
         async with self._connecting:  # many first calls at once connect once
             if self._redis is None:
                 name = f"ectrans-client-{self.client_id[:8]}"
@@ -189,12 +191,17 @@ class AsyncClient:
                 self._sender = Sender(redis)
                 self._sender.start()
                 self._redis = redis
+                self._loop = asyncio.get_running_loop()
                 self._closing = False
                 self._reader = asyncio.create_task(self._read_replies())
 
     async def close(self) -> None:
+        self._check_loop()
         if self._cancelling:  # cancel marks of abandoned calls go out before the writer closes
             await asyncio.wait(set(self._cancelling), timeout=2)
+        unanswered = [task_id for task_id, fut in self._waiting.items() if not fut.done()]
+        if unanswered and self._sender is not None:  # no one will read their records: drop what has not started
+            await self.cancel(unanswered)
         if self._sender is not None:
             await self._sender.close()  # what callers queued still goes out
             self._sender = None
@@ -208,7 +215,9 @@ class AsyncClient:
                 await asyncio.wait_for(self._reader, BLOCK_MS / 1000 + 2)
             self._reader = None
         for fut in self._waiting.values():
-            fut.cancel()
+            if not fut.done():  # their callers get an error, not a cancellation they never asked for
+                fut.set_exception(SenderClosed("the client was closed before this task's record arrived"))
+                fut.exception()  # read now: a handle no one awaits any more is nothing to log
         self._waiting.clear()
         if self._redis is not None:
             with contextlib.suppress(Exception):
@@ -218,33 +227,72 @@ class AsyncClient:
         if self._reader_redis is not None:
             await self._reader_redis.aclose()
             self._reader_redis = None
+        self._loop = None  # closed: free to connect again on any loop
+
+    async def _ready(self) -> None:
+        """Connected, on the running event loop."""
+        self._check_loop()
+        if self._sender is None:
+            await self.connect()
+
+    def _check_loop(self) -> None:
+        """A client's connections and its reader and writer tasks belong to the event loop it connected
+        on. Once that loop has ended (a second `asyncio.run` with one client) the client starts afresh
+        on the running one; while that loop is still open, a call from another one gets a clear error
+        instead of waiting forever on a writer that never runs."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None or self._loop is loop:
+            return
+        if not self._loop.is_closed():
+            raise ECTransError(
+                "this AsyncClient is connected on another event loop that is still open: use one "
+                "AsyncClient per event loop (or close it there first), or the sync Client from any thread"
+            )
+        # Its connections, tasks and waiters went with the ended loop; nothing of them can run again.
+        self._redis = self._reader_redis = None
+        self._sender, self._reader = None, None
+        self._waiting.clear()
+        self._cancelling.clear()
+        self._connecting = asyncio.Lock()
+        self._loop = None
 
     async def _read_replies(self) -> None:
         assert self._reader_redis is not None
-        last = "0-0"
-        unread, trimmed_at = 0, time.monotonic()  # entries read since the stream was last trimmed
-        while not self._closing:
-            try:
-                reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
-            except RedisConnectionError:
-                if not self._closing:
+        try:
+            last = "0-0"
+            unread, trimmed_at = 0, time.monotonic()  # entries read since the stream was last trimmed
+            while not self._closing:
+                try:
+                    reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
+                except RedisConnectionError:
+                    if not self._closing:
+                        await asyncio.sleep(random.uniform(0.1, 1.0))
+                    continue
+                except Exception:  # the reader must outlive any surprise, or every waiter would hang
+                    logger.exception("[client] reply reader error; retrying")
                     await asyncio.sleep(random.uniform(0.1, 1.0))
-                continue
-            except Exception:  # the reader must outlive any surprise, or every waiter would hang
-                logger.exception("[client] reply reader error; retrying")
-                await asyncio.sleep(random.uniform(0.1, 1.0))
-                continue
-            for _, entries in reply or []:
-                for entry_id, raw in entries:
-                    last = entry_id.decode()
-                    unread += 1
-                    self._resolve(last, raw)
-            # Trimming is housekeeping, done now and then rather than after every read: a command
-            # sent here would go out before the callers just answered get to run.
-            if unread >= TRIM_EVERY or (unread and time.monotonic() - trimmed_at >= TRIM_AFTER_S):
-                with contextlib.suppress(RedisError, SenderClosed):  # results are delivered either way
-                    await self._send([("XTRIM", self.reply_stream, "MINID", "=", _next_id(last))])
-                unread, trimmed_at = 0, time.monotonic()
+                    continue
+                for _, entries in reply or []:
+                    for entry_id, raw in entries:
+                        last = entry_id.decode()
+                        unread += 1
+                        self._resolve(last, raw)
+                # Trimming is housekeeping, done now and then rather than after every read: a command
+                # sent here would go out before the callers just answered get to run.
+                if unread >= TRIM_EVERY or (unread and time.monotonic() - trimmed_at >= TRIM_AFTER_S):
+                    with contextlib.suppress(RedisError, SenderClosed):  # results are delivered either way
+                        await self._send([("XTRIM", self.reply_stream, "MINID", "=", _next_id(last))])
+                    unread, trimmed_at = 0, time.monotonic()
+        except asyncio.CancelledError:
+            if not self._closing:  # cancelled with its event loop (asyncio.run ending, no close())
+                await self._close_connections()  # while that loop still runs: it cannot be done later
+            raise
+
+    async def _close_connections(self) -> None:
+        for redis in (self._redis, self._reader_redis):
+            if redis is not None:
+                with contextlib.suppress(Exception):
+                    await redis.aclose()
 
     def _resolve(self, entry_id: str, raw: dict[bytes, bytes]) -> None:
         """Resolve the task a reply entry answers. An entry that is no record (anyone allowed to write
@@ -279,8 +327,7 @@ class AsyncClient:
         With `segment` k > 0 the inputs are split payloads: the state after the model's first k
         units, computed by the caller with model `revision` (see `ectrans.split`). `truncate` cuts
         an input over the model's token limit instead of having it refused."""
-        if self._sender is None:
-            await self.connect()
+        await self._ready()
         loop = asyncio.get_running_loop()
         # Ids start with the client's id, so a per-tenant ACL (docs/security.md) can confine results
         # and cancel marks to the tenant's prefix; the random part keeps them unguessable.
@@ -370,8 +417,7 @@ class AsyncClient:
         `embed`, ...) that is itself cancelled does this for its unanswered tasks."""
         if not ids:
             return
-        if self._sender is None:
-            await self.connect()
+        await self._ready()
         commands = [("SET", self.keys.cancelled(task_id), b"1", "EX", CANCEL_TTL_S) for task_id in ids]
         try:
             await self._send(commands)
@@ -402,8 +448,7 @@ class AsyncClient:
     async def model_state(self, model: str) -> tuple[CostModel | None, dict[str, int]]:
         """What the server publishes about `model`: its fitted batch cost (None until workers have
         served enough batches) and the length of each class's queue."""
-        if self._sender is None:
-            await self.connect()
+        await self._ready()
         commands: list[Command] = [("HGETALL", self.keys.cost(model))]
         commands += [("XLEN", self.keys.queue(model, task_class)) for task_class in TASK_CLASSES]
         raw, *lengths = await self._send(commands)
@@ -484,7 +529,29 @@ class Client:
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        if not self._thread.is_alive():
+            coro.close()
+            raise SenderClosed("the client is closed")
+        started, finished = threading.Event(), threading.Event()
+
+        async def run() -> T:
+            started.set()
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # A caller interrupted while waiting (Ctrl-C) cancels its call, and with it its unanswered
+            # tasks, as a cancelled AsyncClient call does; a call that ended on its own is unaffected.
+            # Its cleanup is let to run first, so a `close()` right after still sends the cancel marks.
+            future.cancel()
+            if started.is_set():
+                finished.wait(5)
+            raise
 
     def submit(self, model: str, op: str, text: str, **options: Any) -> TaskResult:
         return self._call(self._async.submit(model, op, text, **options))

@@ -83,11 +83,6 @@ def find(name: str | None = None) -> LocalStack | None:
 
 def record(name: str, redis_url: str, prefix: str) -> LocalStack:
     """Claim `name` for this process; StackRunning if a live `up` already holds it."""
-    if (other := find(name)) is not None and other.pid != os.getpid():
-        raise StackRunning(
-            f"another `ectrans up` (pid {other.pid}) already runs the stack {name!r} at {other.redis_url}; "
-            f"stop it, or start this one with --name <other>"
-        )
     stack = LocalStack(name, os.getpid(), redis_url, prefix, time.time())
     path = stack_file(name)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -96,8 +91,38 @@ def record(name: str, redis_url: str, prefix: str) -> LocalStack:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(asdict(stack), out)
-    temporary.replace(path)
-    return stack
+    try:
+        for _ in range(3):  # a stale record found is removed, and the claim tried again
+            try:
+                # A hard link fails where the name exists: of two `up`s started at once, one claims it
+                # (a check, then a write, let both claim it, and both ran under one name).
+                os.link(temporary, path)
+                return stack
+            except FileExistsError:
+                other = find(name)  # removes a record whose `up` is gone
+                if other is None and _unreadable(path):  # not a record at all (a stale file of another kind)
+                    path.unlink(missing_ok=True)
+                if other is not None and other.pid != os.getpid():
+                    raise StackRunning(
+                        f"another `ectrans up` (pid {other.pid}) already runs the stack {name!r} at "
+                        f"{other.redis_url}; stop it, or start this one with --name <other>"
+                    ) from None
+                if other is not None:  # this process's own record: rewritten
+                    temporary.replace(path)
+                    return stack
+        raise StackRunning(f"could not claim the stack name {name!r}: its record at {path} keeps changing")
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _unreadable(path: Path) -> bool:
+    try:
+        LocalStack(**json.loads(path.read_text()))
+    except OSError:
+        return False  # gone
+    except (ValueError, TypeError):
+        return True
+    return False
 
 
 def remove(stack: LocalStack) -> None:
