@@ -21,6 +21,7 @@ import openai
 import pytest
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
+from tokenizers import Tokenizer
 
 from ectrans.client import Client
 from ectrans.common.registry import ModelSpec, build_spec
@@ -152,7 +153,7 @@ def test_openai_sdk_edge_cases(served: tuple[str, str, ModelSpec], expected: np.
 
     errors: list[tuple[dict[str, Any], type[openai.APIStatusError], str, str]] = [
         ({"input": ["x"] * (MAX_INPUTS + 1)}, openai.BadRequestError, "bad_input", f"limit of {MAX_INPUTS}"),
-        ({"input": [[1, 2, 3]]}, openai.BadRequestError, "bad_input", "token ids"),
+        ({"input": [[1, 2, 3], [10**6]]}, openai.BadRequestError, "bad_input", "input[1] holds token id 1000000"),
         ({"input": ""}, openai.BadRequestError, "bad_input", "empty string"),
         ({"input": "x", "dimensions": 3}, openai.BadRequestError, "bad_input", "'dimensions' must match"),
         ({"input": "x", "model": "no-such-model"}, openai.NotFoundError, "unknown_model", "no-such-model"),
@@ -163,6 +164,49 @@ def test_openai_sdk_edge_cases(served: tuple[str, str, ModelSpec], expected: np.
         assert caught.value.code == code and words in caught.value.message, caught.value.message
     sdk.close()
     no_v1.close()
+
+
+def test_token_ids_are_the_models_own_and_give_the_texts_vectors(
+    served: tuple[str, str, ModelSpec], expected: np.ndarray
+) -> None:
+    """OpenAI's `input` and TEI's `inputs` as token ids (one list, or a list of lists): ids of the model's
+    vocabulary, special tokens included, as the model's tokenizer makes them from the same texts."""
+    base, _, spec = served
+    tokenizer = Tokenizer.from_file(str(spec.path / "tokenizer.json"))
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(SENTENCES[:3])]
+    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    for encoding_format in (openai.NOT_GIVEN, "float"):  # not given: the SDK asks for base64 and decodes it
+        batch = sdk.embeddings.create(model="tiny", input=ids, encoding_format=encoding_format)
+        assert np.allclose([e.embedding for e in batch.data], expected, atol=1e-6), encoding_format
+        assert batch.usage.prompt_tokens == sum(len(row) for row in ids)
+    one = sdk.embeddings.create(model="tiny", input=ids[1])  # a list of ints is one input
+    assert len(one.data) == 1 and np.allclose(one.data[0].embedding, expected[1], atol=1e-6)
+    cut = sdk.embeddings.create(model="tiny", input=ids[0] * 30, extra_body={"truncate": True})
+    assert cut.usage.prompt_tokens == spec.max_tokens
+    tei = httpx.post(f"{base}/embed", json={"inputs": ids, "normalize": False}, timeout=30)
+    assert tei.status_code == 200 and np.allclose(tei.json(), expected, atol=1e-6), tei.text
+
+    refusals: list[tuple[dict[str, Any], type[openai.APIStatusError], str]] = [
+        ({"input": [ids[0], [spec.vocab_size]]}, openai.BadRequestError, f"input[1] holds token id {spec.vocab_size}"),
+        ({"input": [[-1]]}, openai.BadRequestError, "input[0] holds token id -1, outside the vocabulary"),
+        ({"input": [ids[0], []]}, openai.BadRequestError, "input[1] is an empty list of token ids"),
+        ({"input": ids[0] * 30}, openai.BadRequestError, f"over the limit of {spec.max_tokens}"),
+        ({"input": [ids[0]] * (MAX_INPUTS + 1)}, openai.BadRequestError, f"limit of {MAX_INPUTS}"),
+        ({"input": ids[0], "model": "noop"}, openai.BadRequestError, "takes text, not token ids"),
+        ({"input": ids[0], "model": "no-such-model"}, openai.NotFoundError, "no-such-model"),
+    ]
+    for arguments, error, words in refusals:
+        with pytest.raises(error) as caught:
+            sdk.embeddings.create(**{"model": "tiny", **arguments})
+        assert words in caught.value.message, caught.value.message
+    sdk.close()
+    for inputs, status, error_type in (
+        ([[]], 400, "Empty"),
+        (ids[0] * 30, 413, "Validation"),
+        ([-1], 422, "Validation"),
+    ):
+        refused = httpx.post(f"{base}/embed", json={"inputs": inputs}, timeout=30)
+        assert refused.status_code == status and refused.json()["error_type"] == error_type, refused.text
 
 
 # hostile HTTP -----------------------------------------------------------------------------------------

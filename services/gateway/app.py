@@ -63,6 +63,7 @@ from ectrans.services.gateway.protocol import (
 )
 from ectrans.services.gateway.settings import GatewaySettings
 from ectrans.services.gateway.store import StoreHealth
+from ectrans.services.gateway.token_ids import TokenIdTasks, token_id_rows, token_id_tasks
 from ectrans.services.gateway.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -207,14 +208,16 @@ class Gateway:
         request: Request,
         model: str,
         op: str,
-        texts: Sequence[str],
+        texts: Sequence[str | bytes],
         *,
         options: tuple[str | None, int | None],
         params: dict[str, int] | None = None,
         truncate: bool = False,
+        split: TokenIdTasks | None = None,
     ) -> list[TaskResult]:
-        """Submit one task per text and wait for all; the first error result becomes a GatewayError.
-        A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
+        """Submit one task per text (or split payload, with `split`) and wait for all; the first error
+        result becomes a GatewayError. A client that disconnects first gets its tasks cancelled (those
+        not started are not computed)."""
         priority, deadline_ms = options
         if (refusal := self.store.refusal()) is not None:
             raise refusal
@@ -228,6 +231,7 @@ class Gateway:
             params=params,
             timeout=self.settings.gateway_timeout_s,
             truncate=truncate,
+            **({"segment": split.segment, "revision": split.revision} if split is not None else {}),
         )
         self.waiting_inputs += len(texts)
         try:
@@ -248,6 +252,36 @@ class Gateway:
             if not result.ok:
                 raise GatewayError.from_result(result, index, len(results))
         return results
+
+    async def embed(
+        self,
+        request: Request,
+        model: str,
+        inputs: object,
+        options: tuple[str | None, int | None],
+        *,
+        param: str,
+        truncate: bool,
+        too_long_status: int,
+        entry_may_cut: bool = True,
+    ) -> tuple[list[TaskResult], int]:
+        """Embed `inputs` (texts or token ids, as parsed) with `model`: the results, and their tokens."""
+        rows = token_id_rows(inputs)
+        limit = self.settings.gateway_max_inputs
+        if rows is not None:
+            spec = self.registry.get(model)
+            cut = truncate or (spec is not None and spec.truncate and entry_may_cut)
+            split = token_id_tasks(
+                rows, spec, model, limit=limit, param=param, cut=cut, too_long_status=too_long_status
+            )
+            results = await self.run(request, model, "embed", split.payloads, options=options, split=split)
+            return results, split.tokens
+        texts = text_inputs(inputs, limit, param)
+        tokens = await self.check_lengths(
+            model, texts, truncate=truncate, status=too_long_status, entry_may_cut=entry_may_cut
+        )
+        results = await self.run(request, model, self.embed_op(model), texts, options=options, truncate=truncate)
+        return results, tokens
 
     async def served_models(self) -> set[str]:
         """Models some live worker serves now; a GatewayError or a RedisError where Redis fails (see
@@ -303,7 +337,7 @@ async def parse_body(request: Request, model: type[M], timeout_s: float) -> M:
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as exc:
-        raise invalid_request(exc.errors()) from None
+        raise invalid_request(exc.errors(), takes_ids=model in (EmbeddingRequest, EmbedRequest)) from None
     # pydantic keeps the last of two equal keys; the request is ambiguous (TEI refuses it too). A valid
     # body's one object is the top level, so this second parse calls the hook once.
     json.loads(body, object_pairs_hook=_unique_keys)
@@ -339,13 +373,17 @@ async def read_body(request: Request, timeout_s: float | None = None) -> bytes:
         raise GatewayError(408, late, "body_timeout", headers={"connection": "close"}) from None
 
 
-def invalid_request(errors: Sequence[Any]) -> GatewayError:
-    """A 400 naming the first problem pydantic found (`input: Input should be a valid string`)."""
+def invalid_request(errors: Sequence[Any], *, takes_ids: bool = False) -> GatewayError:
+    """A 400 naming the first problem pydantic found (`input: Input should be a valid string`);
+    `takes_ids`: the body's input may be token ids (the embedding endpoints)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
     if where and where[0] in ("input", "inputs") and first.get("type") != "missing":
         # Every branch of the union failed: pydantic's first complaint names one branch (`input.str`).
-        return bad_request(f"'{where[0]}' must be a string or a list of strings", where[0])
+        shapes = "a string or a list of strings"
+        if takes_ids:
+            shapes = "a string, a list of strings, a list of token ids (integers) or a list of such lists"
+        return bad_request(f"'{where[0]}' must be {shapes}", where[0])
     message = f"{'.'.join(where) + ': ' if where else ''}{first.get('msg', 'invalid request')}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problems)"
@@ -388,7 +426,7 @@ def text_inputs(value: object, limit: int, param: str) -> list[str]:
     if not texts:
         raise GatewayError(400, f"'{param}' is an empty list", Reason.BAD_INPUT, param, tei_type="Empty")
     if not all(isinstance(text, str) for text in texts):
-        raise bad_request(f"'{param}' holds token ids; ECTrans tokenizes itself, send text", param)
+        raise bad_request(f"'{param}' takes text here, not token ids", param)
     if len(texts) > limit:
         raise bad_request(f"'{param}' has {len(texts)} items, over the limit of {limit}", param)
     for index, text in enumerate(texts):
@@ -519,11 +557,10 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     async def embeddings(request: Request) -> Response:
         """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
         body = await parse_body(request, EmbeddingRequest, settings.gateway_body_timeout_s)
-        texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
-        tokens = await gateway.check_lengths(body.model, texts, truncate=body.truncate, status=400)
-        op = gateway.embed_op(body.model)
-        results = await gateway.run(request, body.model, op, texts, options=options, truncate=body.truncate)
+        results, tokens = await gateway.embed(
+            request, body.model, body.input, options, param="input", truncate=body.truncate, too_long_status=400
+        )
         vectors = [vector(result) for result in results]
         if body.dimensions is not None and body.dimensions != vectors[0].shape[-1]:
             raise bad_request(
@@ -549,16 +586,21 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
         """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
         body = await parse_body(request, EmbedRequest, settings.gateway_body_timeout_s)
         model = body.model or settings.gateway_default_model
-        texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
         spec = gateway.registry.get(model)
         truncate = tei_truncate(body, spec is not None and spec.truncate)
         options = request_options(request, body.priority, body.deadline_ms)
         # An explicit `truncate: false` refuses a long input even where the model entry cuts (as TEI's
         # `--auto-truncate` yields to the request's own setting).
-        entry_may_cut = body.truncate is None
-        await gateway.check_lengths(model, texts, truncate=truncate, status=413, entry_may_cut=entry_may_cut)
-        op = gateway.embed_op(model)
-        results = await gateway.run(request, model, op, texts, options=options, truncate=truncate)
+        results, _ = await gateway.embed(
+            request,
+            model,
+            body.inputs,
+            options,
+            param="inputs",
+            truncate=truncate,
+            too_long_status=413,
+            entry_may_cut=body.truncate is None,
+        )
         return json_response(tei_vectors([vector(result) for result in results], body, model))
 
     # TEI serves an embedding model's `/embed` at `/` too: `InferenceClient(base_url=...)` posts there.

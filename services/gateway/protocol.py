@@ -16,7 +16,7 @@ from ectrans.common.schemas import MAX_DEADLINE_MS, OP_PARAMS
 
 Priority = Literal["realtime", "batch"]
 Deadline = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS)]
-# OpenAI's `input` may also be token ids; they are refused with a clear message (see app.py).
+# OpenAI's `input` and TEI's `inputs` may also be token ids of the model's vocabulary (see token_ids.py).
 TokenIds = list[int]
 
 
@@ -34,7 +34,9 @@ class ECTransOptions(Strict):
 class EmbeddingRequest(ECTransOptions):
     """OpenAI `POST /v1/embeddings`."""
 
-    input: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
+    input: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="Text, a list of texts, token ids of the model's vocabulary, or a list of such lists."
+    )
     model: str = Field(description="A model name from the registry (see `GET /v1/models`).")
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="`base64`: little-endian float32 bytes, base64-encoded (null: `float`)."
@@ -65,7 +67,9 @@ class EmbeddingResponse(BaseModel):
 class EmbedRequest(ECTransOptions):
     """Hugging Face TEI `POST /embed`."""
 
-    inputs: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
+    inputs: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="Text, a list of texts, token ids of the model's vocabulary, or a list of such lists."
+    )
     normalize: bool = Field(True, description="L2-normalise each vector (after `dimensions`).")
     truncate: bool | None = Field(
         None,
