@@ -175,8 +175,9 @@ def test_token_ids_are_the_models_own_and_give_the_texts_vectors(
     tokenizer = Tokenizer.from_file(str(spec.path / "tokenizer.json"))
     ids = [encoding.ids for encoding in tokenizer.encode_batch(SENTENCES[:3])]
     sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    for encoding_format in (openai.NOT_GIVEN, "float"):  # not given: the SDK asks for base64 and decodes it
-        batch = sdk.embeddings.create(model="tiny", input=ids, encoding_format=encoding_format)
+    formats: list[dict[str, Any]] = [{}, {"encoding_format": "float"}]  # none: the SDK asks for base64, decodes it
+    for encoding_format in formats:
+        batch = sdk.embeddings.create(model="tiny", input=ids, **encoding_format)
         assert np.allclose([e.embedding for e in batch.data], expected, atol=1e-6), encoding_format
         assert batch.usage.prompt_tokens == sum(len(row) for row in ids)
     one = sdk.embeddings.create(model="tiny", input=ids[1])  # a list of ints is one input
