@@ -14,6 +14,13 @@ from ectrans.common.schemas import Reason
 from ectrans.common.split import EMBED, pack_activation
 from ectrans.services.gateway.errors import GatewayError, bad_request
 
+MAX_ID = 2**31  # split payloads carry int32 ids
+
+
+def shown(token_id: int) -> str:
+    """An id for a message: a 4,000-digit one (JSON allows it) would make the message 4,000 characters."""
+    return str(token_id) if abs(token_id) < 2**63 else "of over 64 bits"
+
 
 def token_id_rows(value: object) -> list[list[int]] | None:
     """The inputs of a parsed `input`/`inputs` field as lists of token ids; None where it holds text.
@@ -50,6 +57,15 @@ def token_id_tasks(
     in the request's terms (`input[2]`); the dispatcher checks every split payload again."""
     if len(rows) > limit:
         raise bad_request(f"'{param}' has {len(rows)} items, over the limit of {limit}", param)
+    for index, row in enumerate(rows):  # what no model takes, checked before the model is looked up
+        if not row:
+            empty = f"{param}[{index}] is an empty list of token ids"
+            raise GatewayError(400, empty, Reason.BAD_INPUT, param, tei_type="Empty")
+        low, high = min(row), max(row)
+        if low < 0 or high >= MAX_ID:
+            raise bad_request(
+                f"{param}[{index}] holds token id {shown(low if low < 0 else high)}, in no vocabulary", param
+            )
     if spec is None:
         # Ids mean something only in a known model's vocabulary, and a split task names its revision.
         raise GatewayError.for_reason(
@@ -60,15 +76,9 @@ def token_id_tasks(
     payloads = []
     tokens = 0
     for index, row in enumerate(rows):
-        if not row:
-            empty = f"{param}[{index}] is an empty list of token ids"
-            raise GatewayError(400, empty, Reason.BAD_INPUT, param, tei_type="Empty")
-        low, high = min(row), max(row)
-        if low < 0 or high >= spec.vocab_size:
-            outside = low if low < 0 else high
-            shown = str(outside) if abs(outside) < 2**63 else "of over 64 bits"  # a 4,000-digit id makes no message
+        if max(row) >= spec.vocab_size:
             raise bad_request(
-                f"{param}[{index}] holds token id {shown}, outside the vocabulary of model {model!r}"
+                f"{param}[{index}] holds token id {max(row)}, outside the vocabulary of model {model!r}"
                 f" (0 to {spec.vocab_size - 1})",
                 param,
             )
