@@ -203,7 +203,7 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
 
     async def scenario(base: str) -> None:
         async with (
-            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker),
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker) as stack,
             AsyncClient(redis_url, prefix=prefix) as client,
             httpx.AsyncClient(base_url=base, timeout=30) as http,
         ):
@@ -217,7 +217,21 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
                 "/v1/embeddings", json={"model": "slow", "input": "y"}, headers={"X-ECTrans-Priority": "batch"}
             )
             assert waited.status_code == 504 and error_of(waited)["code"] == "timeout", waited.text
+            assert "cancelled" in error_of(waited)["message"]
             await busy
+            # The 504's task is cancelled, not run once the device is free (an SDK retrying the 504 sends
+            # it again): its one terminal record says so.
+            records: list[dict[Any, Any]] = []
+
+            async def all_answered() -> bool:
+                records.clear()
+                async for key in stack.redis.scan_iter(match=f"{prefix}result:*"):
+                    records.append(await stack.redis.hgetall(key))
+                return len(records) >= 3
+
+            await until(all_answered, what="a record for each of the three tasks")
+            assert sorted(r.get(b"reason", b"") for r in records) == [b"", b"cancelled", b"deadline"], records
+        assert executor.ran == ["hold the device"], "the model ran a task whose request was answered 504"
 
     models = json.dumps({"slow": {"kind": "noop", "delay_ms": 1500}})
     with gateway_process(redis_url, prefix, models_json=models, gateway_timeout_s="1") as base:

@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from ectrans import __version__
-from ectrans.client import AsyncClient, TaskResult, TaskTimeout
+from ectrans.client import AsyncClient, TaskResult
 from ectrans.common.heartbeat import Heartbeat
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
@@ -229,20 +229,21 @@ class Gateway:
             priority=priority,
             deadline_ms=deadline_ms,
             params=params,
-            timeout=self.settings.gateway_timeout_s,
+            timeout=None,  # bounded by `within` below
             truncate=truncate,
             **({"segment": split.segment, "revision": split.revision} if split is not None else {}),
         )
         self.waiting_inputs += len(texts)
         try:
-            results = await until_disconnect(request, submitting)
+            results = await until_disconnect(request, within(submitting, self.settings.gateway_timeout_s))
         except ClientGone:
             self.metrics.cancelled.inc(len(texts))
             closed = "the client closed the request; its tasks were cancelled"
             raise GatewayError(CLIENT_CLOSED, closed, Reason.CANCELLED) from None
-        except TaskTimeout as exc:
+        except TimeoutError:
             waited = self.settings.gateway_timeout_s
-            raise GatewayError(504, f"no answer within {waited:g}s: {exc}", "timeout") from None
+            unanswered = f"no answer within {waited:g}s; the request's unanswered tasks were cancelled"
+            raise GatewayError(504, unanswered, "timeout") from None
         except RedisError as exc:
             raise self.store.failed(exc) from None
         finally:
@@ -322,6 +323,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         raise ClientGone from None
     finally:
         watcher.cancel()
+
+
+async def within(work: Awaitable[T], timeout_s: float) -> T:
+    """`work`, cancelled after `timeout_s` (TimeoutError). A cancelled `submit_many` cancels its
+    unanswered tasks, as for a client that disconnects: a request answered 504 leaves no task queued,
+    which the OpenAI SDKs, retrying a 504 twice by default, would otherwise add to each time."""
+    async with asyncio.timeout(timeout_s):
+        return await work
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
