@@ -219,6 +219,7 @@ HOSTILE: dict[str, tuple[str, str, bytes, dict[str, str], int]] = {
     "input null": ("POST", "/v1/embeddings", b'{"model": "noop", "input": null}', JSON, 400),
     "Infinity": ("POST", "/v1/embeddings", b'{"model": "noop", "input": "x", "deadline_ms": Infinity}', JSON, 400),
     "huge number": ("POST", "/v1/embeddings", b'{"model": "noop", "input": "x", "dimensions": 1e999}', JSON, 400),
+    "4000-digit dimensions": ("POST", "/embed", b'{"inputs": "x", "dimensions": ' + b"9" * 4000 + b"}", JSON, 422),
     "BOM": ("POST", "/v1/embeddings", b'\xef\xbb\xbf{"model": "noop", "input": "x"}', JSON, 400),
     "nested object": ("POST", "/embed", b'{"inputs": ' + b'{"a": ' * 200 + b"1" + b"}" * 201, JSON, 422),
     "form body": (

@@ -16,6 +16,8 @@ from ectrans.common.schemas import MAX_DEADLINE_MS, OP_PARAMS
 
 Priority = Literal["realtime", "batch"]
 Deadline = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS)]
+# Wider than any model's vectors; the bound keeps a 4,000-digit value (JSON allows it) out of messages.
+MAX_DIMENSIONS = 1 << 16
 # OpenAI's `input` and TEI's `inputs` may also be token ids of the model's vocabulary (see token_ids.py).
 TokenIds = list[int]
 
@@ -41,7 +43,9 @@ class EmbeddingRequest(ECTransOptions):
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="`base64`: little-endian float32 bytes, base64-encoded (null: `float`)."
     )
-    dimensions: int | None = Field(None, ge=1, description="Only the model's own dimension is accepted.")
+    dimensions: int | None = Field(
+        None, ge=1, le=MAX_DIMENSIONS, description="Only the model's own dimension is accepted."
+    )
     user: str | None = Field(None, description="Accepted and ignored, as an end-user id for OpenAI's logs.")
     truncate: bool = Field(False, description="Cut over-long inputs to the model's limit instead of refusing them.")
 
@@ -79,7 +83,9 @@ class EmbedRequest(ECTransOptions):
         "Right", description="Only `Right` is supported when `truncate` is set."
     )
     prompt_name: str | None = Field(None, description="Prompts are not supported: only null is accepted.")
-    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` components, as TEI does.")
+    dimensions: int | None = Field(
+        None, ge=1, le=MAX_DIMENSIONS, description="Keep the first `dimensions` components, as TEI does."
+    )
     model: str | None = Field(None, description="ECTrans extension: the model (default: the gateway's default model).")
 
 
