@@ -129,6 +129,13 @@ def test_async_inference_client_and_info(served: tuple[str, str, ModelSpec], exp
     asyncio.run(scenario())
 
 
+def test_tei_options_sent_as_null_are_their_defaults(served: tuple[str, str, ModelSpec], expected: np.ndarray) -> None:
+    """Clients that write every field of TEI's request, set or not, send the unset ones as null."""
+    nulls = {"truncate": None, "truncation_direction": None, "prompt_name": None, "dimensions": None}
+    answer = httpx.post(f"{served[0]}/embed", json={"inputs": SENTENCES[0], **nulls}, timeout=30)
+    assert answer.status_code == 200 and np.allclose(answer.json(), unit(expected[:1]), atol=1e-6), answer.text
+
+
 # openai -----------------------------------------------------------------------------------------------
 
 

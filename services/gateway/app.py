@@ -469,7 +469,7 @@ def tei_truncate(body: EmbedRequest, model_truncates: bool) -> bool:
         raise bad_request(f"prompt_name {body.prompt_name[:40]!r}: prompts are not supported", "prompt_name")
     truncate = bool(body.truncate)
     cuts = model_truncates if body.truncate is None else truncate
-    if cuts and body.truncation_direction.lower() == "left":
+    if cuts and (body.truncation_direction or "right").lower() == "left":
         raise bad_request("only right truncation is supported", "truncation_direction")
     return truncate
 

@@ -79,8 +79,10 @@ class EmbedRequest(ECTransOptions):
         None,
         description="Cut over-long inputs to the model's limit instead of refusing them (null: the model's setting).",
     )
-    truncation_direction: Literal["Right", "right", "Left", "left"] = Field(
-        "Right", description="Only `Right` is supported when `truncate` is set."
+    truncation_direction: Literal["Right", "right", "Left", "left"] | None = Field(
+        "Right",
+        description="Only `Right` is supported when `truncate` is set (null: `Right`, as clients that send every"
+        " field, set or not, write it).",
     )
     prompt_name: str | None = Field(None, description="Prompts are not supported: only null is accepted.")
     dimensions: int | None = Field(
