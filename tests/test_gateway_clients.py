@@ -32,12 +32,14 @@ from tests.tiny_encoders import SENTENCES, make_tiny_bert
 
 MAX_INPUTS = 16
 LONG = SENTENCES[-1] * 4  # over the tiny model's token limit
+PROMPTS = {"query": "query: ", "passage": "passage: "}  # the tiny model's sentence-transformers prompts
 
 
 @pytest.fixture(scope="module")
 def served(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, ModelSpec]]:
     """(gateway URL, Redis URL, prefix) with a running stack behind the gateway."""
     path: Path = make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": PROMPTS}))
     spec = build_spec("tiny", {"path": str(path)})
     noop = build_spec("noop", {"kind": "noop"})
     executors = {"tiny": load_executor(spec, device="cpu", threads=1), "noop": load_executor(noop)}
@@ -99,7 +101,7 @@ def test_inference_client_errors_are_teis(served: tuple[str, str, ModelSpec]) ->
         ({"text": LONG}, 413, "Validation", "truncate"),
         ({"text": LONG, "truncate": True, "truncation_direction": "left"}, 422, "Validation", "right truncation"),
         ({"text": "x", "dimensions": 4096}, 422, "Validation", "dimensions"),
-        ({"text": "x", "prompt_name": "query"}, 422, "Validation", "prompts are not supported"),
+        ({"text": "x", "prompt_name": "nope"}, 422, "Validation", "its prompts: 'passage', 'query'"),
         ({"text": []}, 400, "Empty", "empty list"),
         ({"text": ["x"] * (MAX_INPUTS + 1)}, 422, "Validation", f"limit of {MAX_INPUTS}"),
     ]
@@ -127,6 +129,33 @@ def test_async_inference_client_and_info(served: tuple[str, str, ModelSpec], exp
         assert root.status_code == 200
 
     asyncio.run(scenario())
+
+
+def test_prompt_name_puts_the_models_prompt_before_each_text(
+    redis_server: Any, served: tuple[str, str, ModelSpec]
+) -> None:
+    """TEI's `prompt_name`: the vector of `prompts[name] + text`, the prompt's tokens counted against the limit."""
+    base, prefix, spec = served
+    with Client(redis_server.url, prefix=prefix) as client:
+        prompted = client.embed([PROMPTS["query"] + SENTENCES[0], PROMPTS["passage"] + SENTENCES[1]], model="tiny")
+    client_tei = InferenceClient(base_url=base)
+    query = client_tei.feature_extraction(SENTENCES[0], prompt_name="query", normalize=False)
+    assert np.allclose(query, prompted[:1], atol=1e-6)
+    passages = httpx.post(f"{base}/embed", json={"inputs": SENTENCES[1:2], "prompt_name": "passage"}, timeout=30)
+    assert np.allclose(passages.json(), unit(prompted[1:2]), atol=1e-6), passages.text
+    tokenizer = Tokenizer.from_file(str(spec.path / "tokenizer.json"))
+    fits = next(  # a text within the limit alone, over it with the prompt
+        text
+        for words in range(1, 200)
+        if len(tokenizer.encode(text := " ".join(["fox"] * words)).ids)
+        <= spec.max_tokens
+        < len(tokenizer.encode(PROMPTS["query"] + text).ids)
+    )
+    assert httpx.post(f"{base}/embed", json={"inputs": fits}, timeout=30).status_code == 200
+    assert httpx.post(f"{base}/embed", json={"inputs": fits, "prompt_name": "query"}, timeout=30).status_code == 413
+    for inputs, words in (([1, 2], "token ids"), ("", "empty string")):
+        refused = httpx.post(f"{base}/embed", json={"inputs": inputs, "prompt_name": "query"}, timeout=30)
+        assert words in refused.json()["error"], refused.text
 
 
 def test_tei_options_sent_as_null_are_their_defaults(served: tuple[str, str, ModelSpec], expected: np.ndarray) -> None:

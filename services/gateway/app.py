@@ -47,6 +47,7 @@ from ectrans.services.gateway.errors import (
 )
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
+from ectrans.services.gateway.prompts import prompt_text
 from ectrans.services.gateway.protocol import (
     EmbeddingModelInfo,
     EmbeddingRequest,
@@ -265,10 +266,14 @@ class Gateway:
         truncate: bool,
         too_long_status: int,
         entry_may_cut: bool = True,
+        prompt: str | None = None,
     ) -> tuple[list[TaskResult], int]:
-        """Embed `inputs` (texts or token ids, as parsed) with `model`: the results, and their tokens."""
+        """Embed `inputs` (texts or token ids, as parsed) with `model`: the results, and their tokens.
+        A `prompt` (TEI's `prompt_name`) goes before each text."""
         rows = token_id_rows(inputs)
         limit = self.settings.gateway_max_inputs
+        if rows is not None and prompt is not None:
+            raise bad_request("prompt_name applies to text; token ids are sent as they are", "prompt_name")
         if rows is not None:
             spec = self.registry.get(model)
             cut = truncate or (spec is not None and spec.truncate and entry_may_cut)
@@ -278,6 +283,8 @@ class Gateway:
             results = await self.run(request, model, "embed", split.payloads, options=options, split=split)
             return results, split.tokens
         texts = text_inputs(inputs, limit, param)
+        if prompt is not None:  # after the checks of the texts themselves: a prompt does not fill an empty one
+            texts = [prompt + text for text in texts]
         tokens = await self.check_lengths(
             model, texts, truncate=truncate, status=too_long_status, entry_may_cut=entry_may_cut
         )
@@ -465,8 +472,6 @@ def as_base64(vector: np.ndarray) -> str:
 
 def tei_truncate(body: EmbedRequest, model_truncates: bool) -> bool:
     """TEI's truncation options as the one flag ECTrans has (null: the model entry's `truncate`)."""
-    if body.prompt_name is not None:
-        raise bad_request(f"prompt_name {body.prompt_name[:40]!r}: prompts are not supported", "prompt_name")
     truncate = bool(body.truncate)
     cuts = model_truncates if body.truncate is None else truncate
     if cuts and (body.truncation_direction or "right").lower() == "left":
@@ -609,6 +614,7 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
             truncate=truncate,
             too_long_status=413,
             entry_may_cut=body.truncate is None,
+            prompt=prompt_text(body.prompt_name, spec, model),
         )
         return json_response(tei_vectors([vector(result) for result in results], body, model))
 

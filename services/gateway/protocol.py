@@ -84,7 +84,9 @@ class EmbedRequest(ECTransOptions):
         description="Only `Right` is supported when `truncate` is set (null: `Right`, as clients that send every"
         " field, set or not, write it).",
     )
-    prompt_name: str | None = Field(None, description="Prompts are not supported: only null is accepted.")
+    prompt_name: str | None = Field(
+        None, description="A prompt of the model's sentence-transformers configuration, put before each text."
+    )
     dimensions: int | None = Field(
         None, ge=1, le=MAX_DIMENSIONS, description="Keep the first `dimensions` components, as TEI does."
     )
