@@ -21,6 +21,7 @@ import openai
 import pytest
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
+from tokenizers import Tokenizer
 
 from ectrans.client import Client
 from ectrans.common.registry import ModelSpec, build_spec
@@ -31,12 +32,14 @@ from tests.tiny_encoders import SENTENCES, make_tiny_bert
 
 MAX_INPUTS = 16
 LONG = SENTENCES[-1] * 4  # over the tiny model's token limit
+PROMPTS = {"query": "query: ", "passage": "passage: "}  # the tiny model's sentence-transformers prompts
 
 
 @pytest.fixture(scope="module")
 def served(redis_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, ModelSpec]]:
     """(gateway URL, Redis URL, prefix) with a running stack behind the gateway."""
     path: Path = make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": PROMPTS}))
     spec = build_spec("tiny", {"path": str(path)})
     noop = build_spec("noop", {"kind": "noop"})
     executors = {"tiny": load_executor(spec, device="cpu", threads=1), "noop": load_executor(noop)}
@@ -98,7 +101,7 @@ def test_inference_client_errors_are_teis(served: tuple[str, str, ModelSpec]) ->
         ({"text": LONG}, 413, "Validation", "truncate"),
         ({"text": LONG, "truncate": True, "truncation_direction": "left"}, 422, "Validation", "right truncation"),
         ({"text": "x", "dimensions": 4096}, 422, "Validation", "dimensions"),
-        ({"text": "x", "prompt_name": "query"}, 422, "Validation", "prompts are not supported"),
+        ({"text": "x", "prompt_name": "nope"}, 422, "Validation", "its prompts: 'passage', 'query'"),
         ({"text": []}, 400, "Empty", "empty list"),
         ({"text": ["x"] * (MAX_INPUTS + 1)}, 422, "Validation", f"limit of {MAX_INPUTS}"),
     ]
@@ -128,6 +131,40 @@ def test_async_inference_client_and_info(served: tuple[str, str, ModelSpec], exp
     asyncio.run(scenario())
 
 
+def test_prompt_name_puts_the_models_prompt_before_each_text(
+    redis_server: Any, served: tuple[str, str, ModelSpec]
+) -> None:
+    """TEI's `prompt_name`: the vector of `prompts[name] + text`, the prompt's tokens counted against the limit."""
+    base, prefix, spec = served
+    with Client(redis_server.url, prefix=prefix) as client:
+        prompted = client.embed([PROMPTS["query"] + SENTENCES[0], PROMPTS["passage"] + SENTENCES[1]], model="tiny")
+    client_tei = InferenceClient(base_url=base)
+    query = client_tei.feature_extraction(SENTENCES[0], prompt_name="query", normalize=False)
+    assert np.allclose(query, prompted[:1], atol=1e-6)
+    passages = httpx.post(f"{base}/embed", json={"inputs": SENTENCES[1:2], "prompt_name": "passage"}, timeout=30)
+    assert np.allclose(passages.json(), unit(prompted[1:2]), atol=1e-6), passages.text
+    tokenizer = Tokenizer.from_file(str(spec.path / "tokenizer.json"))
+    fits = next(  # a text within the limit alone, over it with the prompt
+        text
+        for words in range(1, 200)
+        if len(tokenizer.encode(text := " ".join(["fox"] * words)).ids)
+        <= spec.max_tokens
+        < len(tokenizer.encode(PROMPTS["query"] + text).ids)
+    )
+    assert httpx.post(f"{base}/embed", json={"inputs": fits}, timeout=30).status_code == 200
+    assert httpx.post(f"{base}/embed", json={"inputs": fits, "prompt_name": "query"}, timeout=30).status_code == 413
+    for inputs, words in (([1, 2], "token ids"), ("", "empty string")):
+        refused = httpx.post(f"{base}/embed", json={"inputs": inputs, "prompt_name": "query"}, timeout=30)
+        assert words in refused.json()["error"], refused.text
+
+
+def test_tei_options_sent_as_null_are_their_defaults(served: tuple[str, str, ModelSpec], expected: np.ndarray) -> None:
+    """Clients that write every field of TEI's request, set or not, send the unset ones as null."""
+    nulls = {"truncate": None, "truncation_direction": None, "prompt_name": None, "dimensions": None}
+    answer = httpx.post(f"{served[0]}/embed", json={"inputs": SENTENCES[0], **nulls}, timeout=30)
+    assert answer.status_code == 200 and np.allclose(answer.json(), unit(expected[:1]), atol=1e-6), answer.text
+
+
 # openai -----------------------------------------------------------------------------------------------
 
 
@@ -152,7 +189,7 @@ def test_openai_sdk_edge_cases(served: tuple[str, str, ModelSpec], expected: np.
 
     errors: list[tuple[dict[str, Any], type[openai.APIStatusError], str, str]] = [
         ({"input": ["x"] * (MAX_INPUTS + 1)}, openai.BadRequestError, "bad_input", f"limit of {MAX_INPUTS}"),
-        ({"input": [[1, 2, 3]]}, openai.BadRequestError, "bad_input", "token ids"),
+        ({"input": [[1, 2, 3], [10**6]]}, openai.BadRequestError, "bad_input", "input[1] holds token id 1000000"),
         ({"input": ""}, openai.BadRequestError, "bad_input", "empty string"),
         ({"input": "x", "dimensions": 3}, openai.BadRequestError, "bad_input", "'dimensions' must match"),
         ({"input": "x", "model": "no-such-model"}, openai.NotFoundError, "unknown_model", "no-such-model"),
@@ -165,6 +202,50 @@ def test_openai_sdk_edge_cases(served: tuple[str, str, ModelSpec], expected: np.
     no_v1.close()
 
 
+def test_token_ids_are_the_models_own_and_give_the_texts_vectors(
+    served: tuple[str, str, ModelSpec], expected: np.ndarray
+) -> None:
+    """OpenAI's `input` and TEI's `inputs` as token ids (one list, or a list of lists): ids of the model's
+    vocabulary, special tokens included, as the model's tokenizer makes them from the same texts."""
+    base, _, spec = served
+    tokenizer = Tokenizer.from_file(str(spec.path / "tokenizer.json"))
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(SENTENCES[:3])]
+    sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    formats: list[dict[str, Any]] = [{}, {"encoding_format": "float"}]  # none: the SDK asks for base64, decodes it
+    for encoding_format in formats:
+        batch = sdk.embeddings.create(model="tiny", input=ids, **encoding_format)
+        assert np.allclose([e.embedding for e in batch.data], expected, atol=1e-6), encoding_format
+        assert batch.usage.prompt_tokens == sum(len(row) for row in ids)
+    one = sdk.embeddings.create(model="tiny", input=ids[1])  # a list of ints is one input
+    assert len(one.data) == 1 and np.allclose(one.data[0].embedding, expected[1], atol=1e-6)
+    cut = sdk.embeddings.create(model="tiny", input=ids[0] * 30, extra_body={"truncate": True})
+    assert cut.usage.prompt_tokens == spec.max_tokens
+    tei = httpx.post(f"{base}/embed", json={"inputs": ids, "normalize": False}, timeout=30)
+    assert tei.status_code == 200 and np.allclose(tei.json(), expected, atol=1e-6), tei.text
+
+    refusals: list[tuple[dict[str, Any], type[openai.APIStatusError], str]] = [
+        ({"input": [ids[0], [spec.vocab_size]]}, openai.BadRequestError, f"input[1] holds token id {spec.vocab_size}"),
+        ({"input": [[-1]]}, openai.BadRequestError, "input[0] holds token id -1, in no vocabulary"),
+        ({"input": [ids[0], []]}, openai.BadRequestError, "input[1] is an empty list of token ids"),
+        ({"input": ids[0] * 30}, openai.BadRequestError, f"over the limit of {spec.max_tokens}"),
+        ({"input": [ids[0]] * (MAX_INPUTS + 1)}, openai.BadRequestError, f"limit of {MAX_INPUTS}"),
+        ({"input": ids[0], "model": "noop"}, openai.BadRequestError, "takes text, not token ids"),
+        ({"input": ids[0], "model": "no-such-model"}, openai.NotFoundError, "no-such-model"),
+    ]
+    for arguments, error, words in refusals:
+        with pytest.raises(error) as caught:
+            sdk.embeddings.create(**{"model": "tiny", **arguments})
+        assert words in caught.value.message, caught.value.message
+    sdk.close()
+    for inputs, status, error_type in (
+        ([[]], 400, "Empty"),
+        (ids[0] * 30, 413, "Validation"),
+        ([-1], 422, "Validation"),
+    ):
+        refused = httpx.post(f"{base}/embed", json={"inputs": inputs}, timeout=30)
+        assert refused.status_code == status and refused.json()["error_type"] == error_type, refused.text
+
+
 # hostile HTTP -----------------------------------------------------------------------------------------
 
 JSON = {"content-type": "application/json"}
@@ -174,6 +255,7 @@ HOSTILE: dict[str, tuple[str, str, bytes, dict[str, str], int]] = {
     "input null": ("POST", "/v1/embeddings", b'{"model": "noop", "input": null}', JSON, 400),
     "Infinity": ("POST", "/v1/embeddings", b'{"model": "noop", "input": "x", "deadline_ms": Infinity}', JSON, 400),
     "huge number": ("POST", "/v1/embeddings", b'{"model": "noop", "input": "x", "dimensions": 1e999}', JSON, 400),
+    "4000-digit dimensions": ("POST", "/embed", b'{"inputs": "x", "dimensions": ' + b"9" * 4000 + b"}", JSON, 422),
     "BOM": ("POST", "/v1/embeddings", b'\xef\xbb\xbf{"model": "noop", "input": "x"}', JSON, 400),
     "nested object": ("POST", "/embed", b'{"inputs": ' + b'{"a": ' * 200 + b"1" + b"}" * 201, JSON, 422),
     "form body": (

@@ -169,6 +169,20 @@ def test_every_reason_maps_to_its_status(
             assert gone.headers["retry-after"] == "5"
             broken = await post("/v1/embeddings", model="broken", input="x")
             assert broken.status_code == 500 and error_of(broken)["code"] == "internal"
+            assert broken.headers["x-should-retry"] == "false" and "x-should-retry" not in gone.headers
+
+            # The OpenAI SDK retries a 5xx twice by default: the header keeps it from resending an
+            # input that fails the model (the gateway's own count of 500s says how many it received).
+            def failed(metrics: str) -> float:
+                line = 'ectrans_gateway_requests_total{endpoint="/v1/embeddings",status="500"} '
+                return sum(float(row.removeprefix(line)) for row in metrics.splitlines() if row.startswith(line))
+
+            before = failed((await http.get("/metrics")).text)
+            sdk = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused")  # max_retries: the default, 2
+            with pytest.raises(openai.InternalServerError):
+                await sdk.embeddings.create(model="broken", input="x")
+            await sdk.close()
+            assert failed((await http.get("/metrics")).text) == before + 1
             full = await post("/v1/embeddings", model="noop", input=["x"] * 50)
             assert full.status_code == 429 and error_of(full)["code"] == "overloaded", full.text
             assert full.headers["retry-after"] == "1"
@@ -189,7 +203,7 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
 
     async def scenario(base: str) -> None:
         async with (
-            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker),
+            running_stack(redis_url, prefix, {"slow": slow}, {"slow": executor}, worker=worker) as stack,
             AsyncClient(redis_url, prefix=prefix) as client,
             httpx.AsyncClient(base_url=base, timeout=30) as http,
         ):
@@ -203,7 +217,21 @@ def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> No
                 "/v1/embeddings", json={"model": "slow", "input": "y"}, headers={"X-ECTrans-Priority": "batch"}
             )
             assert waited.status_code == 504 and error_of(waited)["code"] == "timeout", waited.text
+            assert "cancelled" in error_of(waited)["message"]
             await busy
+            # The 504's task is cancelled, not run once the device is free (an SDK retrying the 504 sends
+            # it again): its one terminal record says so.
+            records: list[dict[Any, Any]] = []
+
+            async def all_answered() -> bool:
+                records.clear()
+                async for key in stack.redis.scan_iter(match=f"{prefix}result:*"):
+                    records.append(await stack.redis.hgetall(key))
+                return len(records) >= 3
+
+            await until(all_answered, what="a record for each of the three tasks")
+            assert sorted(r.get(b"reason", b"") for r in records) == [b"", b"cancelled", b"deadline"], records
+        assert executor.ran == ["hold the device"], "the model ran a task whose request was answered 504"
 
     models = json.dumps({"slow": {"kind": "noop", "delay_ms": 1500}})
     with gateway_process(redis_url, prefix, models_json=models, gateway_timeout_s="1") as base:

@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from ectrans import __version__
-from ectrans.client import AsyncClient, TaskResult, TaskTimeout
+from ectrans.client import AsyncClient, TaskResult
 from ectrans.common.heartbeat import Heartbeat
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
@@ -47,6 +47,7 @@ from ectrans.services.gateway.errors import (
 )
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
+from ectrans.services.gateway.prompts import prompt_text
 from ectrans.services.gateway.protocol import (
     EmbeddingModelInfo,
     EmbeddingRequest,
@@ -63,6 +64,7 @@ from ectrans.services.gateway.protocol import (
 )
 from ectrans.services.gateway.settings import GatewaySettings
 from ectrans.services.gateway.store import StoreHealth
+from ectrans.services.gateway.token_ids import TokenIdTasks, token_id_rows, token_id_tasks
 from ectrans.services.gateway.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -207,14 +209,16 @@ class Gateway:
         request: Request,
         model: str,
         op: str,
-        texts: Sequence[str],
+        texts: Sequence[str | bytes],
         *,
         options: tuple[str | None, int | None],
         params: dict[str, int] | None = None,
         truncate: bool = False,
+        split: TokenIdTasks | None = None,
     ) -> list[TaskResult]:
-        """Submit one task per text and wait for all; the first error result becomes a GatewayError.
-        A client that disconnects first gets its tasks cancelled (those not started are not computed)."""
+        """Submit one task per text (or split payload, with `split`) and wait for all; the first error
+        result becomes a GatewayError. A client that disconnects first gets its tasks cancelled (those
+        not started are not computed)."""
         priority, deadline_ms = options
         if (refusal := self.store.refusal()) is not None:
             raise refusal
@@ -226,19 +230,21 @@ class Gateway:
             priority=priority,
             deadline_ms=deadline_ms,
             params=params,
-            timeout=self.settings.gateway_timeout_s,
+            timeout=None,  # bounded by `within` below
             truncate=truncate,
+            **({"segment": split.segment, "revision": split.revision} if split is not None else {}),
         )
         self.waiting_inputs += len(texts)
         try:
-            results = await until_disconnect(request, submitting)
+            results = await until_disconnect(request, within(submitting, self.settings.gateway_timeout_s))
         except ClientGone:
             self.metrics.cancelled.inc(len(texts))
             closed = "the client closed the request; its tasks were cancelled"
             raise GatewayError(CLIENT_CLOSED, closed, Reason.CANCELLED) from None
-        except TaskTimeout as exc:
+        except TimeoutError:
             waited = self.settings.gateway_timeout_s
-            raise GatewayError(504, f"no answer within {waited:g}s: {exc}", "timeout") from None
+            unanswered = f"no answer within {waited:g}s; the request's unanswered tasks were cancelled"
+            raise GatewayError(504, unanswered, "timeout") from None
         except RedisError as exc:
             raise self.store.failed(exc) from None
         finally:
@@ -248,6 +254,42 @@ class Gateway:
             if not result.ok:
                 raise GatewayError.from_result(result, index, len(results))
         return results
+
+    async def embed(
+        self,
+        request: Request,
+        model: str,
+        inputs: object,
+        options: tuple[str | None, int | None],
+        *,
+        param: str,
+        truncate: bool,
+        too_long_status: int,
+        entry_may_cut: bool = True,
+        prompt: str | None = None,
+    ) -> tuple[list[TaskResult], int]:
+        """Embed `inputs` (texts or token ids, as parsed) with `model`: the results, and their tokens.
+        A `prompt` (TEI's `prompt_name`) goes before each text."""
+        rows = token_id_rows(inputs)
+        limit = self.settings.gateway_max_inputs
+        if rows is not None and prompt is not None:
+            raise bad_request("prompt_name applies to text; token ids are sent as they are", "prompt_name")
+        if rows is not None:
+            spec = self.registry.get(model)
+            cut = truncate or (spec is not None and spec.truncate and entry_may_cut)
+            split = token_id_tasks(
+                rows, spec, model, limit=limit, param=param, cut=cut, too_long_status=too_long_status
+            )
+            results = await self.run(request, model, "embed", split.payloads, options=options, split=split)
+            return results, split.tokens
+        texts = text_inputs(inputs, limit, param)
+        if prompt is not None:  # after the checks of the texts themselves: a prompt does not fill an empty one
+            texts = [prompt + text for text in texts]
+        tokens = await self.check_lengths(
+            model, texts, truncate=truncate, status=too_long_status, entry_may_cut=entry_may_cut
+        )
+        results = await self.run(request, model, self.embed_op(model), texts, options=options, truncate=truncate)
+        return results, tokens
 
     async def served_models(self) -> set[str]:
         """Models some live worker serves now; a GatewayError or a RedisError where Redis fails (see
@@ -290,6 +332,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+async def within(work: Awaitable[T], timeout_s: float) -> T:
+    """`work`, cancelled after `timeout_s` (TimeoutError). A cancelled `submit_many` cancels its
+    unanswered tasks, as for a client that disconnects: a request answered 504 leaves no task queued,
+    which the OpenAI SDKs, retrying a 504 twice by default, would otherwise add to each time."""
+    async with asyncio.timeout(timeout_s):
+        return await work
+
+
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
     """The OpenAPI description of a body the handler parses itself (see `parse_body`)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -303,7 +353,7 @@ async def parse_body(request: Request, model: type[M], timeout_s: float) -> M:
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as exc:
-        raise invalid_request(exc.errors()) from None
+        raise invalid_request(exc.errors(), takes_ids=model in (EmbeddingRequest, EmbedRequest)) from None
     # pydantic keeps the last of two equal keys; the request is ambiguous (TEI refuses it too). A valid
     # body's one object is the top level, so this second parse calls the hook once.
     json.loads(body, object_pairs_hook=_unique_keys)
@@ -339,13 +389,17 @@ async def read_body(request: Request, timeout_s: float | None = None) -> bytes:
         raise GatewayError(408, late, "body_timeout", headers={"connection": "close"}) from None
 
 
-def invalid_request(errors: Sequence[Any]) -> GatewayError:
-    """A 400 naming the first problem pydantic found (`input: Input should be a valid string`)."""
+def invalid_request(errors: Sequence[Any], *, takes_ids: bool = False) -> GatewayError:
+    """A 400 naming the first problem pydantic found (`input: Input should be a valid string`);
+    `takes_ids`: the body's input may be token ids (the embedding endpoints)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
     if where and where[0] in ("input", "inputs") and first.get("type") != "missing":
         # Every branch of the union failed: pydantic's first complaint names one branch (`input.str`).
-        return bad_request(f"'{where[0]}' must be a string or a list of strings", where[0])
+        shapes = "a string or a list of strings"
+        if takes_ids:
+            shapes = "a string, a list of strings, a list of token ids (integers) or a list of such lists"
+        return bad_request(f"'{where[0]}' must be {shapes}", where[0])
     message = f"{'.'.join(where) + ': ' if where else ''}{first.get('msg', 'invalid request')}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problems)"
@@ -388,7 +442,7 @@ def text_inputs(value: object, limit: int, param: str) -> list[str]:
     if not texts:
         raise GatewayError(400, f"'{param}' is an empty list", Reason.BAD_INPUT, param, tei_type="Empty")
     if not all(isinstance(text, str) for text in texts):
-        raise bad_request(f"'{param}' holds token ids; ECTrans tokenizes itself, send text", param)
+        raise bad_request(f"'{param}' takes text here, not token ids", param)
     if len(texts) > limit:
         raise bad_request(f"'{param}' has {len(texts)} items, over the limit of {limit}", param)
     for index, text in enumerate(texts):
@@ -418,11 +472,9 @@ def as_base64(vector: np.ndarray) -> str:
 
 def tei_truncate(body: EmbedRequest, model_truncates: bool) -> bool:
     """TEI's truncation options as the one flag ECTrans has (null: the model entry's `truncate`)."""
-    if body.prompt_name is not None:
-        raise bad_request(f"prompt_name {body.prompt_name[:40]!r}: prompts are not supported", "prompt_name")
     truncate = bool(body.truncate)
     cuts = model_truncates if body.truncate is None else truncate
-    if cuts and body.truncation_direction.lower() == "left":
+    if cuts and (body.truncation_direction or "right").lower() == "left":
         raise bad_request("only right truncation is supported", "truncation_direction")
     return truncate
 
@@ -519,11 +571,10 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
     async def embeddings(request: Request) -> Response:
         """Embeddings, as OpenAI's API: the `openai` package works with only `base_url` changed."""
         body = await parse_body(request, EmbeddingRequest, settings.gateway_body_timeout_s)
-        texts = text_inputs(body.input, settings.gateway_max_inputs, "input")
         options = request_options(request, body.priority, body.deadline_ms)
-        tokens = await gateway.check_lengths(body.model, texts, truncate=body.truncate, status=400)
-        op = gateway.embed_op(body.model)
-        results = await gateway.run(request, body.model, op, texts, options=options, truncate=body.truncate)
+        results, tokens = await gateway.embed(
+            request, body.model, body.input, options, param="input", truncate=body.truncate, too_long_status=400
+        )
         vectors = [vector(result) for result in results]
         if body.dimensions is not None and body.dimensions != vectors[0].shape[-1]:
             raise bad_request(
@@ -549,16 +600,22 @@ def add_task_routes(app: FastAPI, gateway: Gateway) -> dict[str, Endpoint]:
         """Embeddings, as Hugging Face Text Embeddings Inference: TEI clients work unchanged."""
         body = await parse_body(request, EmbedRequest, settings.gateway_body_timeout_s)
         model = body.model or settings.gateway_default_model
-        texts = text_inputs(body.inputs, settings.gateway_max_inputs, "inputs")
         spec = gateway.registry.get(model)
         truncate = tei_truncate(body, spec is not None and spec.truncate)
         options = request_options(request, body.priority, body.deadline_ms)
         # An explicit `truncate: false` refuses a long input even where the model entry cuts (as TEI's
         # `--auto-truncate` yields to the request's own setting).
-        entry_may_cut = body.truncate is None
-        await gateway.check_lengths(model, texts, truncate=truncate, status=413, entry_may_cut=entry_may_cut)
-        op = gateway.embed_op(model)
-        results = await gateway.run(request, model, op, texts, options=options, truncate=truncate)
+        results, _ = await gateway.embed(
+            request,
+            model,
+            body.inputs,
+            options,
+            param="inputs",
+            truncate=truncate,
+            too_long_status=413,
+            entry_may_cut=body.truncate is None,
+            prompt=prompt_text(body.prompt_name, spec, model),
+        )
         return json_response(tei_vectors([vector(result) for result in results], body, model))
 
     # TEI serves an embedding model's `/embed` at `/` too: `InferenceClient(base_url=...)` posts there.

@@ -34,6 +34,10 @@ REASON_STATUS = {
 }
 # Seconds a client should wait before trying again: a full queue drains fast, a missing worker slowly.
 RETRY_AFTER_S = {Reason.OVERLOADED: 1, Reason.UNAVAILABLE: 5}
+# The OpenAI SDKs retry every 5xx twice by default unless told otherwise by this header. A 500 is an
+# input that fails the model (`internal` after the batch is split down to it, `dead_letter` after it
+# took workers down) or a command Redis refuses: sent again, it fails again, or takes more workers down.
+NO_RETRY = {"x-should-retry": "false"}
 
 
 @dataclass
@@ -102,4 +106,6 @@ def render(error: GatewayError, *, tei: bool = False) -> Response:
         headers = {**(headers or {}), **error.headers}
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    if status == 500:
+        headers = {**(headers or {}), **NO_RETRY}
     return Response(orjson.dumps(body), status, headers, media_type="application/json")

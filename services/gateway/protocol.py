@@ -16,7 +16,9 @@ from ectrans.common.schemas import MAX_DEADLINE_MS, OP_PARAMS
 
 Priority = Literal["realtime", "batch"]
 Deadline = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS)]
-# OpenAI's `input` may also be token ids; they are refused with a clear message (see app.py).
+# Wider than any model's vectors; the bound keeps a 4,000-digit value (JSON allows it) out of messages.
+MAX_DIMENSIONS = 1 << 16
+# OpenAI's `input` and TEI's `inputs` may also be token ids of the model's vocabulary (see token_ids.py).
 TokenIds = list[int]
 
 
@@ -34,12 +36,16 @@ class ECTransOptions(Strict):
 class EmbeddingRequest(ECTransOptions):
     """OpenAI `POST /v1/embeddings`."""
 
-    input: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
+    input: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="Text, a list of texts, token ids of the model's vocabulary, or a list of such lists."
+    )
     model: str = Field(description="A model name from the registry (see `GET /v1/models`).")
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="`base64`: little-endian float32 bytes, base64-encoded (null: `float`)."
     )
-    dimensions: int | None = Field(None, ge=1, description="Only the model's own dimension is accepted.")
+    dimensions: int | None = Field(
+        None, ge=1, le=MAX_DIMENSIONS, description="Only the model's own dimension is accepted."
+    )
     user: str | None = Field(None, description="Accepted and ignored, as an end-user id for OpenAI's logs.")
     truncate: bool = Field(False, description="Cut over-long inputs to the model's limit instead of refusing them.")
 
@@ -65,17 +71,25 @@ class EmbeddingResponse(BaseModel):
 class EmbedRequest(ECTransOptions):
     """Hugging Face TEI `POST /embed`."""
 
-    inputs: str | list[str] | TokenIds | list[TokenIds] = Field(description="Text, or a list of texts, to embed.")
+    inputs: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="Text, a list of texts, token ids of the model's vocabulary, or a list of such lists."
+    )
     normalize: bool = Field(True, description="L2-normalise each vector (after `dimensions`).")
     truncate: bool | None = Field(
         None,
         description="Cut over-long inputs to the model's limit instead of refusing them (null: the model's setting).",
     )
-    truncation_direction: Literal["Right", "right", "Left", "left"] = Field(
-        "Right", description="Only `Right` is supported when `truncate` is set."
+    truncation_direction: Literal["Right", "right", "Left", "left"] | None = Field(
+        "Right",
+        description="Only `Right` is supported when `truncate` is set (null: `Right`, as clients that send every"
+        " field, set or not, write it).",
     )
-    prompt_name: str | None = Field(None, description="Prompts are not supported: only null is accepted.")
-    dimensions: int | None = Field(None, ge=1, description="Keep the first `dimensions` components, as TEI does.")
+    prompt_name: str | None = Field(
+        None, description="A prompt of the model's sentence-transformers configuration, put before each text."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, le=MAX_DIMENSIONS, description="Keep the first `dimensions` components, as TEI does."
+    )
     model: str | None = Field(None, description="ECTrans extension: the model (default: the gateway's default model).")
 
 
