@@ -5,6 +5,13 @@ queued by then and sends it as one pipeline on one connection. Thousands of conc
 one connection and a few round trips, never a pooled connection each (redis-py's asyncio pool
 refuses the 101st concurrent command). A lone command goes out as a plain command, which costs
 less than a pipeline of one; a call cancelled before its turn is dropped unsent.
+
+A burst of submissions (a round trip of nothing but XADDs) goes out as one MULTI/EXEC on a single
+Redis. Redis serves a reader blocked on a stream after each command, so in a plain pipeline the
+dispatcher woke with the first task alone and read the rest a round trip later; the worker then
+started a batch of one and the others waited for it (many clients answered together resubmit
+together). In one transaction the reader wakes once, with all of them. Each XADD still gets its own
+reply or error. Not on a Redis Cluster, where a pipeline spans slots.
 """
 
 from __future__ import annotations
@@ -16,11 +23,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ectrans.common.redis_conn import RedisClient
+from ectrans.common.redis_conn import RedisClient, is_cluster
 
 logger = logging.getLogger(__name__)
 
 Command = tuple[Any, ...]
+
+# The most XADDs sent as one transaction: Redis runs one without serving anyone else meanwhile, and
+# past the dispatcher's read size (256) a larger one wakes nobody sooner.
+ATOMIC_SUBMISSIONS_MAX = 256
 
 
 class SenderClosed(RuntimeError):
@@ -38,6 +49,7 @@ class Sender:
 
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
+        self._atomic = not is_cluster(redis)
         self._outbox: list[_Call] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -106,7 +118,8 @@ class Sender:
     async def _send(self, commands: list[Command]) -> list[Any]:
         if len(commands) == 1:
             return [await self._redis.execute_command(*commands[0])]
-        pipe = self._redis.pipeline(transaction=False)
+        atomic = self._atomic and len(commands) <= ATOMIC_SUBMISSIONS_MAX and all(c[0] == "XADD" for c in commands)
+        pipe = self._redis.pipeline(transaction=atomic)
         for command in commands:
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))

@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,6 +149,47 @@ def test_sender_coalesces_and_drops_cancelled_calls(redis_url: str, prefix: str)
             await scenario(redis)
         finally:
             await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_submissions_wakes_a_blocked_reader_once_with_all_of_them(redis_url: str, prefix: str) -> None:
+    """Clients answered together resubmit together: the dispatcher blocked on the ingress stream must
+    read the whole burst at once, not its first task alone (the worker would run a batch of one);
+    each XADD keeps its own reply and error."""
+
+    async def scenario(redis: RedisClient, reader: RedisClient) -> None:
+        sender = Sender(redis)
+        sender.start()
+        stream, other = f"{prefix}tasks", f"{prefix}other"
+        await redis.set(other, "not a stream")
+
+        async def read_once() -> Any:
+            return await reader.xread({stream: "$"}, count=100, block=5000)
+
+        blocked = asyncio.create_task(read_once())
+        await asyncio.sleep(0.2)  # the reader is blocked before the burst
+        calls = [asyncio.create_task(sender.execute([("XADD", stream, "*", "n", n)])) for n in range(20)]
+        wrong = asyncio.create_task(sender.execute([("XADD", other, "*", "n", "x")]))
+        replies = await asyncio.gather(*calls)
+        assert len({r[0] for r in replies}) == 20
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await wrong
+        got = await blocked
+        entries = got[0][1] if isinstance(got, list) else got[stream.encode()][0]
+        if is_cluster(redis):  # a pipeline spans slots there: no transaction, the reader wakes at the first
+            assert len(entries) >= 1
+        else:
+            assert len(entries) == 20
+        await sender.close()
+
+    async def main() -> None:
+        redis, reader = connect(redis_url), connect(redis_url)
+        try:
+            await scenario(redis, reader)
+        finally:
+            await redis.aclose()
+            await reader.aclose()
 
     asyncio.run(main())
 
