@@ -71,3 +71,18 @@ def test_a_public_gateway_without_a_usable_key_is_refused_before_anything_starts
     with pytest.raises(SystemExit, match="set ECTRANS_GATEWAY_API_KEYS"):
         up.gateway_address("0.0.0.0:0", held)
     assert held == []
+
+
+def test_the_banner_names_a_model_and_op_the_stack_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ectrans up --serve noop` shows commands that work on that stack, not minilm's embed."""
+    assert up.example_task() == ("minilm", "embed")  # the default stack
+    monkeypatch.setenv("ECTRANS_MODELS_JSON", '{"noop": {"kind": "noop"}}')
+    monkeypatch.setenv("ECTRANS_SERVE_MODELS", "noop")
+    task = up.example_task()
+    assert task == ("noop", "noop")
+    shown = up._banner("redis://127.0.0.1:7000/0", "ectrans:", stacks.DEFAULT_NAME, task)
+    shown += up._http_banner(("127.0.0.1", 8000), None, task)
+    assert "model noop op noop input" in shown and "ectrans submit --model noop --op noop 'some text'" in shown
+    assert "minilm" not in shown and "/v1/embeddings" not in shown  # no embeddings to ask for
+    monkeypatch.setenv("ECTRANS_SERVE_MODELS", "*")
+    assert up.example_task() == ("minilm", "embed")

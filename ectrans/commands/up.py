@@ -176,23 +176,42 @@ def heartbeat_keys(prefix: str, children: list[ServiceProcess]) -> list[str]:
     return [keys.heartbeat(child.kind, instance(child)) for child in children]
 
 
-def _http_banner(gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None) -> str:
+def example_task() -> tuple[str, str]:
+    """The model and op the banner's examples name: the first model the workers serve (`*`: minilm
+    where the registry has it) and its `embed` op, or its first: `--serve noop` shows commands that work."""
+    settings = CommonSettings()
+    try:
+        registry = load_registry(settings.models_file, settings.models_json)
+    except (RegistryError, ValidationError):
+        return "minilm", "embed"
+    served = os.environ.get("ECTRANS_SERVE_MODELS", "minilm").strip()
+    names = sorted(registry) if served == "*" else [name.strip() for name in served.split(",") if name.strip()]
+    model = "minilm" if "minilm" in names or not names else names[0]
+    spec = registry.get(model)
+    if spec is None or "embed" in spec.ops or not spec.ops:
+        return model, "embed"
+    return model, sorted(spec.ops)[0]
+
+
+def _http_banner(
+    gateway: tuple[str, int] | None, metrics: tuple[str, int] | None = None, task: tuple[str, str] = ("minilm", "embed")
+) -> str:
     from ectrans.services.gateway.settings import http_url
 
     lines = ""
     if gateway is not None:
         base = http_url(*gateway)
-        body = """'{"model": "minilm", "input": "some text"}'"""
-        lines += (
-            f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
-            f"  API docs:     {base}/docs\n"
-        )
+        model, op = task
+        if op == "embed":
+            body = f"""'{{"model": "{model}", "input": "some text"}}'"""
+            lines += f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
+        lines += f"  API docs:     {base}/docs\n"
     if metrics is not None:
         lines += f"  Prometheus:   {http_url(*metrics)}/metrics\n"
     return lines
 
 
-def _banner(url: str, prefix: str, name: str) -> str:
+def _banner(url: str, prefix: str, name: str, task: tuple[str, str] = ("minilm", "embed")) -> str:
     try:
         cli = find_redis_binary("redis-cli")
     except RuntimeError:
@@ -200,11 +219,14 @@ def _banner(url: str, prefix: str, name: str) -> str:
     port = url.rsplit(":", 1)[-1].split("/", maxsplit=1)[0]
     rc = f"{cli} -p {port}" if "127.0.0.1" in url else f"{cli} -u {redact(url)}"
     finder = "" if name == stacks.DEFAULT_NAME else f"ECTRANS_STACK={name} "
+    model, op = task
+    choice = ("" if model == "minilm" else f"--model {model} ") + ("" if op == "embed" else f"--op {op} ")
     return (
         f"ECTrans is starting. Redis: {redact(url)}\n"
-        f"  push a task:  {rc} XADD {prefix}tasks '*' model minilm op embed input 'some text'\n"
+        f"  push a task:  {rc} XADD {prefix}tasks '*' model {model} op {op} input 'some text'\n"
         f"  read result:  {rc} HGETALL {prefix}result:<the ID that XADD printed>\n"
-        f"  or:           {finder}ectrans submit 'some text'   (finds this stack, as `ectrans top` and the client do)\n"
+        f"  or:           {finder}ectrans submit {choice}'some text'"
+        "   (finds this stack, as `ectrans top` and the client do)\n"
         "  stop:         Ctrl-C\n"
     )
 
@@ -260,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"ectrans up: {exc}", file=sys.stderr)
             return 2
         cleanup.callback(stacks.remove, stack)
-        print(_banner(url, prefix, name) + _http_banner(gateway, metrics), flush=True)
+        task = example_task()
+        print(_banner(url, prefix, name, task) + _http_banner(gateway, metrics, task), flush=True)
         children = _children(url, instance_names(name, args.workers), gateway, metrics)
         cleanup.callback(stop_all, children, STOP_GRACE_S, _say)
         _serve(children, url, heartbeat_keys(prefix, children))
