@@ -11,7 +11,9 @@ Redis. Redis serves a reader blocked on a stream after each command, so in a pla
 dispatcher woke with the first task alone and read the rest a round trip later; the worker then
 started a batch of one and the others waited for it (many clients answered together resubmit
 together). In one transaction the reader wakes once, with all of them. Each XADD still gets its own
-reply or error. Not on a Redis Cluster, where a pipeline spans slots.
+reply or error. Not on a Redis Cluster, where a pipeline spans slots, nor for a user whose ACL
+refuses MULTI (asked once: a refused MULTI would leave the XADDs after it run outside any
+transaction while the pipeline reports an error, and the caller would submit them twice).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Sender:
 
     def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
-        self._atomic = not is_cluster(redis)
+        self._atomic: bool | None = False if is_cluster(redis) else None  # None: MULTI not tried yet
         self._outbox: list[_Call] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -118,8 +120,18 @@ class Sender:
     async def _send(self, commands: list[Command]) -> list[Any]:
         if len(commands) == 1:
             return [await self._redis.execute_command(*commands[0])]
-        atomic = self._atomic and len(commands) <= ATOMIC_SUBMISSIONS_MAX and all(c[0] == "XADD" for c in commands)
-        pipe = self._redis.pipeline(transaction=atomic)
+        burst = len(commands) <= ATOMIC_SUBMISSIONS_MAX and all(command[0] == "XADD" for command in commands)
+        pipe = self._redis.pipeline(transaction=burst and await self._transactions_allowed())
         for command in commands:
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _transactions_allowed(self) -> bool:
+        """Whether this connection may run MULTI (a Redis ACL may refuse it), asked once."""
+        if self._atomic is None:
+            probe = self._redis.pipeline(transaction=False)
+            probe.execute_command("MULTI")
+            probe.execute_command("DISCARD")
+            multi, _ = await probe.execute(raise_on_error=False)
+            self._atomic = not isinstance(multi, Exception)
+        return self._atomic

@@ -194,6 +194,35 @@ def test_a_burst_of_submissions_wakes_a_blocked_reader_once_with_all_of_them(red
     asyncio.run(main())
 
 
+def test_a_user_whose_acl_refuses_multi_submits_each_task_once(redis_url: str, prefix: str) -> None:
+    """An ACL written before submissions went out in MULTI/EXEC: bursts go out as a plain pipeline,
+    every XADD once (a refused MULTI would run them outside it and report an error)."""
+    admin = connect(redis_url)
+    if is_cluster(admin):
+        asyncio.run(admin.aclose())
+        pytest.skip("ACL users are per node on a cluster")
+    user, stream = f"{prefix.rstrip(':')}-no-multi", f"{prefix}tasks"
+
+    async def scenario() -> None:
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "reset", "on", ">pw", f"~{prefix}*", "+@connection", "+xadd", "+xlen"
+        )
+        limited = connect(redis_url.replace("redis://", f"redis://{user}:pw@", 1))
+        sender = Sender(limited)
+        sender.start()
+        try:
+            replies = await asyncio.gather(*(sender.execute([("XADD", stream, "*", "n", n)]) for n in range(20)))
+            assert len({r[0] for r in replies}) == 20
+            assert await admin.xlen(stream) == 20
+            await sender.close()
+        finally:
+            await limited.aclose()
+            await admin.execute_command("ACL", "DELUSER", user)
+            await admin.aclose()
+
+    asyncio.run(scenario())
+
+
 # Task handles: submit now, collect later ----------------------------------------------------------------
 
 SLOW: ModelSpec = build_spec("slow", {"kind": "noop", "delay_ms": 400})
