@@ -83,6 +83,6 @@ def test_the_banner_names_a_model_and_op_the_stack_serves(monkeypatch: pytest.Mo
     shown = up._banner("redis://127.0.0.1:7000/0", "ectrans:", stacks.DEFAULT_NAME, task)
     shown += up._http_banner(("127.0.0.1", 8000), None, task)
     assert "model noop op noop input" in shown and "ectrans submit --model noop --op noop 'some text'" in shown
-    assert "minilm" not in shown and "/v1/embeddings" not in shown  # no embeddings to ask for
+    assert "minilm" not in shown and """-d '{"model": "noop", "input": "some text"}'""" in shown
     monkeypatch.setenv("ECTRANS_SERVE_MODELS", "*")
     assert up.example_task() == ("minilm", "embed")

@@ -202,7 +202,7 @@ def _http_banner(
     if gateway is not None:
         base = http_url(*gateway)
         model, op = task
-        if op == "embed":
+        if op in ("embed", "noop"):  # the gateway answers embeddings for a no-op model too
             body = f"""'{{"model": "{model}", "input": "some text"}}'"""
             lines += f"  HTTP:         curl {base}/v1/embeddings -H 'content-type: application/json' -d {body}\n"
         lines += f"  API docs:     {base}/docs\n"
