@@ -44,6 +44,8 @@ from ectrans.services.gateway.errors import (
     GatewayError,
     bad_request,
     render,
+    too_long_input,
+    too_many_inputs,
 )
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
@@ -174,13 +176,7 @@ class Gateway:
         if not (truncate or (spec.truncate and entry_may_cut)) and spec.kind != "noop":
             for index, count in enumerate(counts):
                 if count > spec.max_tokens:
-                    raise GatewayError(
-                        status,
-                        f"input {index} has {count} tokens, over the limit of {spec.max_tokens} of model {model!r};"
-                        " shorten it or set truncate=true",
-                        Reason.BAD_INPUT,
-                        "input",
-                    )
+                    raise too_long_input(index, count, model, spec.max_tokens, status=status, param="input")
         return sum(counts)
 
     def holding(self, handler: Endpoint) -> Endpoint:
@@ -444,7 +440,7 @@ def text_inputs(value: object, limit: int, param: str) -> list[str]:
     if not all(isinstance(text, str) for text in texts):
         raise bad_request(f"'{param}' takes text here, not token ids", param)
     if len(texts) > limit:
-        raise bad_request(f"'{param}' has {len(texts)} items, over the limit of {limit}", param)
+        raise too_many_inputs(len(texts), limit, param)
     for index, text in enumerate(texts):
         if not text:
             which = f"'{param}'" if isinstance(value, str) else f"{param}[{index}]"

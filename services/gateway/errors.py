@@ -72,6 +72,17 @@ def bad_request(message: str, param: str | None = None, code: str = Reason.BAD_I
     return GatewayError(400, message, code, param)
 
 
+def too_many_inputs(count: int, limit: int, param: str) -> GatewayError:
+    """A request's texts or token-id lists over `gateway_max_inputs`."""
+    return bad_request(f"'{param}' has {count} items, over the limit of {limit}", param)
+
+
+def too_long_input(index: int, tokens: int, model: str, limit: int, *, status: int, param: str) -> GatewayError:
+    """Input `index` (text or token ids) over the model's token limit, where it is not cut."""
+    message = f"input {index} has {tokens} tokens, over the limit of {limit} of model {model!r}"
+    return GatewayError(status, message + "; shorten it or set truncate=true", Reason.BAD_INPUT, param)
+
+
 def _openai_type(status: int) -> str:
     if status == 401:
         return "authentication_error"

@@ -12,7 +12,7 @@ import numpy as np
 from ectrans.common.registry import ModelSpec
 from ectrans.common.schemas import Reason
 from ectrans.common.split import EMBED, pack_activation
-from ectrans.services.gateway.errors import GatewayError, bad_request
+from ectrans.services.gateway.errors import GatewayError, bad_request, too_long_input, too_many_inputs
 
 MAX_ID = 2**31  # split payloads carry int32 ids
 
@@ -56,7 +56,7 @@ def token_id_tasks(
     cut to it where `cut`) and pack them. The checks are the gateway's, so that each problem is named
     in the request's terms (`input[2]`); the dispatcher checks every split payload again."""
     if len(rows) > limit:
-        raise bad_request(f"'{param}' has {len(rows)} items, over the limit of {limit}", param)
+        raise too_many_inputs(len(rows), limit, param)
     for index, row in enumerate(rows):  # what no model takes, checked before the model is looked up
         if not row:
             empty = f"{param}[{index}] is an empty list of token ids"
@@ -83,13 +83,7 @@ def token_id_tasks(
                 param,
             )
         if len(row) > spec.max_tokens and not cut:
-            raise GatewayError(
-                too_long_status,
-                f"input {index} has {len(row)} tokens, over the limit of {spec.max_tokens} of model {model!r};"
-                " shorten it or set truncate=true",
-                Reason.BAD_INPUT,
-                param,
-            )
+            raise too_long_input(index, len(row), model, spec.max_tokens, status=too_long_status, param=param)
         kept = row[: spec.max_tokens]
         tokens += len(kept)
         payloads.append(pack_activation(EMBED, np.asarray(kept, dtype=np.int32)))
