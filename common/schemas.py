@@ -168,8 +168,9 @@ def _text(raw: dict[bytes, bytes], name: str) -> str | None:
         return None
     try:
         return value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise TaskError(Reason.BAD_INPUT, f"field '{name}' is not valid UTF-8") from None
+    except UnicodeDecodeError as exc:
+        where = f"byte {exc.start}: a lone surrogate or a broken sequence"
+        raise TaskError(Reason.BAD_INPUT, f"field '{name}' is not valid UTF-8 ({where})") from None
 
 
 def _choice(raw: dict[bytes, bytes], name: str, allowed: tuple[str, ...]) -> str | None:

@@ -54,6 +54,18 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
+def _wire_input(index: int, text: object) -> bytes | bytearray | memoryview:
+    """An input as the bytes its task carries. A str with a lone surrogate (from `surrogateescape`d
+    file names, broken JSON) has no UTF-8 form: it goes as it is, and the server answers that task
+    alone with `bad_input`, where redis-py's encoder would fail the call and every call sharing its
+    round trip."""
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogatepass")
+    if isinstance(text, bytes | bytearray | memoryview):
+        return text
+    raise TypeError(f"input {index} must be str (or bytes of a split payload), not {type(text).__name__}")
+
+
 class ECTransError(Exception):
     """Base of the client's errors."""
 
@@ -327,6 +339,7 @@ class AsyncClient:
         With `segment` k > 0 the inputs are split payloads: the state after the model's first k
         units, computed by the caller with model `revision` (see `ectrans.split`). `truncate` cuts
         an input over the model's token limit instead of having it refused."""
+        payloads = [_wire_input(index, text) for index, text in enumerate(inputs)]  # a TypeError sends nothing
         await self._ready()
         loop = asyncio.get_running_loop()
         # Ids start with the client's id, so a per-tenant ACL (docs/security.md) can confine results
@@ -342,7 +355,7 @@ class AsyncClient:
             tail += ["segment", str(segment), "revision", revision]
         if truncate:
             tail += ["truncate", "1"]
-        commands = [(*head, "input", text, "id", task_id, *tail) for task_id, text in zip(ids, inputs, strict=True)]
+        commands = [(*head, "input", text, "id", task_id, *tail) for task_id, text in zip(ids, payloads, strict=True)]
         try:
             await self._send(commands)
         except BaseException:
@@ -468,7 +481,10 @@ class AsyncClient:
         timeout: float | None = 30.0,
         truncate: bool = False,
     ) -> np.ndarray:
-        """Sentence embeddings, one row per text; raises TaskFailed on any error result."""
+        """Sentence embeddings, one row per text (none for no texts: shape (0, 0)); raises TaskFailed
+        on any error result."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
         results = await self.submit_many(
             model, "embed", texts, priority=priority, deadline_ms=deadline_ms, timeout=timeout, truncate=truncate
         )

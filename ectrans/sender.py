@@ -14,6 +14,10 @@ together). In one transaction the reader wakes once, with all of them. Each XADD
 reply or error. Not on a Redis Cluster, where a pipeline spans slots, nor for a user whose ACL
 refuses MULTI (asked once: a refused MULTI would leave the XADDs after it run outside any
 transaction while the pipeline reports an error, and the caller would submit them twice).
+
+A command redis-py cannot encode (a lone surrogate in a str, a None) fails the whole round trip
+before a byte is sent; the round trip's calls are then sent again in halves, so that only the call
+holding it fails and every other caller's commands go out as usual.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import DataError
+
 from ectrans.common.redis_conn import RedisClient, is_cluster
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ Command = tuple[Any, ...]
 # The most XADDs sent as one transaction: Redis runs one without serving anyone else meanwhile, and
 # past the dispatcher's read size (256) a larger one wakes nobody sooner.
 ATOMIC_SUBMISSIONS_MAX = 256
+# What redis-py raises while packing commands, before anything is sent: nothing reached Redis.
+UNENCODABLE = (DataError, UnicodeError)
 
 
 class SenderClosed(RuntimeError):
@@ -100,6 +108,15 @@ class Sender:
         self.largest_flush = max(self.largest_flush, len(commands))
         try:
             replies = await self._send(commands)
+        except UNENCODABLE as exc:
+            if len(calls) == 1:
+                if not calls[0].replies.done():
+                    calls[0].replies.set_exception(exc)
+                return
+            half = len(calls) // 2  # nothing was sent: the halves go out on their own, down to the guilty call
+            for part in (calls[:half], calls[half:]):
+                await self._flush(part)
+            return
         except Exception as exc:  # the writer outlives any failure; its callers get the error
             for call in calls:
                 if not call.replies.done():
