@@ -54,6 +54,12 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{int(seq) + 1}"
 
 
+def _one_per_input(inputs: Sequence[str | bytes] | str | bytes) -> Sequence[str | bytes]:
+    """A lone text (or split payload) is one input, as OpenAI's `input` takes one: iterated, a str
+    would become a task per character and `embed("some text")` a vector per letter."""
+    return [inputs] if isinstance(inputs, str | bytes) else inputs
+
+
 def _wire_input(index: int, text: object) -> bytes | bytearray | memoryview:
     """An input as the bytes its task carries. A str with a lone surrogate (from `surrogateescape`d
     file names, broken JSON) has no UTF-8 form: it goes as it is, and the server answers that task
@@ -322,7 +328,7 @@ class AsyncClient:
         self,
         model: str,
         op: str,
-        inputs: Sequence[str | bytes],
+        inputs: Sequence[str | bytes] | str | bytes,
         *,
         priority: str | None = None,
         deadline_ms: int | None = None,
@@ -339,6 +345,7 @@ class AsyncClient:
         With `segment` k > 0 the inputs are split payloads: the state after the model's first k
         units, computed by the caller with model `revision` (see `ectrans.split`). `truncate` cuts
         an input over the model's token limit instead of having it refused."""
+        inputs = _one_per_input(inputs)
         payloads = [_wire_input(index, text) for index, text in enumerate(inputs)]  # a TypeError sends nothing
         await self._ready()
         loop = asyncio.get_running_loop()
@@ -367,7 +374,7 @@ class AsyncClient:
         self,
         model: str,
         op: str,
-        inputs: Sequence[str | bytes],
+        inputs: Sequence[str | bytes] | str | bytes,
         *,
         timeout: float | None = 30.0,
         **options: Any,
@@ -424,10 +431,11 @@ class AsyncClient:
         for task_id in ids:
             self._waiting.pop(task_id, None)
 
-    async def cancel(self, ids: Sequence[str]) -> None:
+    async def cancel(self, ids: Sequence[str] | str) -> None:
         """Ask workers to drop these tasks: one not started yet ends with a `cancelled` error record
         instead of running; one already running or done is unaffected. A call to `submit_many` (or
         `embed`, ...) that is itself cancelled does this for its unanswered tasks."""
+        ids = [ids] if isinstance(ids, str) else ids  # one id, not one per character
         if not ids:
             return
         await self._ready()
@@ -473,7 +481,7 @@ class AsyncClient:
 
     async def embed(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | str,
         *,
         model: str = "minilm",
         priority: str | None = None,
@@ -483,16 +491,17 @@ class AsyncClient:
     ) -> np.ndarray:
         """Sentence embeddings, one row per text (none for no texts: shape (0, 0)); raises TaskFailed
         on any error result."""
-        if not texts:
+        inputs = _one_per_input(texts)  # one text: one row
+        if not inputs:
             return np.zeros((0, 0), dtype=np.float32)
         results = await self.submit_many(
-            model, "embed", texts, priority=priority, deadline_ms=deadline_ms, timeout=timeout, truncate=truncate
+            model, "embed", inputs, priority=priority, deadline_ms=deadline_ms, timeout=timeout, truncate=truncate
         )
         return np.stack([np.asarray(r.raise_for_status().output, dtype=np.float32) for r in results])
 
     async def translate(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str] | str,
         *,
         model: str,
         num_beams: int | None = None,
@@ -572,23 +581,23 @@ class Client:
     def submit(self, model: str, op: str, text: str, **options: Any) -> TaskResult:
         return self._call(self._async.submit(model, op, text, **options))
 
-    def submit_many(self, model: str, op: str, inputs: Sequence[str], **options: Any) -> list[TaskResult]:
+    def submit_many(self, model: str, op: str, inputs: Sequence[str] | str, **options: Any) -> list[TaskResult]:
         return self._call(self._async.submit_many(model, op, inputs, **options))
 
-    def embed(self, texts: Sequence[str], **options: Any) -> np.ndarray:
+    def embed(self, texts: Sequence[str] | str, **options: Any) -> np.ndarray:
         return self._call(self._async.embed(texts, **options))
 
-    def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
+    def translate(self, texts: Sequence[str] | str, **options: Any) -> list[str]:
         return self._call(self._async.translate(texts, **options))
 
     def model_state(self, model: str) -> tuple[CostModel | None, dict[str, int]]:
         return self._call(self._async.model_state(model))
 
-    def submit_tasks(self, model: str, op: str, inputs: Sequence[str], **options: Any) -> list[SyncTaskHandle]:
+    def submit_tasks(self, model: str, op: str, inputs: Sequence[str] | str, **options: Any) -> list[SyncTaskHandle]:
         handles = self._call(self._async.submit_tasks(model, op, inputs, **options))
         return [SyncTaskHandle(self, handle) for handle in handles]
 
-    def cancel(self, ids: Sequence[str]) -> None:
+    def cancel(self, ids: Sequence[str] | str) -> None:
         self._call(self._async.cancel(ids))
 
     def as_completed(self, handles: Sequence[SyncTaskHandle], timeout: float | None = None) -> Iterator[TaskResult]:

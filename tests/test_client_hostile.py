@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ectrans.client import AsyncClient
+from ectrans.client import AsyncClient, TaskFailed
 from tests.test_client import noop_stack
 
 LONE_SURROGATE = "half an emoji \ud83d"  # what a JSON "\ud83d" or a surrogateescape'd file name gives
@@ -63,5 +63,27 @@ def test_embed_of_no_texts_is_an_empty_matrix(redis_url: str, prefix: str) -> No
             vectors = await client.embed([], timeout=10)
             assert vectors.shape == (0, 0) and vectors.dtype == np.float32
             assert await client.translate([], model="any", timeout=10) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_string_is_one_input_not_one_per_character(redis_url: str, prefix: str) -> None:
+    """`embed("some text")` as OpenAI's `input: "some text"`: one task, one row; the same for
+    `submit_many`, `translate` and `cancel` (one id)."""
+
+    async def scenario() -> None:
+        async with noop_stack(redis_url, prefix), AsyncClient(redis_url, prefix=prefix) as client:
+            results = await client.submit_many("noop", "noop", "some text", timeout=10)
+            assert [r.output for r in results] == [{"chars": 9}]
+            with pytest.raises(TaskFailed) as failed:  # one task: the no-op model has no `embed`
+                await client.embed("some text", model="noop", timeout=10)
+            assert failed.value.reason == "unknown_op"
+            with pytest.raises(TaskFailed, match="is empty"):
+                await client.embed("", model="noop", timeout=10)  # an empty text, not an empty list
+            handles = await client.submit_tasks("noop", "noop", "abc")
+            assert len(handles) == 1 and (await handles[0]).ok
+            await client.cancel(handles[0].id)
+            marks = await client._send([("EXISTS", client.keys.cancelled(handles[0].id), client.keys.cancelled("a"))])
+            assert marks == [1]  # the id's mark, none per character
 
     asyncio.run(scenario())
