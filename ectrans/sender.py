@@ -109,13 +109,7 @@ class Sender:
         try:
             replies = await self._send(commands)
         except UNENCODABLE as exc:
-            if len(calls) == 1:
-                if not calls[0].replies.done():
-                    calls[0].replies.set_exception(exc)
-                return
-            half = len(calls) // 2  # nothing was sent: the halves go out on their own, down to the guilty call
-            for part in (calls[:half], calls[half:]):
-                await self._flush(part)
+            await self._isolate(calls, exc)
             return
         except Exception as exc:  # the writer outlives any failure; its callers get the error
             for call in calls:
@@ -133,6 +127,19 @@ class Sender:
                 call.replies.set_exception(error)
             else:
                 call.replies.set_result(mine)
+
+    async def _isolate(self, calls: list[_Call], exc: Exception) -> None:
+        """Nothing of `calls` was sent (one could not be encoded): the halves go out on their own,
+        down to the guilty call, which alone gets `exc`."""
+        if len(calls) == 1:
+            if not calls[0].replies.done():
+                calls[0].replies.set_exception(exc)
+            return
+        half = len(calls) // 2
+        for part in (calls[:half], calls[half:]):
+            live = [call for call in part if not call.replies.done()]  # callers cancelled meanwhile: unsent
+            if live:
+                await self._flush(live)
 
     async def _send(self, commands: list[Command]) -> list[Any]:
         if len(commands) == 1:
