@@ -46,3 +46,15 @@ def test_without_keys_several_authorization_headers_are_ignored() -> None:
     unkeyed = GatewaySettings(redis_url="redis://127.0.0.1:1/0", _env_file=None)
     response = post(unkeyed, "/v1/embeddings", EMPTY_INPUT, [("authorization", "Bearer a"), ("authorization", "b")])
     assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/translate"])
+def test_an_inputs_field_beside_input_is_named_as_unknown_not_as_a_wrong_shape(path: str) -> None:
+    """`"inputs": "y"` (TEI's name) beside `input` was answered "'inputs' must be a string or a list
+    of strings": it is a string; the problem is the field itself."""
+    unkeyed = GatewaySettings(redis_url="redis://127.0.0.1:1/0", _env_file=None)
+    content = b'{"model": "m", "input": "x", "inputs": "y"}'
+    response = post(unkeyed, path, content, [("content-type", "application/json")])
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "inputs", response.text
+    assert "must be" not in error["message"] and "Extra inputs" in error["message"]

@@ -392,7 +392,7 @@ def invalid_request(errors: Sequence[Any], *, takes_ids: bool = False) -> Gatewa
     `takes_ids`: the body's input may be token ids (the embedding endpoints)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if where and where[0] in ("input", "inputs") and first.get("type") != "missing":
+    if where and where[0] in ("input", "inputs") and first.get("type") not in ("missing", "extra_forbidden"):
         # Every branch of the union failed: pydantic's first complaint names one branch (`input.str`).
         shapes = "a string or a list of strings"
         if takes_ids:
