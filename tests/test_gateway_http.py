@@ -4,6 +4,7 @@ endpoint's error shape (never a 500 or a stack trace), API keys, the body size l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -347,6 +348,29 @@ def test_a_request_asking_to_switch_protocols_gets_a_json_answer_and_a_closed_co
             assert "switch protocols" in json.loads(answered)["error"]["message"]
         else:
             assert json.loads(answered) == {"status": "ok"}
+
+
+def test_headers_that_never_end_are_refused_and_large_ones_served(gateway: str) -> None:
+    """httptools buffers headers without a bound: four connections sending 50 MB of one header each
+    grew the gateway by 200 MB before the headers' deadline. Past 256 KiB the answer is a JSON 431;
+    a 200 KB header, pipelined after a body on one connection, is still served."""
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nhost: g\r\nx-endless: ")
+        with contextlib.suppress(ConnectionError):  # the gateway stops reading once it has answered
+            for _ in range(64):
+                connection.sendall(b"a" * 65536)
+                time.sleep(0.005)
+        answer = read_to_close(connection)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+    request = body({"model": "minilm", "input": []})
+    post = b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: %d\r\n\r\n" % len(request) + request
+    large = b"GET /health HTTP/1.1\r\nhost: g\r\nx-large: " + b"b" * 200_000 + b"\r\nconnection: close\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(post + large)
+        answer = read_to_close(connection)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 200 OK") == 1, answer[:400]
 
 
 def read_to_close(connection: socket.socket) -> bytes:

@@ -3,7 +3,9 @@
 every other error is, not in uvicorn's plain text (the request never reached a route, so its endpoint
 and TEI's shape are unknown). A request whose headers are not complete within `headers_timeout_s`
 loses its connection: uvicorn waits for them without end, so idle or trickling connections (slowloris)
-could hold every file descriptor the gateway has. A request that asks to switch protocols
+could hold every file descriptor the gateway has. Headers over `MAX_HEAD_BYTES` are answered 431: the
+parser buffers them without a bound, so a few connections sending endless headers could use gigabytes
+within the headers' deadline. A request that asks to switch protocols
 (`Connection: upgrade`: curl's `--http2` over http://, a WebSocket handshake) is served as HTTP/1.1
 and its connection then closed, or refused where it has a body, which httptools leaves unread."""
 
@@ -20,6 +22,9 @@ logger = logging.getLogger(__name__)
 INVALID = "Invalid HTTP request received."  # what uvicorn warns, once per refused request
 UNSUPPORTED_UPGRADE = "Unsupported upgrade request."  # and once per `Connection: upgrade` it does not honour
 NO_WEBSOCKETS = "No supported WebSocket library detected."  # the start of its second warning for one
+# A request line and headers (hyper, TEI's server, allows about 400 KB; nginx 32 KB by default).
+MAX_HEAD_BYTES = 256 * 1024
+HEAD_TOO_LARGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
 NO_UPGRADE = (
     "the gateway does not switch protocols: send the request without 'Connection: upgrade' (with it,"
     " the body is not read as part of the request)"
@@ -47,6 +52,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     headers_timeout_s = 30.0  # set by `http_protocol`
     _headers_due: asyncio.TimerHandle | None = None
     _refusal: str | None = None  # the message of the 400 a callback asked for
+    _messages_begun = 0
+    _head_bytes = 0  # bytes of the request's headers read so far, but for its first read
+
+    def data_received(self, data: bytes) -> None:
+        waiting, begun = self._headers_due is not None, self._messages_begun
+        super().data_received(data)
+        if not (waiting and self._headers_due is not None and self._messages_begun == begun):
+            # A read holding a request's start (or a body's end) is not counted, but only headers were
+            # read where no request began and they are still incomplete: at most one read short.
+            self._head_bytes = 0
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._answer_and_close(431, b"Request Header Fields Too Large", HEAD_TOO_LARGE, "headers_too_large")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -54,6 +73,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._messages_begun += 1
         self._await_headers()
 
     def on_headers_complete(self) -> None:
@@ -84,9 +104,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         msg, self._refusal = self._refusal or msg, None
+        self._answer_and_close(400, b"Bad Request", msg, "bad_request")
+
+    def _answer_and_close(self, status: int, phrase: bytes, msg: str, code: str) -> None:
         logger.debug("[gateway] a request refused by the HTTP parser: %s", msg)
-        body = render(GatewayError(400, msg, "bad_request")).body
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        body = render(GatewayError(status, msg, code)).body
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         head += [
             b"content-type: application/json\r\n",
