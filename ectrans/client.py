@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -77,13 +78,14 @@ class ECTransError(Exception):
 
 
 class TaskFailed(ECTransError):
-    """The server answered a task with an error result."""
+    """The server answered a task with an error result (`index`: its input's position, where known)."""
 
-    def __init__(self, result: TaskResult) -> None:
+    def __init__(self, result: TaskResult, index: int | None = None) -> None:
         super().__init__(f"task {result.id} failed ({result.reason}): {result.error}")
         self.result = result
         self.reason = result.reason
         self.error = result.error
+        self.index = index
 
 
 class TaskTimeout(ECTransError, TimeoutError):
@@ -159,6 +161,33 @@ class TaskHandle:
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r}, done={self.done()})"
+
+
+async def _all_results(futures: Sequence[asyncio.Future[TaskResult]], fail_fast: bool) -> list[TaskResult]:
+    """Every future's result, in order; with `fail_fast`, TaskFailed at the first error to arrive (the
+    unanswered futures cancelled). One callback per future, as `gather` adds: no task per input."""
+    everything = asyncio.gather(*futures)
+    if not fail_fast:
+        return list(await everything)
+    failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def check(index: int, future: asyncio.Future[TaskResult]) -> None:
+        if not failed.done() and not future.cancelled() and not future.result().ok:
+            failed.set_result(index)
+
+    for index, future in enumerate(futures):
+        future.add_done_callback(functools.partial(check, index))
+    first: list[asyncio.Future[Any]] = [everything, failed]
+    try:
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not everything.done():  # cancelled, or a task failed: stop waiting for the rest
+            everything.cancel()
+    if failed.done():
+        index = failed.result()
+        raise TaskFailed(futures[index].result(), index)
+    failed.cancel()
+    return list(everything.result())
 
 
 class AsyncClient:
@@ -377,20 +406,23 @@ class AsyncClient:
         inputs: Sequence[str | bytes] | str | bytes,
         *,
         timeout: float | None = 30.0,
+        fail_fast: bool = False,
         **options: Any,
     ) -> list[TaskResult]:
         """Submit one task per input and wait for all their terminal records (options as for
-        `submit_tasks`). TaskTimeout if not all arrive within `timeout`; `wait` returns what did."""
+        `submit_tasks`). TaskTimeout if not all arrive within `timeout`; `wait` returns what did.
+        With `fail_fast`, the first error record to arrive raises TaskFailed (with its input's index)
+        and the unanswered tasks are cancelled: a caller that fails as a whole need not wait for them."""
         handles = await self.submit_tasks(model, op, inputs, **options)
         futures = [h.future for h in handles]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+            return await asyncio.wait_for(_all_results(futures, fail_fast), timeout)
         except TimeoutError:
             unanswered = sum(f.cancelled() or not f.done() for f in futures)  # wait_for cancelled the rest
             raise TaskTimeout(f"{unanswered} of {len(handles)} tasks unanswered after {timeout}s") from None
-        except asyncio.CancelledError:
-            # The caller gave up (a closed HTTP request, Ctrl-C): tasks no worker has started are
-            # dropped, not computed. Written in the background: a cancelled call returns at once.
+        except (asyncio.CancelledError, TaskFailed):
+            # The caller gave up (a closed HTTP request, Ctrl-C), or one failure fails the call: tasks no
+            # worker has started are dropped, not computed. Written in the background: it returns at once.
             abandoned = [h.id for h in handles if h.future.cancelled() or not h.future.done()]
             if abandoned:
                 writing = asyncio.create_task(self.cancel(abandoned))

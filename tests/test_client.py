@@ -270,3 +270,29 @@ def test_sync_handles(redis_url: str, prefix: str) -> None:
         assert handles[1].result(timeout=5).output["chars"] == 2
         arrived, pending = client.wait(handles, timeout=5)
         assert len(arrived) == 3 and pending == []
+
+
+def test_fail_fast_raises_at_the_first_error_to_arrive_and_cancels_the_rest() -> None:
+    """`submit_many(fail_fast=True)` waits for one error, not for every task (the gateway's requests
+    fail as a whole); without it, every result comes back, errors included."""
+    from ectrans.client import TaskFailed, TaskResult, _all_results
+
+    async def scenario(fail_fast: bool) -> tuple[list[TaskResult] | TaskFailed, list[asyncio.Future[TaskResult]]]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[TaskResult]] = [loop.create_future() for _ in range(3)]
+        waiting = asyncio.create_task(_all_results(futures, fail_fast))
+        futures[0].set_result(TaskResult("a", "ok"))
+        futures[2].set_result(TaskResult("c", "error", reason="overloaded"))
+        await asyncio.sleep(0.01)
+        if not waiting.done():
+            futures[1].set_result(TaskResult("b", "ok"))
+        try:
+            return await waiting, futures
+        except TaskFailed as failure:
+            return failure, futures
+
+    failure, futures = asyncio.run(scenario(True))
+    assert isinstance(failure, TaskFailed) and failure.index == 2 and failure.reason == "overloaded"
+    assert futures[1].cancelled()  # the unanswered task: submit_many cancels it on the server too
+    results, _ = asyncio.run(scenario(False))
+    assert isinstance(results, list) and [r.id for r in results] == ["a", "b", "c"]

@@ -147,7 +147,8 @@ def test_vectors_go_out_as_json_lists_that_read_back_to_the_same_float32() -> No
 
 
 def test_uvicorns_warning_per_refused_request_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    """A client sending garbage must not write a log line per request; uvicorn's other warnings stay."""
+    """A client sending garbage, or asking to switch protocols (each is answered), must not write a log
+    line per request; uvicorn's other warnings stay."""
     uvicorn_log = logging.getLogger("uvicorn.error")
     quiet = QuietParserWarnings()
     uvicorn_log.addFilter(quiet)
@@ -155,10 +156,12 @@ def test_uvicorns_warning_per_refused_request_is_dropped(caplog: pytest.LogCaptu
         with caplog.at_level(logging.WARNING):
             for _ in range(3):
                 uvicorn_log.warning(INVALID)
-            uvicorn_log.warning("Unsupported upgrade request.")
+                uvicorn_log.warning("Unsupported upgrade request.")
+                uvicorn_log.warning("No supported WebSocket library detected. Please use ...")
+            uvicorn_log.warning("Exceeded concurrency limit.")
     finally:
         uvicorn_log.removeFilter(quiet)
-    assert [record.getMessage() for record in caplog.records] == ["Unsupported upgrade request."]
+    assert [record.getMessage() for record in caplog.records] == ["Exceeded concurrency limit."]
 
 
 def test_an_explicit_truncate_false_refuses_a_long_input_where_the_model_entry_cuts(tmp_path: Path) -> None:

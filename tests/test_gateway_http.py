@@ -4,6 +4,7 @@ endpoint's error shape (never a 500 or a stack trace), API keys, the body size l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -317,6 +318,59 @@ def test_what_the_http_parser_refuses_is_a_json_400(gateway: str, raw: bytes) ->
     error = json.loads(content)["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == "bad_request" and error["message"]
     assert httpx.get(gateway + "/health", timeout=10).status_code == 200
+
+
+UPGRADE = (
+    b"connection: upgrade\r\nupgrade: %s\r\n"
+    b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n"
+)
+
+
+@pytest.mark.parametrize("protocol", [b"h2c", b"websocket"])
+def test_a_request_asking_to_switch_protocols_gets_a_json_answer_and_a_closed_connection(
+    gateway: str, protocol: bytes
+) -> None:
+    """curl's `--http2` over http:// and WebSocket handshakes ask to switch protocols. httptools then
+    ends the request at its headers: a POST's body went unread (answered "Invalid JSON" on a valid
+    body) and the connection hung; a WebSocket GET got a text/plain 403. Now a request with a body is
+    refused in JSON, one without is served as HTTP/1.1, and the connection closes after either."""
+    host, port = gateway.removeprefix("http://").split(":")
+    request = body({"model": "minilm", "input": "x"})
+    post = b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: %d\r\n" % len(request)
+    get = b"GET /health HTTP/1.1\r\nhost: g\r\n"
+    for head, content, status in ((post, request, b"400"), (get, b"", b"200")):
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(head + UPGRADE % protocol + b"\r\n" + content + get + b"\r\n")  # and one more
+            answer = read_to_close(connection)
+        head_lines, _, answered = answer.partition(b"\r\n\r\n")
+        assert head_lines.startswith(b"HTTP/1.1 " + status) and b"content-type: application/json" in head_lines, answer
+        if status == b"400":
+            assert "switch protocols" in json.loads(answered)["error"]["message"]
+        else:
+            assert json.loads(answered) == {"status": "ok"}
+
+
+def test_headers_that_never_end_are_refused_and_large_ones_served(gateway: str) -> None:
+    """httptools buffers headers without a bound: four connections sending 50 MB of one header each
+    grew the gateway by 200 MB before the headers' deadline. Past 256 KiB the answer is a JSON 431;
+    a 200 KB header, pipelined after a body on one connection, is still served."""
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nhost: g\r\nx-endless: ")
+        with contextlib.suppress(ConnectionError):  # the gateway stops reading once it has answered
+            for _ in range(64):
+                connection.sendall(b"a" * 65536)
+                time.sleep(0.005)
+        answer = read_to_close(connection)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+    request = body({"model": "minilm", "input": []})
+    post = b"POST /v1/embeddings HTTP/1.1\r\nhost: g\r\ncontent-length: %d\r\n\r\n" % len(request) + request
+    large = b"GET /health HTTP/1.1\r\nhost: g\r\nx-large: " + b"b" * 200_000 + b"\r\nconnection: close\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(post + large)
+        answer = read_to_close(connection)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 200 OK") == 1, answer[:400]
 
 
 def read_to_close(connection: socket.socket) -> bytes:

@@ -196,6 +196,36 @@ def test_every_reason_maps_to_its_status(
     asyncio.run(scenario())
 
 
+def test_a_request_fails_at_its_first_failed_input_and_its_queued_inputs_are_cancelled(
+    redis_server: Any, gateway_prefix: str, gateway: str
+) -> None:
+    """One input refused at once (a blank text) fails the request: it is answered then, not after
+    its other inputs are computed for nothing (a 429 from a queue that sheds one input of 2,048 came
+    after the rest had run, and an SDK retrying it ran them again), and those inputs never run."""
+    slow = build_spec("idle", {"kind": "noop", "delay_ms": 1500})  # the gateway's `idle`, slow here
+    executor = CountingNoop(slow)
+
+    async def scenario() -> None:
+        async with (
+            running_stack(
+                redis_server.url, gateway_prefix, {"idle": slow}, {"idle": executor}, worker={"max_inflight_batches": 1}
+            ),
+            AsyncClient(redis_server.url, prefix=gateway_prefix) as client,
+            httpx.AsyncClient(base_url=gateway, timeout=30) as http,
+        ):
+            busy = asyncio.create_task(client.submit("idle", "noop", "hold the device", priority="batch"))
+            await until(executor.running, what="the first task on the device")
+            body = {"model": "idle", "input": ["queued", "queued too", " "], "priority": "batch"}
+            refused = await http.post("/v1/embeddings", json=body)
+            assert refused.status_code == 400 and "input 2: " in error_of(refused)["message"], refused.text
+            assert not busy.done(), "the request waited for the device"
+            await busy
+            await asyncio.sleep(0.3)  # room for a queued task to start, were it not cancelled
+        assert executor.ran == ["hold the device"], "the model ran inputs of a request already answered"
+
+    asyncio.run(scenario())
+
+
 def test_deadline_and_gateway_timeout_are_504(redis_url: str, prefix: str) -> None:
     slow = build_spec("slow", {"kind": "noop", "delay_ms": 1500})
     worker = {"max_inflight_batches": 1}

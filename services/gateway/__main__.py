@@ -49,6 +49,7 @@ def main() -> int:
         loop="none",  # run_main already runs uvloop
         # httptools, with its parser's 400s in the API's error shape and a deadline for headers
         http=http_protocol(settings.gateway_body_timeout_s),
+        ws="none",  # no WebSocket route: an Upgrade is ignored and the request served as HTTP (http_protocol.py)
         lifespan="on",
         access_log=False,  # quiet: no line per request (the metrics count them)
         log_config=None,  # uvicorn's loggers go through ours

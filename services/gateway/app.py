@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from ectrans import __version__
-from ectrans.client import AsyncClient, TaskResult
+from ectrans.client import AsyncClient, TaskFailed, TaskResult
 from ectrans.common.heartbeat import Heartbeat
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
@@ -213,7 +213,8 @@ class Gateway:
         split: TokenIdTasks | None = None,
     ) -> list[TaskResult]:
         """Submit one task per text (or split payload, with `split`) and wait for all; the first error
-        result becomes a GatewayError. A client that disconnects first gets its tasks cancelled (those
+        result to arrive becomes a GatewayError at once (a queue that sheds one input answers 429 now, not
+        after the rest are computed for nothing). A client that disconnects first gets its tasks cancelled (those
         not started are not computed)."""
         priority, deadline_ms = options
         if (refusal := self.store.refusal()) is not None:
@@ -227,12 +228,16 @@ class Gateway:
             deadline_ms=deadline_ms,
             params=params,
             timeout=None,  # bounded by `within` below
+            fail_fast=True,  # the request fails as a whole: its other tasks are cancelled, not waited for
             truncate=truncate,
             **({"segment": split.segment, "revision": split.revision} if split is not None else {}),
         )
         self.waiting_inputs += len(texts)
         try:
             results = await until_disconnect(request, within(submitting, self.settings.gateway_timeout_s))
+        except TaskFailed as failure:
+            self.store.answered()
+            raise GatewayError.from_result(failure.result, failure.index or 0, len(texts)) from None
         except ClientGone:
             self.metrics.cancelled.inc(len(texts))
             closed = "the client closed the request; its tasks were cancelled"
@@ -246,9 +251,6 @@ class Gateway:
         finally:
             self.waiting_inputs -= len(texts)
         self.store.answered()
-        for index, result in enumerate(results):
-            if not result.ok:
-                raise GatewayError.from_result(result, index, len(results))
         return results
 
     async def embed(
@@ -390,7 +392,7 @@ def invalid_request(errors: Sequence[Any], *, takes_ids: bool = False) -> Gatewa
     `takes_ids`: the body's input may be token ids (the embedding endpoints)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if where and where[0] in ("input", "inputs") and first.get("type") != "missing":
+    if where and where[0] in ("input", "inputs") and first.get("type") not in ("missing", "extra_forbidden"):
         # Every branch of the union failed: pydantic's first complaint names one branch (`input.str`).
         shapes = "a string or a list of strings"
         if takes_ids:

@@ -66,7 +66,7 @@ class Guard:
 
         try:
             headers: dict[bytes, bytes] = dict(scope["headers"])
-            refusal = self._refusal(headers, path, scope["method"])
+            refusal = self._refusal(scope["headers"], headers, path, scope["method"])
             if refusal is not None:
                 await render(refusal, tei=path in TEI_PATHS)(scope, receive, send_status)
                 return
@@ -80,11 +80,22 @@ class Guard:
             self.metrics.inflight -= 1
             self.metrics.answered(endpoint, status, time.perf_counter() - started)
 
-    def _refusal(self, headers: dict[bytes, bytes], path: str, method: str) -> GatewayError | None:
-        """A request refused before it is read: a missing or wrong key, or a declared body over the limit."""
+    def _refusal(
+        self, raw: list[tuple[bytes, bytes]], headers: dict[bytes, bytes], path: str, method: str
+    ) -> GatewayError | None:
+        """A request refused before it is read: a missing, wrong or ambiguous key, or a declared body over
+        the limit."""
         open_path = path in OPEN_PATHS or (path == "/" and method == "GET")
-        if self.keys and not open_path and not self._authorised(headers.get(b"authorization", b"")):
-            return GatewayError(401, "a valid API key is required: send 'Authorization: Bearer <key>'", "unauthorized")
+        if self.keys and not open_path:
+            # `headers` keeps the last of several: a proxy that checks the first would disagree with us
+            # on which key was sent. Authorization is a single field (RFC 9110): two are a bad request.
+            keys = [value for name, value in raw if name == b"authorization"]
+            if len(keys) > 1:
+                return GatewayError(400, "send one Authorization header, not several", "bad_request")
+            if not keys or not self._authorised(keys[0]):
+                return GatewayError(
+                    401, "a valid API key is required: send 'Authorization: Bearer <key>'", "unauthorized"
+                )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return self._too_large()
