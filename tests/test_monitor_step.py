@@ -76,7 +76,8 @@ def test_two_monitors_on_one_prefix_leave_the_stats_hash_to_one(redis_url: str, 
         owners: list[str] = []
 
         async def owner() -> str:
-            return (await redis.hget(keys.stats, "monitor") or b"").decode()
+            owner: Any = await redis.hget(keys.stats, "monitor")
+            return owner.decode() if owner else ""
 
         try:
             for monitor in (first, second, first, second):

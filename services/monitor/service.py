@@ -228,7 +228,7 @@ class Monitor:
 
     async def _own_stats(self, now: float) -> bool:
         """Whether this monitor writes the stats hash now (see `ownership`); a change is logged once."""
-        current: dict[bytes, bytes] = await self.redis.hgetall(self.keys.stats)
+        current: dict[Any, Any] = await self.redis.hgetall(self.keys.stats)
         writes = may_write(current, self.instance, now, self.settings.interval_s)
         if writes != self._writes_stats and not (writes and self._writes_stats is None):
             if writes:
