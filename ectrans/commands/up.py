@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port of the private Redis (default: a free one)")
     parser.add_argument("--aof", action="store_true", help="turn Redis persistence (AOF) on")
     parser.add_argument("--data-dir", default=None, help="where the private Redis keeps its files")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
+    parser.add_argument(
+        "--workers", type=_worker_count, default=1, help="worker processes to start (0: workers run elsewhere)"
+    )
     parser.add_argument(
         "--name",
         type=_stack_name,
@@ -245,6 +247,16 @@ def _apply_model_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _worker_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more (0: workers run elsewhere), got {value!r}")
+    return count
+
+
 def _stack_name(value: str) -> str:
     try:
         return stacks.checked_name(value)
@@ -274,7 +286,11 @@ def run(args: argparse.Namespace) -> int:
             data_dir = Path(args.data_dir) if args.data_dir else None
             server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir)
             cleanup.callback(server.cleanup)
-            url = server.start().url
+            try:
+                url = server.start().url
+            except RuntimeError as exc:  # --port taken, no redis-server: say so, no traceback
+                print(f"ectrans up: {exc}", file=sys.stderr)
+                return 2
         prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
         try:
             stack = stacks.record(name, url, prefix)
