@@ -113,6 +113,14 @@ def test_up_on_a_port_another_redis_holds_is_refused_not_joined(
     assert stacks.find("taken-port") is None
 
 
+def test_a_data_dir_that_does_not_exist_yet_is_created(tmp_path: Path) -> None:
+    """`ectrans up --aof --data-dir DIR` with a new DIR ended in a FileNotFoundError traceback."""
+    data_dir = tmp_path / "ectrans" / "redis"
+    with RedisServer(appendonly=True, data_dir=data_dir) as server, redis.Redis(port=server.port) as client:
+        assert client.ping()
+    assert (data_dir / "redis.log").exists()  # a directory given is kept
+
+
 @pytest.mark.slow
 def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> None:
     """`ectrans up --name a` and `--name b` started at the same moment on one machine: each its own

@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             cleanup.callback(server.cleanup)
             try:
                 url = server.start().url
-            except RuntimeError as exc:  # --port taken, no redis-server: say so, no traceback
+            except (RuntimeError, OSError) as exc:  # --port taken, no redis-server, a --data-dir unusable
                 print(f"ectrans up: {exc}", file=sys.stderr)
                 return 2
         prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
