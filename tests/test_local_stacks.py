@@ -121,6 +121,29 @@ def test_a_data_dir_that_does_not_exist_yet_is_created(tmp_path: Path) -> None:
     assert (data_dir / "redis.log").exists()  # a directory given is kept
 
 
+def test_what_up_starts_dies_with_it_even_by_sigkill(tmp_path: Path) -> None:
+    """A killed `ectrans up` (SIGKILL, the OOM killer) left its Redis and every service running,
+    orphaned in their own sessions; its terminal closing (SIGHUP) did the same."""
+    from ectrans.commands import up
+
+    children = up._children("redis://127.0.0.1:1/0", up.instance_names("default", 2), ("127.0.0.1", 8123))
+    assert all(child.tied for child in children) and len(children) == 5
+    starter = (
+        "from pathlib import Path\nfrom ectrans.local.redis_server import RedisServer\n"
+        f"server = RedisServer(data_dir=Path({str(tmp_path)!r}), tied=True).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        server_pid = int(parent.stdout.readline())
+        parent.kill()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{server_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server is not our child: once it exits, init reaps it
+    assert not os.path.exists(f"/proc/{server_pid}")
+
+
 @pytest.mark.slow
 def test_two_stacks_side_by_side_each_serve_their_own_ports(tmp_path: Path) -> None:
     """`ectrans up --name a` and `--name b` started at the same moment on one machine: each its own

