@@ -204,3 +204,24 @@ async def test_an_input_over_the_token_limit_is_refused_and_its_batch_mates_run(
             assert await backlog(redis, keys, tiny_bert.name) == (0, 0)
     finally:
         executor.close()
+
+
+def test_a_worker_whose_redis_is_not_there_yet_waits_for_it_instead_of_failing(prefix: str) -> None:
+    """Joining the queues' groups right after loading the models raised ConnectionError: the process
+    exited with a traceback, and its restart loaded the models again. It now waits, as its loops do,
+    and a stop meanwhile ends the wait."""
+
+    async def scenario() -> tuple[bool, int]:
+        settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", prefix=prefix, serve_models="noop")
+        worker = Worker(settings, {"noop": NOOP}, executors={"noop": NoopExecutor(NOOP)})
+        try:
+            starting = asyncio.create_task(worker.start())
+            await asyncio.sleep(0.5)
+            waited = not starting.done()
+            worker.stop()
+            await asyncio.wait_for(starting, 1)
+        finally:
+            await worker.redis.aclose()
+        return waited, len(worker.streams)
+
+    assert asyncio.run(scenario()) == (True, 2)
