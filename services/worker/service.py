@@ -30,6 +30,7 @@ from ectrans.models.api import Executor
 from ectrans.services.worker.completion import Completer
 from ectrans.services.worker.lanes import ModelLane, WorkerState
 from ectrans.services.worker.loading import load_executors
+from ectrans.services.worker.namesake import NameTaken, live_namesake
 from ectrans.services.worker.peers import Peers
 from ectrans.services.worker.reader import Reader
 from ectrans.services.worker.scheduler import Scheduler
@@ -137,6 +138,11 @@ class Worker:
         )
 
     async def run(self) -> None:
+        if (other := await live_namesake(self.redis, self.keys, self.consumer)) is not None:
+            if self._own_redis:
+                await self.redis.aclose()
+            why = f"worker {self.consumer} already runs on this host (pid {other})"
+            raise NameTaken(f"{why}: give this one its own ECTRANS_INSTANCE")
         try:
             await self.start()
             async with asyncio.TaskGroup() as tg:
