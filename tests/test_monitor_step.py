@@ -61,3 +61,38 @@ def test_each_step_counts_what_arrived_since_the_last_once(redis_url: str, prefi
 
     seen = asyncio.run(scenario())
     assert seen == [(0, {}), (5, {"realtime": 3, "batch": 2}), (5, {})]
+
+
+def test_two_monitors_on_one_prefix_leave_the_stats_hash_to_one(redis_url: str, prefix: str) -> None:
+    """A monitor per host (or two `ectrans up` on one Redis): `ectrans:stats` keeps one monitor's
+    figures instead of flipping between two sets of totals; the other takes over once they go stale."""
+
+    async def scenario() -> list[str]:
+        keys = Keys(prefix)
+        common: dict[str, Any] = {"redis_url": redis_url, "prefix": prefix, "metrics_port": 0}
+        first = Monitor(MonitorSettings(**common, instance="site-a"), ["noop"])
+        second = Monitor(MonitorSettings(**common, instance="site-b"), ["noop"])
+        redis = connect(redis_url)
+        owners: list[str] = []
+
+        async def owner() -> str:
+            owner: Any = await redis.hget(keys.stats, "monitor")
+            return owner.decode() if owner else ""
+
+        try:
+            for monitor in (first, second, first, second):
+                await monitor.step()
+                owners.append(await owner())
+            await redis.hset(keys.stats, "ts", "1000.0")  # the writer stopped long ago
+            await second.step()
+            owners.append(await owner())
+            await first.step()  # now the other's figures are fresh: it keeps out
+            owners.append(await owner())
+        finally:
+            for monitor in (first, second):
+                await monitor.redis.aclose()
+                monitor.exporter.close()
+            await redis.aclose()
+        return owners
+
+    assert asyncio.run(scenario()) == ["site-a"] * 4 + ["site-b"] * 2

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from ectrans import cli
 from ectrans.client import Client
 from ectrans.commands import up
 from ectrans.common.heartbeat import host_name
@@ -86,3 +87,12 @@ def test_the_banner_names_a_model_and_op_the_stack_serves(monkeypatch: pytest.Mo
     assert "minilm" not in shown and """-d '{"model": "noop", "input": "some text"}'""" in shown
     monkeypatch.setenv("ECTRANS_SERVE_MODELS", "*")
     assert up.example_task() == ("minilm", "embed")
+
+
+@pytest.mark.parametrize("count", ["-1", "two", "1.5"])
+def test_a_negative_or_non_numeric_worker_count_is_refused(count: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--workers -1` started a stack with no worker that announced itself ready."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["up", "--workers", count])  # parsing only: nothing starts
+    assert "--workers: must be a whole number, 0 or more" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["up", "--workers", "0"]).workers == 0

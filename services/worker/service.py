@@ -30,6 +30,7 @@ from ectrans.models.api import Executor
 from ectrans.services.worker.completion import Completer
 from ectrans.services.worker.lanes import ModelLane, WorkerState
 from ectrans.services.worker.loading import load_executors
+from ectrans.services.worker.namesake import NameTaken, live_namesake
 from ectrans.services.worker.peers import Peers
 from ectrans.services.worker.reader import Reader
 from ectrans.services.worker.scheduler import Scheduler
@@ -126,7 +127,9 @@ class Worker:
                 stream = self.keys.queue(spec.name, task_class)
                 self.streams[stream] = spec.name
                 self.reader.resume(stream)
-                await ensure_group(self.redis, stream, WORKER_GROUP)
+        await self._join_groups()
+        if self.state.stopping.is_set():  # stopped while Redis was away: never ready
+            return
         logger.info(
             "[start] worker %s ready in %.1fs serving %s",
             self.consumer,
@@ -135,6 +138,11 @@ class Worker:
         )
 
     async def run(self) -> None:
+        if (other := await live_namesake(self.redis, self.keys, self.consumer)) is not None:
+            if self._own_redis:
+                await self.redis.aclose()
+            why = f"worker {self.consumer} already runs on this host (pid {other})"
+            raise NameTaken(f"{why}: give this one its own ECTRANS_INSTANCE")
         try:
             await self.start()
             async with asyncio.TaskGroup() as tg:
@@ -171,6 +179,24 @@ class Worker:
                 ran += 1
         await self.completer.flush_metrics()
         return ran
+
+    async def _join_groups(self) -> None:
+        """Join the queues' consumer groups, waiting out a Redis that is not there yet (or restarts
+        meanwhile), as every loop does later: failing here would lose the models just loaded, and
+        the restart that follows would load them again."""
+        joining = Outage("worker")
+
+        async def until_joined() -> None:
+            while not await joining.attempt(self._rejoin):
+                pass
+
+        join = asyncio.ensure_future(until_joined())
+        stop = asyncio.ensure_future(self.state.stopping.wait())
+        try:  # a stop ends the wait at once, not after a try's own retries (seconds)
+            await asyncio.wait({join, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (join, stop):
+                waiting.cancel()
 
     def _outage(self, what: str) -> Outage:
         return Outage(what, recover=self._rejoin)
