@@ -112,9 +112,12 @@ def step(executor: PipelinedExecutor, index: int) -> Step:
 
 @pytest.mark.parametrize("realtime", [True, False])
 def test_waiting_realtime_batch_runs_at_the_next_boundary(log: list[tuple[str, str]], realtime: bool) -> None:
+    """Cut-in, the GPU's way (run here on the CPU)."""
     events: list[tuple[BoundaryEvent, int]] = []
     made: list[PipelinedExecutor] = []
-    executor = steps_executor(log, between_segments=lambda e: events.append((e, made[0].parked_bytes)))
+    executor = steps_executor(
+        log, realtime_lane=False, between_segments=lambda e: events.append((e, made[0].parked_bytes))
+    )
     made.append(executor)
     first = step(executor, 0)
     first.block_on = "big"
@@ -137,9 +140,30 @@ def test_waiting_realtime_batch_runs_at_the_next_boundary(log: list[tuple[str, s
     assert executor.parked_bytes == 0 and executor.realtime_in_flight == 0
 
 
+def test_on_a_cpu_realtime_batches_run_beside_a_running_segment(log: list[tuple[str, str]]) -> None:
+    """The real-time lane: a real-time batch does not wait for the bulk segment that runs now, and
+    bulk batches never park for it (they would idle a core)."""
+    events: list[BoundaryEvent] = []
+    executor = steps_executor(log, between_segments=events.append)
+    assert executor.realtime_lane  # the CPU's default
+    first = step(executor, 0)
+    first.block_on = "big"
+    big = executor.submit(Request("embed", ["big"]))
+    behind = executor.submit(Request("embed", ["next"]))
+    assert first.entered.wait(WAIT_S)  # segment A holds the big batch until the gate opens
+    rt = executor.submit(Request("embed", ["rt"], realtime=True))
+    assert rt.result(WAIT_S)[0][0].output == "rt:2"  # answered while A still runs the big batch
+    assert not big.done() and executor.realtime_in_flight == 0
+    first.gate.set()
+    assert big.result(WAIT_S)[0][0].output == "big:2" and behind.result(WAIT_S)[0][0].output == "next:2"
+    executor.close()
+    assert all(e.action == "run" for e in events) and executor.parked_bytes == 0
+    assert [e.stage for e in events if e.realtime] == [0, 1]  # both of its segments, on its own thread
+
+
 def test_parking_is_bounded_by_bytes(log: list[tuple[str, str]]) -> None:
     events: list[BoundaryEvent] = []
-    executor = steps_executor(log, park_limit_bytes=0, between_segments=events.append)
+    executor = steps_executor(log, realtime_lane=False, park_limit_bytes=0, between_segments=events.append)
     first = step(executor, 0)
     first.block_on = "big"
     big = executor.submit(Request("embed", ["big"]))
@@ -156,10 +180,12 @@ def test_parking_is_bounded_by_bytes(log: list[tuple[str, str]]) -> None:
     assert {entry for entry in log if entry[0] == "B"} == {("B", "big"), ("B", "rt")}
 
 
-def test_parked_batches_resume_from_their_activations(tiny_bert: Path) -> None:
-    """Real-time and batch work interleaved on a real model: every result equals the unsplit one."""
+@pytest.mark.parametrize("lane", [False, True], ids=["cut-in", "lane"])
+def test_parked_batches_resume_from_their_activations(tiny_bert: Path, lane: bool) -> None:
+    """Real-time and batch work interleaved on a real model, cutting in or on their own thread
+    beside the pipeline's: every result equals the unsplit one."""
     spec = build_spec("tiny-bert", {"path": str(tiny_bert)})
-    executor = load_executor(spec, device="cpu", threads=1, segments=4, queue_depth=1)
+    executor = load_executor(spec, device="cpu", threads=1, segments=4, queue_depth=1, realtime_lane=lane)
     batches = [SENTENCES[i : i + 3] for i in range(len(SENTENCES))] * 3
     futures = [executor.submit(Request("embed", b, realtime=i % 4 == 1)) for i, b in enumerate(batches)]
     expected = reference_embeddings(tiny_bert, SENTENCES)
@@ -170,11 +196,12 @@ def test_parked_batches_resume_from_their_activations(tiny_bert: Path) -> None:
     executor.close()
 
 
-def test_many_mixed_batches_all_complete(log: list[tuple[str, str]]) -> None:
+@pytest.mark.parametrize("lane", [False, True], ids=["cut-in", "lane"])
+def test_many_mixed_batches_all_complete(log: list[tuple[str, str]], lane: bool) -> None:
     """Shallow inboxes and many stages: real-time work overtaking batches in every pattern of a
     seeded sequence leaves no batch stranded (lost wake-ups would hang here)."""
     rng = np.random.default_rng(0)
-    executor = steps_executor(log, n=4, queue_depth=1)
+    executor = steps_executor(log, n=4, queue_depth=1, realtime_lane=lane)
     flags = rng.random(1000) < 0.3
     futures = [executor.submit(Request("embed", [f"t{i}"], realtime=bool(rt))) for i, rt in enumerate(flags)]
     outputs = [future.result(WAIT_S)[0][0].output for future in futures]

@@ -111,6 +111,7 @@ def load_executor(
     park_limit_bytes: int = DEFAULT_PARK_LIMIT_BYTES,
     between_segments: BoundaryHook | None = None,
     trace: bool = True,
+    realtime_lane: bool | None = None,
 ) -> Executor:
     """An executor for `spec`.
 
@@ -119,6 +120,8 @@ def load_executor(
     segments come from the registry option `decode_segments`); default per device kind, capped
     at the layer count. `model`: a prebuilt model to use instead of loading `spec.path`. `trace`:
     on a CPU, encoder layers run as checked TorchScript traces (`ectrans.models.traced`).
+    `realtime_lane`: real-time batches on a thread of their own instead of cutting in between
+    segments (default: on a CPU; `ectrans.models.pipeline`).
     """
     if spec.kind == "noop":
         return NoopExecutor(spec)
@@ -145,6 +148,7 @@ def load_executor(
         park_limit_bytes=park_limit_bytes,
         between_segments=between_segments,
         resume=resume,
+        realtime_lane=realtime_lane,
     )
 
 

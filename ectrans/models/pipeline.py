@@ -8,12 +8,21 @@ inboxes connect them (`queue_depth` batches), so while segment k runs batch i, s
 run batch i+1 and tokenisation and result encoding overlap compute. torch releases the GIL inside
 its kernels; on a GPU each segment stage has its own CUDA stream, ordered by events.
 
-Real-time cut-in: while a real-time batch is in flight, a segment stage that is about to start a
-batch-priority batch parks it at that boundary (its activations stay in its `SegmentState`) and
-runs real-time work first; the parked batch resumes where it stopped once no real-time work is left.
-So a real-time batch waits for at most the segment each stage is already running. Parked memory
-is counted (`parked_bytes`) and bounded (`park_limit_bytes`): a batch that would push the total
-over the limit runs instead of parking.
+Real-time cut-in (the GPU's way): while a real-time batch is in flight, a segment stage that is
+about to start a batch-priority batch parks it at that boundary (its activations stay in its
+`SegmentState`) and runs real-time work first; the parked batch resumes where it stopped once no
+real-time work is left. So a real-time batch waits for at most the segment each stage is already
+running. Parked memory is counted (`parked_bytes`) and bounded (`park_limit_bytes`): a batch that
+would push the total over the limit runs instead of parking.
+
+The real-time lane (the CPU's way): on a CPU, cut-in costs bulk work a core for every real-time
+batch: the stage that reaches the boundary first parks its next batch and idles until the real-time
+batch, waiting behind the other stage's segment, has passed it (half a segment on average, for a
+few milliseconds of real-time work). So on a CPU real-time batches do not wait for a boundary at
+all: they run all their segments on a thread of their own, beside the bulk pipeline, and the
+operating system shares the cores (a real-time batch is short; one-thread stages share a core
+without the barrier stalls of a larger OpenMP team). Bulk stages never park for them; a bulk batch
+stops running alone on all threads while one is in flight.
 
 Alone on the CPU: segment stages on separate threads give up intra-op parallelism (one request
 runs on one stage's share of the cores). So on a CPU a bulk batch that finds the pipeline otherwise
@@ -106,6 +115,7 @@ class PipelinedExecutor(Executor):
         between_segments: BoundaryHook | None = None,
         resume: Resume | None = None,
         run_alone: bool | None = None,
+        realtime_lane: bool | None = None,
     ) -> None:
         if not segments:
             raise ValueError("a pipeline needs at least one segment")
@@ -127,6 +137,9 @@ class PipelinedExecutor(Executor):
             run_alone = self.device.type == "cpu"
         self.run_alone = run_alone and len(self.segments) > 1 and self.total_threads > self.stage_threads
         self.alone_threads = AloneThreads(threads=self.total_threads, stage_threads=self.stage_threads)
+        # Real-time batches on a thread of their own (CPU), or cutting in between segments (GPU).
+        self.realtime_lane = self.device.type == "cpu" if realtime_lane is None else realtime_lane
+        self._lane: deque[Job] = deque()
         self._streams: list[Any] = [None] * len(self.segments)
         if self.device.type == "cuda":
             self._streams = [torch.cuda.Stream(device=self.device) for _ in self.segments]  # type: ignore[no-untyped-call]
@@ -145,6 +158,9 @@ class PipelinedExecutor(Executor):
             threading.Thread(target=self._stage_loop, args=(k,), name=f"ectrans-{spec.name}-{name}", daemon=True)
             for k, name in enumerate(names)
         ]
+        if self.realtime_lane:
+            name = f"ectrans-{spec.name}-realtime"
+            self._threads.append(threading.Thread(target=self._lane_loop, name=name, daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -168,7 +184,7 @@ class PipelinedExecutor(Executor):
             self._next_id += 1
             if request.realtime:
                 self._realtime_in_flight += 1
-                self._stages[0].rt.append(job)
+                (self._lane if self.realtime_lane else self._stages[0].rt).append(job)
             else:
                 self._bulk_ahead.add(job.id)
                 self._stages[0].batch.append(job)
@@ -293,7 +309,7 @@ class PipelinedExecutor(Executor):
         if stage.pending is not None:
             return None
         if stage.parked is not None:
-            if self._realtime_in_flight:
+            if self._cutting_in():
                 return None
             job, stage.parked = stage.parked, None
             self._parked_bytes -= job.nbytes
@@ -303,13 +319,17 @@ class PipelinedExecutor(Executor):
         job = stage.batch.popleft()
         self._cond.notify_all()  # room in this inbox: wake an upstream stage holding a finished batch
         parks_here = 0 < k <= len(self.segments)
-        if parks_here and self._realtime_in_flight and job.state is not None:
+        if parks_here and self._cutting_in() and job.state is not None:
             job.nbytes = job.state.nbytes()
             if self._parked_bytes + job.nbytes <= self.park_limit_bytes:
                 stage.parked = job
                 self._parked_bytes += job.nbytes
                 return "park", job
         return "run", job
+
+    def _cutting_in(self) -> bool:
+        """Real-time work is on its way through the stages: bulk batches park at their boundaries."""
+        return self._realtime_in_flight > 0 and not self.realtime_lane
 
     def _drained(self, k: int, stage: _Stage) -> bool:
         upstream_done = self._closing if k == 0 else self._stages[k - 1].done
@@ -338,6 +358,36 @@ class PipelinedExecutor(Executor):
         with self._cond:
             self._stages[k].busy = busy
 
+    # -- the real-time lane (see the module docstring) ----------------------------------------
+
+    def _lane_loop(self) -> None:
+        set_cpu_threads(self.stage_threads)
+        with torch.inference_mode():
+            while (job := self._next_lane_job()) is not None:
+                try:
+                    self._run_through(job)
+                except Exception as exc:  # a bug here must not stop the lane for every later batch
+                    self._fail(job, RuntimeError(f"the real-time lane failed: {exc!r}"), exc)
+
+    def _next_lane_job(self) -> Job | None:
+        with self._cond:
+            while not self._lane:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            return self._lane.popleft()
+
+    def _run_through(self, job: Job) -> None:
+        """Tokenise, run every segment, encode the results: one batch, start to end, on this thread."""
+        if not self._start(job):
+            return
+        for index, segment in enumerate(self.segments):
+            if self._hook is not None:
+                self._call_hook(BoundaryEvent(index, segment.name, job.id, job.realtime, "run"))
+            if not self._work_segment(index, job):
+                return
+        self._finish(job)
+
     # -- alone on the CPU (see the module docstring) ------------------------------------------
 
     def _alone(self, job: Job) -> bool:
@@ -359,7 +409,7 @@ class PipelinedExecutor(Executor):
     def _results_idle(self) -> bool:
         """The results stage has nothing to do, and no real-time batch waits for this thread."""
         with self._cond:
-            return self._stages[-1].idle and not self._realtime_in_flight
+            return self._stages[-1].idle and not self._cutting_in()
 
     def _run_alone(self, job: Job, measured: bool) -> int:
         """Run `job`'s segments from the first on, on all threads, while it stays alone (a probe of all

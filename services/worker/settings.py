@@ -39,7 +39,8 @@ class WorkerSettings(CommonSettings):
         200.0,
         ge=0,
         description=(
-            "Target run time of one segment of a bulk batch: what a real-time batch may wait behind. Bulk"
+            "Target run time of one segment of a bulk batch: what a real-time batch cutting in may wait"
+            " behind (on a GPU; on a CPU real-time batches run beside the pipeline). Bulk"
             " batches are sized from the model's fitted cost to stay under it while real-time work is about"
             " (until 60 s after the last real-time task; 0: only `token_budget`)."
         ),
