@@ -14,6 +14,9 @@ import numpy as np
 
 MIN_SAMPLES = 8
 ESTIMATED_CHARS_PER_TOKEN = 4.0
+# A real-time lane's thread shares a core with a bulk stage's (ectrans.models.pipeline): about half
+# of one while bulk work runs.
+SHARED_CORE_SLOWDOWN = 2.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class CostModel:
     samples: int = 0
     max_batch_tokens: int = 0  # the largest batch seen: what a real-time task may find running
     processes: int = 1  # executor processes of one worker running batches side by side (shared weights)
+    realtime_lane: bool = False  # real-time batches run beside bulk work instead of cutting in (a CPU)
 
     def batch_ms(self, padded_tokens: float) -> float:
         return self.overhead_ms + self.ms_per_token * padded_tokens
@@ -51,6 +55,7 @@ class CostModel:
             "samples": str(self.samples),
             "max_batch_tokens": str(self.max_batch_tokens),
             "processes": str(self.processes),
+            "realtime_lane": "1" if self.realtime_lane else "0",
         }
 
     @classmethod
@@ -63,6 +68,7 @@ class CostModel:
                 int(fields.get("samples", 0)),
                 int(fields.get("max_batch_tokens", 0)),
                 int(fields.get("processes", 1)),
+                fields.get("realtime_lane") == "1",
             )
         except (KeyError, ValueError):
             return None
@@ -71,10 +77,11 @@ class CostModel:
 class OnlineCost:
     """Least-squares fit over a sliding window of (padded tokens, service ms) observations."""
 
-    def __init__(self, window: int = 128, segments: int = 1, processes: int = 1) -> None:
+    def __init__(self, window: int = 128, segments: int = 1, processes: int = 1, realtime_lane: bool = False) -> None:
         self.observations: deque[tuple[float, float]] = deque(maxlen=window)
         self.segments = segments
         self.processes = processes
+        self.realtime_lane = realtime_lane
 
     def observe(self, padded_tokens: int, service_ms: float) -> None:
         if padded_tokens > 0 and service_ms > 0:
@@ -84,13 +91,19 @@ class OnlineCost:
         if len(self.observations) < MIN_SAMPLES:
             return None
         x, y = np.array(self.observations).T
-        largest = int(x.max())
+
+        def fitted(overhead_ms: float, ms_per_token: float) -> CostModel:
+            largest = int(x.max())
+            return CostModel(
+                overhead_ms, ms_per_token, self.segments, len(x), largest, self.processes, self.realtime_lane
+            )
+
         if np.ptp(x) < 1e-9:  # one batch size only: no slope to fit, cost is proportional
-            return CostModel(0.0, float(y.mean() / x.mean()), self.segments, len(x), largest, self.processes)
+            return fitted(0.0, float(y.mean() / x.mean()))
         slope, intercept = np.polyfit(x, y, 1)
         if slope <= 0:
-            return CostModel(float(y.mean()), 0.0, self.segments, len(x), largest, self.processes)
-        return CostModel(max(0.0, float(intercept)), float(slope), self.segments, len(x), largest, self.processes)
+            return fitted(float(y.mean()), 0.0)
+        return fitted(max(0.0, float(intercept)), float(slope))
 
 
 def estimate_tokens(text: str) -> int:
@@ -99,11 +112,15 @@ def estimate_tokens(text: str) -> int:
 
 
 def predict_realtime_ms(cost: CostModel, task_tokens: int, queued_realtime: int, bulk_busy: bool = True) -> float:
-    """Latency a real-time task should expect: the rest of the bulk segment running when it arrives
-    (it cuts in at the next boundary; on average half a segment is left, none when no bulk work is
-    queued or in flight), the real-time work queued ahead of it, then its own batch. The expectation,
-    not the worst case: admission refuses tasks that should miss, not every task that might."""
+    """Latency a real-time task should expect: the real-time work queued ahead of it and its own
+    batch, after the rest of the bulk segment running when it arrives where it cuts in at the next
+    boundary (on average half a segment is left; none when no bulk work is queued or in flight), or
+    on a shared core where it runs in a lane beside bulk work (a CPU). The expectation, not the worst
+    case: admission refuses tasks that should miss, not every task that might."""
+    own = cost.ms_per_token * queued_realtime * task_tokens + cost.batch_ms(task_tokens)
+    if not bulk_busy:
+        return own
+    if cost.realtime_lane:
+        return own * SHARED_CORE_SLOWDOWN
     segment = cost.batch_ms(cost.max_batch_tokens) / max(cost.segments, 1)
-    segment_in_progress = segment / 2 if bulk_busy else 0.0
-    ahead = cost.ms_per_token * queued_realtime * task_tokens
-    return segment_in_progress + ahead + cost.batch_ms(task_tokens)
+    return segment / 2 + own

@@ -83,6 +83,8 @@ def test_ten_thousand_concurrent_embeds_and_model_state(redis_url: str, prefix: 
             for text, vector in zip(texts, vectors, strict=True):  # the same text, the same vector
                 assert vector.shape == (1, HIDDEN) and np.allclose(vector, by_text[text], atol=1e-5)
             assert all(set(state) == {"realtime", "batch"} for _, state in lengths)
+            cost, _ = await client.model_state("bert")
+            assert cost is not None and cost.realtime_lane  # on a CPU: admission predicts no segment wait
 
     try:
         asyncio.run(scenario())

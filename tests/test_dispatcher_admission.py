@@ -44,6 +44,21 @@ def test_prediction_adds_running_segment_queue_and_own_batch() -> None:
     assert predict_realtime_ms(cost, task_tokens=10, queued_realtime=3, bulk_busy=False) == pytest.approx(22.0)
 
 
+def test_a_realtime_lane_waits_for_no_segment_but_shares_a_core() -> None:
+    """On a CPU real-time batches run beside bulk work: no half segment ahead, however long bulk
+    segments are, but about half a core while bulk work runs."""
+    cost = CostModel(overhead_ms=2.0, ms_per_token=0.5, segments=2, max_batch_tokens=8192, realtime_lane=True)
+    assert predict_realtime_ms(cost, task_tokens=10, queued_realtime=3) == pytest.approx(2 * 22.0)
+    assert predict_realtime_ms(cost, task_tokens=10, queued_realtime=3, bulk_busy=False) == pytest.approx(22.0)
+    assert CostModel.from_fields(cost.to_fields()) == cost  # published by workers, read by the dispatcher
+    assert CostModel.from_fields({"overhead_ms": "1", "ms_per_token": "1"}) == CostModel(1.0, 1.0)  # older workers
+    online = OnlineCost(segments=2, realtime_lane=True)
+    for tokens in range(10, 100, 10):
+        online.observe(tokens, 1.0 + tokens)
+    model = online.model()
+    assert model is not None and model.realtime_lane
+
+
 def noop_stack(url: str, prefix: str) -> AbstractAsyncContextManager[Stack]:
     return running_stack(url, prefix, {"noop": NOOP}, {"noop": load_executor(NOOP)})
 

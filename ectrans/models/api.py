@@ -62,6 +62,9 @@ class Executor(Protocol):
     spec: ModelSpec
     # Processes that run batches side by side: the worker allows this many times its in-flight limit.
     processes: int = 1
+    # Real-time batches run beside bulk work instead of cutting in between its segments (admission's
+    # prediction, ectrans.common.cost).
+    realtime_lane: bool = False
 
     @property
     def segment_count(self) -> int:

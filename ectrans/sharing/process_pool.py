@@ -69,6 +69,7 @@ class SharedExecutorPool(Executor):
         self.spec = spec
         self.processes = processes
         self.device = str(choose_device(device, spec))
+        self.realtime_lane = self.device == "cpu"  # the executor processes' default (ectrans.models.pipeline)
         self.share = share
         self.max_attempts = max_attempts
         self.queue_depth = queue_depth

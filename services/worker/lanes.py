@@ -46,7 +46,9 @@ class ModelLane:
         self.limits = {"realtime": REALTIME_INFLIGHT, "batch": settings.max_inflight_batches * processes}
         self.inflight = {"realtime": 0, "batch": 0}
         self.wakeup = asyncio.Event()
-        self.cost = OnlineCost(segments=executor.segment_count, processes=executor.processes)
+        self.cost = OnlineCost(
+            segments=executor.segment_count, processes=executor.processes, realtime_lane=executor.realtime_lane
+        )
         self.cost_published = 0.0
         self.fitted: CostModel | None = None  # the last fit of `cost`, refreshed once a second
         self.last_batch: tuple[int, float] | None = None  # padded tokens and ms of the latest batch (before a fit)
