@@ -149,6 +149,25 @@ def test_warnings() -> None:
     assert settings.keys == Keys("ectrans:")
 
 
+def test_a_gone_instance_is_warned_of_once_a_stale_one_each_interval() -> None:
+    """A worker that died and is not restarted stays listed as gone for `forget_after_s` (600 s): a
+    warning line each interval for that long (120 lines at 5 s) would bury the others."""
+    settings = MonitorSettings(prefix="ectrans:")
+    tracker = Tracker(default_interval_s=2.0, stale_beats=2.0, forget_after_s=100.0)
+    tracker.update([beat("a", 1, updated=100.0)], now=100.0)
+
+    def warned(beats: list[Beat], now: float) -> list[str]:
+        changes = tracker.update(beats, now)
+        snap = snapshot(at=now, instances=tracker.instances(), devices=[], streams={})
+        return [w for w in alerts.warnings(snap, None, changes, settings) if "worker a " in w]
+
+    for now in (102.5, 103.0):  # stale while its key lasts: each interval
+        assert [w.split(":")[0] for w in warned([beat("a", 1, updated=100.0)], now)] == ["worker a is stale"]
+    assert [w.split(":")[0] for w in warned([], 104.0)] == ["worker a is gone"]  # the key expired
+    assert warned([], 106.0) == [] and warned([], 150.0) == []  # gone still, and listed
+    assert tracker.known[("worker", "a")].state == GONE
+
+
 def test_report_line_is_quiet_while_idle() -> None:
     """Every interval while busy; while idle, on change or once per `idle_every_s`."""
     gate = LineGate(idle_every_s=60.0)

@@ -8,14 +8,18 @@ from ectrans.services.monitor.settings import MonitorSettings
 
 
 def instance_warnings(snap: Snapshot, changes: list[Change]) -> list[str]:
+    """Stale instances every interval (a passing state: live again, or gone, within a few beats); a
+    gone one once, when it goes: it stays listed as gone (`ectrans top`, /metrics) for
+    `forget_after_s`, and a warning each interval for that long would bury the others."""
     found = []
+    went = {change.instance.key for change in changes if change.what == GONE}
     for inst in snap.instances:
         where = f"pid {inst.pid} on {inst.host}"
         if inst.state == STALE:
             found.append(
                 f"{inst.service} {inst.instance} is stale: last heartbeat {inst.age_s(snap.at):.1f}s ago ({where})"
             )
-        elif inst.state == GONE:
+        elif inst.state == GONE and inst.key in went:
             found.append(
                 f"{inst.service} {inst.instance} is gone: no heartbeat for {inst.age_s(snap.at):.0f}s "
                 f"and no clean stop ({where})"
