@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
+FAREWELL_S = 1.0  # longest a stop waits for Redis to record it (the heartbeat expires otherwise)
 PRIORITY_HEADER = "x-ectrans-priority"
 DEADLINE_HEADER = "x-ectrans-deadline-ms"
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -148,14 +149,25 @@ class Gateway:
             self.store.failed(exc)
 
     async def stop(self) -> None:
+        """Say goodbye to Redis where it answers, in at most about a second where it does not (stopped
+        with the gateway): each farewell write waited out the connection's retries, ~10 s in all."""
         self._stopping.set()
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
-        if self._beating is not None:
-            await self._beating
-        await self.client.close()
+        await asyncio.gather(self._heartbeat_farewell(), self.client.close())
         await self.redis.aclose()
+
+    async def _heartbeat_farewell(self) -> None:
+        """The stop event and the heartbeat key's removal; past `FAREWELL_S` the key expires instead."""
+        if self._beating is None:
+            return
+        try:
+            await asyncio.wait_for(self._beating, FAREWELL_S)
+        except TimeoutError:
+            logger.warning(
+                "[stop] Redis did not answer within %gs: the gateway's heartbeat expires instead", FAREWELL_S
+            )
 
     # Requests -------------------------------------------------------------------------------------
 
