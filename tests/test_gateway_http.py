@@ -408,7 +408,7 @@ def test_a_stop_says_goodbye_where_redis_answers_and_takes_a_second_where_it_doe
             return took, [], 0
         redis = connect(server.url)
         try:
-            events = await redis.xrange(gateway.keys.metrics)
+            events: list[Any] = list(await redis.xrange(gateway.keys.metrics) or [])
             return took, events, await redis.exists(gateway.heartbeat.key)
         finally:
             await redis.aclose()
