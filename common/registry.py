@@ -36,6 +36,12 @@ ENCODER_OPS = frozenset({"embed"})
 SEQ2SEQ_OPS = frozenset({"translate", "generate"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SEQ2SEQ_TYPES = {"marian", "t5", "mt5", "bart", "mbart", "pegasus"}
+MODEL_NAME_RULE = "1-64 of letters, digits, '.', '_', '-'"
+
+
+def is_model_name(name: str) -> bool:
+    """Whether `name` could name a registry entry (any registry's: they all keep this rule)."""
+    return _NAME_RE.fullmatch(name) is not None
 
 
 class RegistryError(ValueError):
@@ -181,8 +187,8 @@ def check_encoder_modules(path: Path, where: str) -> None:
 def build_spec(name: str, entry: dict[str, Any], source: str = "") -> ModelSpec:
     """A checked entry as a ModelSpec; RegistryError naming `source` (the file), the model and the key."""
     where = f"{source}: model {name!r}" if source else f"model {name!r}"
-    if not _NAME_RE.match(name):
-        raise RegistryError(f"{where}: the name must be 1-64 of letters, digits, '.', '_', '-'")
+    if not is_model_name(name):
+        raise RegistryError(f"{where}: the name must be {MODEL_NAME_RULE}")
     if not isinstance(entry, dict):
         raise RegistryError(f"{where}: must be a table of keys, not {entry!r}")
     try:

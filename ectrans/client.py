@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ectrans.common import codec
 from ectrans.common.cost import CostModel
@@ -47,6 +48,8 @@ TRIM_EVERY = 256
 TRIM_AFTER_S = 1.0
 # How long a cancel mark is kept: a task still queued after this is run after all.
 CANCEL_TTL_S = 3600
+# Longest close() waits for Redis to delete the reply stream (which expires unread anyway).
+FAREWELL_S = 1.0
 
 
 def _next_id(entry_id: str) -> str:
@@ -226,8 +229,10 @@ class AsyncClient:
             if self._redis is None:
                 name = f"ectrans-client-{self.client_id[:8]}"
                 redis = connect(self.url, client_name=name)
-                # The blocking reader gets its own connection so submissions never wait behind it.
-                reader = connect(self.url, client_name=name)
+                # The blocking reader gets its own connection so submissions never wait behind it. Its
+                # loop pauses and retries by itself: redis-py's back-off (seconds) would only hold up a
+                # close() while Redis is gone.
+                reader = connect(self.url, client_name=name, retries=0)
                 try:
                     await redis.ping()
                 except BaseException:
@@ -267,8 +272,8 @@ class AsyncClient:
                 fut.exception()  # read now: a handle no one awaits any more is nothing to log
         self._waiting.clear()
         if self._redis is not None:
-            with contextlib.suppress(Exception):
-                await self._redis.delete(self.reply_stream)
+            with contextlib.suppress(Exception):  # a courtesy: bounded, as Redis may be stopping too
+                await asyncio.wait_for(self._redis.delete(self.reply_stream), FAREWELL_S)
             await self._redis.aclose()
             self._redis = None
         if self._reader_redis is not None:
@@ -311,7 +316,7 @@ class AsyncClient:
             while not self._closing:
                 try:
                     reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
-                except RedisConnectionError:
+                except (RedisConnectionError, RedisTimeoutError):
                     if not self._closing:
                         await asyncio.sleep(random.uniform(0.1, 1.0))
                     continue

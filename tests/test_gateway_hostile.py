@@ -58,3 +58,40 @@ def test_an_inputs_field_beside_input_is_named_as_unknown_not_as_a_wrong_shape(p
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == "inputs", response.text
     assert "must be" not in error["message"] and "Extra inputs" in error["message"]
+
+
+UNKEYED = GatewaySettings(redis_url="redis://127.0.0.1:1/0", _env_file=None)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/embeddings/"), ("POST", "/embed/"), ("GET", "/health/")])
+def test_a_trailing_slash_is_a_404_in_the_apis_shape_not_a_redirect(method: str, path: str) -> None:
+    """FastAPI answered `/v1/embeddings/` with a bodiless 307 to `http://<Host>/v1/embeddings`, an
+    origin made from whatever Host the client sent; OpenAI and TEI answer such a path 404."""
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(UNKEYED, {}))
+        async with httpx.AsyncClient(transport=transport, base_url="http://evil.example") as http:
+            return await http.request(method, path, content=b'{"model": "m", "input": "x"}')
+
+    response = asyncio.run(send())
+    assert response.status_code == 404 and "location" not in response.headers, response.headers
+    error = response.json()["error"]
+    assert error["code"] == "not_found" and path in error["message"], error
+
+
+def test_a_non_ascii_header_value_is_quoted_as_sent() -> None:
+    """`X-ECTrans-Priority: réaltime` in UTF-8 was echoed as 'rÃ©altime' (its bytes read as Latin-1)."""
+    content = b'{"model": "minilm", "input": "x"}'
+    response = post(UNKEYED, "/v1/embeddings", content, [("x-ectrans-priority", "réaltime".encode())])  # type: ignore[list-item]
+    assert response.status_code == 400 and "'réaltime'" in response.json()["error"]["message"], response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/translate"])
+def test_a_model_name_no_registry_can_hold_is_unknown_and_named_as_the_model(path: str) -> None:
+    """A 100 KB model name went on to the dispatcher, which refused a task too large under
+    `param: "input"`: the input was one letter. No registry holds such a name: 404 on `model`."""
+    content = b'{"model": "' + b"m" * 100_000 + b'", "input": "x"}'
+    response = post(UNKEYED, path, content, [])
+    error = response.json()["error"]
+    assert response.status_code == 404 and error["param"] == "model" and error["code"] == "unknown_model", error
+    assert len(error["message"]) < 300

@@ -379,3 +379,42 @@ def read_to_close(connection: socket.socket) -> bytes:
     while chunk := connection.recv(65536):
         answer += chunk
     return answer
+
+
+@pytest.mark.parametrize("redis_stops_too", [False, True], ids=["Redis answers", "Redis stops too"])
+def test_a_stop_says_goodbye_where_redis_answers_and_takes_a_second_where_it_does_not(redis_stops_too: bool) -> None:
+    """Stopped with its Redis (one SIGTERM to a whole stack), the gateway took ~10 s: its stop event,
+    heartbeat removal and reply-stream delete each waited out the connection's retries."""
+    from ectrans.common.redis_conn import connect
+    from ectrans.local.redis_server import RedisServer
+    from ectrans.services.gateway.app import Gateway
+    from ectrans.services.gateway.metrics import GatewayMetrics
+    from ectrans.services.gateway.settings import GatewaySettings
+
+    async def stop_with(server: RedisServer) -> tuple[float, list[Any], int]:
+        settings = GatewaySettings(redis_url=server.url, prefix="tstop:", heartbeat_s=0.2, _env_file=None)
+        gateway = Gateway(settings, {}, GatewayMetrics({}), "g-stop")
+        await gateway.start()
+        await gateway.client.connect()
+        await asyncio.sleep(0.3)  # a beat written
+        if redis_stops_too:
+            assert server.process is not None
+            server.process.terminate()
+            server.process.wait()
+        started = time.monotonic()
+        await gateway.stop()
+        took = time.monotonic() - started
+        if redis_stops_too:
+            return took, [], 0
+        redis = connect(server.url)
+        try:
+            events: list[Any] = list(await redis.xrange(gateway.keys.metrics) or [])
+            return took, events, await redis.exists(gateway.heartbeat.key)
+        finally:
+            await redis.aclose()
+
+    with RedisServer() as server:
+        took, events, beating = asyncio.run(stop_with(server))
+    assert took < 2.0, f"the stop took {took:.1f}s"
+    if not redis_stops_too:
+        assert [fields[b"kind"] for _, fields in events] == [b"stopped"] and not beating

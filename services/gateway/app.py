@@ -35,7 +35,7 @@ from ectrans.client import AsyncClient, TaskFailed, TaskResult
 from ectrans.common.heartbeat import Heartbeat
 from ectrans.common.presence import live
 from ectrans.common.redis_conn import RedisClient, connect
-from ectrans.common.registry import ModelSpec
+from ectrans.common.registry import MODEL_NAME_RULE, ModelSpec, is_model_name
 from ectrans.common.schemas import MAX_DEADLINE_MS, Reason
 from ectrans.models.pooling_config import declared_pooling
 from ectrans.services.gateway.errors import (
@@ -46,6 +46,7 @@ from ectrans.services.gateway.errors import (
     render,
     too_long_input,
     too_many_inputs,
+    unknown_model,
 )
 from ectrans.services.gateway.metrics import GatewayMetrics
 from ectrans.services.gateway.middleware import Endpoint, Guard, Shortcut
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
+FAREWELL_S = 1.0  # longest a stop waits for Redis to record it (the heartbeat expires otherwise)
 PRIORITY_HEADER = "x-ectrans-priority"
 DEADLINE_HEADER = "x-ectrans-deadline-ms"
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -147,14 +149,25 @@ class Gateway:
             self.store.failed(exc)
 
     async def stop(self) -> None:
+        """Say goodbye to Redis where it answers, in at most about a second where it does not (stopped
+        with the gateway): each farewell write waited out the connection's retries, ~10 s in all."""
         self._stopping.set()
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
-        if self._beating is not None:
-            await self._beating
-        await self.client.close()
+        await asyncio.gather(self._heartbeat_farewell(), self.client.close())
         await self.redis.aclose()
+
+    async def _heartbeat_farewell(self) -> None:
+        """The stop event and the heartbeat key's removal; past `FAREWELL_S` the key expires instead."""
+        if self._beating is None:
+            return
+        try:
+            await asyncio.wait_for(self._beating, FAREWELL_S)
+        except TimeoutError:
+            logger.warning(
+                "[stop] Redis did not answer within %gs: the gateway's heartbeat expires instead", FAREWELL_S
+            )
 
     # Requests -------------------------------------------------------------------------------------
 
@@ -217,6 +230,10 @@ class Gateway:
         after the rest are computed for nothing). A client that disconnects first gets its tasks cancelled (those
         not started are not computed)."""
         priority, deadline_ms = options
+        if not is_model_name(model):
+            # No registry can hold it, so it is unknown: answered here, as the dispatcher would, rather
+            # than a long one sent on to be refused as a task too large, under the param of the input.
+            raise unknown_model(model, f"a model name is {MODEL_NAME_RULE}")
         if (refusal := self.store.refusal()) is not None:
             raise refusal
         self.metrics.submitted(model, len(texts))
@@ -408,7 +425,8 @@ def ectrans_headers(request: Request) -> dict[str, str]:
     """The `X-ECTrans-*` headers, in one pass over the raw ones (the ASGI server lowercases names):
     `request.headers.get` costs a raised and caught KeyError for each header that is absent."""
     raw: list[tuple[bytes, bytes]] = request.scope["headers"]
-    return {name.decode(): value.decode("latin-1") for name, value in raw if name.startswith(b"x-ectrans-")}
+    # UTF-8, as clients send non-ASCII text (`réaltime`): Latin-1 would echo it garbled in the error.
+    return {name.decode(): value.decode("utf-8", "replace") for name, value in raw if name.startswith(b"x-ectrans-")}
 
 
 def request_options(request: Request, priority: str | None, deadline_ms: int | None) -> tuple[str | None, int | None]:
@@ -540,6 +558,9 @@ def create_app(
         version=__version__,
         description="OpenAI- and TEI-compatible HTTP endpoints in front of ECTrans's task streams.",
         lifespan=lifespan,
+        # `/v1/embeddings/` is a 404 in the API's shape, as OpenAI and TEI answer it: FastAPI's default
+        # 307 carried no body and pointed at an origin made from the request's Host header.
+        redirect_slashes=False,
     )
     app.state.gateway = gateway
     install_error_handlers(app, gateway.store)
@@ -667,7 +688,7 @@ def add_model_and_probe_routes(app: FastAPI, gateway: Gateway) -> None:
         """One registry entry (the OpenAI SDK's `models.retrieve`)."""
         spec = registry.get(model)
         if spec is None:
-            raise GatewayError(404, f"unknown model {model[:100]!r}", Reason.UNKNOWN_MODEL, "model")
+            raise unknown_model(model)
         return card(model, spec, await gateway.served_models())
 
     @app.get("/info", response_model=TEIInfo, tags=["TEI"])
@@ -724,7 +745,10 @@ def install_error_handlers(app: FastAPI, store: StoreHealth) -> None:
         assert isinstance(exc, HTTPException)
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         code = codes.get(exc.status_code, "bad_request")
-        error = GatewayError(exc.status_code, str(exc.detail), code, headers=dict(exc.headers or {}))  # 405's `Allow`
+        message = str(exc.detail)
+        if exc.status_code == 404:  # OpenAI's wording, naming what was asked for
+            message = f"Invalid URL ({request.method} {request.url.path[:200]})"
+        error = GatewayError(exc.status_code, message, code, headers=dict(exc.headers or {}))  # 405's `Allow`
         return render(error, tei=is_tei(request))
 
     async def redis_failed(request: Request, exc: Exception) -> Response:

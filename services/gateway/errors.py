@@ -72,6 +72,11 @@ def bad_request(message: str, param: str | None = None, code: str = Reason.BAD_I
     return GatewayError(400, message, code, param)
 
 
+def unknown_model(model: str, why: str = "") -> GatewayError:
+    """A 404 for a model outside the registry (its name cut: a client chooses how long it is)."""
+    return GatewayError(404, f"unknown model {model[:100]!r}{'; ' + why if why else ''}", Reason.UNKNOWN_MODEL, "model")
+
+
 def too_many_inputs(count: int, limit: int, param: str) -> GatewayError:
     """A request's texts or token-id lists over `gateway_max_inputs`."""
     return bad_request(f"'{param}' has {count} items, over the limit of {limit}", param)

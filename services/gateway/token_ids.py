@@ -12,7 +12,7 @@ import numpy as np
 from ectrans.common.registry import ModelSpec
 from ectrans.common.schemas import Reason
 from ectrans.common.split import EMBED, pack_activation
-from ectrans.services.gateway.errors import GatewayError, bad_request, too_long_input, too_many_inputs
+from ectrans.services.gateway.errors import GatewayError, bad_request, too_long_input, too_many_inputs, unknown_model
 
 MAX_ID = 2**31  # split payloads carry int32 ids
 
@@ -68,9 +68,7 @@ def token_id_tasks(
             )
     if spec is None:
         # Ids mean something only in a known model's vocabulary, and a split task names its revision.
-        raise GatewayError.for_reason(
-            Reason.UNKNOWN_MODEL, f"unknown model {model[:100]!r}: token ids need a model of the gateway's registry"
-        )
+        raise unknown_model(model, "token ids need a model of the gateway's registry")
     if spec.kind != "encoder" or spec.num_layers <= 0 or spec.vocab_size <= 0:
         raise bad_request(f"model {model!r} takes text, not token ids", param)
     payloads = []
