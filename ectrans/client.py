@@ -518,17 +518,20 @@ class AsyncClient:
         model: str = "minilm",
         priority: str | None = None,
         deadline_ms: int | None = None,
+        on_miss: str | None = None,
         timeout: float | None = 30.0,
         truncate: bool = False,
     ) -> np.ndarray:
         """Sentence embeddings, one row per text (none for no texts: shape (0, 0)); raises TaskFailed
-        on any error result."""
+        on any error result. `priority`, `deadline_ms`, `on_miss` and `truncate` are the task fields of
+        the same names (README's task table)."""
         inputs = _one_per_input(texts)  # one text: one row
         if not inputs:
             return np.zeros((0, 0), dtype=np.float32)
         results = await self.submit_many(
-            model, "embed", inputs, priority=priority, deadline_ms=deadline_ms, timeout=timeout, truncate=truncate
-        )
+            model, "embed", inputs, priority=priority, deadline_ms=deadline_ms, on_miss=on_miss, timeout=timeout,
+            truncate=truncate,
+        )  # fmt: skip
         return np.stack([np.asarray(r.raise_for_status().output, dtype=np.float32) for r in results])
 
     async def translate(
@@ -539,13 +542,19 @@ class AsyncClient:
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         priority: str | None = None,
+        deadline_ms: int | None = None,
+        on_miss: str | None = None,
         timeout: float | None = 60.0,
         truncate: bool = False,
     ) -> list[str]:
+        """The generated text, one per input; raises TaskFailed on any error result. `num_beams` and
+        `max_new_tokens` default to the model's own settings (greedy, 64 new tokens unless its entry
+        says otherwise); the other options are as for `embed`."""
         params = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
         results = await self.submit_many(
-            model, "translate", texts, priority=priority, params=params, timeout=timeout, truncate=truncate
-        )
+            model, "translate", texts, priority=priority, deadline_ms=deadline_ms, on_miss=on_miss, params=params,
+            timeout=timeout, truncate=truncate,
+        )  # fmt: skip
         return [str(r.raise_for_status().output["text"]) for r in results]
 
 

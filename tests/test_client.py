@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ectrans.client import AsyncClient, Client, TaskTimeout
+from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.noop import NoopExecutor
@@ -298,3 +299,29 @@ def test_fail_fast_raises_at_the_first_error_to_arrive_and_cancels_the_rest() ->
     assert futures[1].cancelled()  # the unanswered task: submit_many cancels it on the server too
     results, _ = asyncio.run(scenario(False))
     assert isinstance(results, list) and [r.id for r in results] == ["a", "b", "c"]
+
+
+def test_embed_and_translate_take_the_same_task_options_async_and_sync(redis_url: str, prefix: str) -> None:
+    """`deadline_ms` and `on_miss` reach the task from `translate` as from `embed`, on both clients
+    (`translate` had neither). No stack runs: the tasks stay unanswered and are read back as sent."""
+
+    async def sent_fields() -> list[dict[bytes, bytes]]:
+        redis = connect(redis_url)
+        try:
+            entries: Any = await redis.xrange(Keys(prefix).tasks)
+            return [fields for _, fields in entries]
+        finally:
+            await redis.aclose()
+
+    async def on_the_async_client() -> None:
+        async with AsyncClient(redis_url, prefix=prefix) as client:
+            with pytest.raises(TaskTimeout):
+                await client.translate("hi", model="m", deadline_ms=900, on_miss="batch", num_beams=2, timeout=0.05)
+            with pytest.raises(TaskTimeout):
+                await client.embed("hi", model="m", deadline_ms=800, on_miss="batch", timeout=0.05)
+
+    asyncio.run(on_the_async_client())
+    with Client(redis_url, prefix=prefix) as client, pytest.raises(TaskTimeout):
+        client.translate(["hi"], model="m", deadline_ms=700, on_miss="error", max_new_tokens=5, timeout=0.05)
+    sent = [(f[b"op"], f[b"deadline_ms"], f[b"on_miss"]) for f in asyncio.run(sent_fields())]
+    assert sent == [(b"translate", b"900", b"batch"), (b"embed", b"800", b"batch"), (b"translate", b"700", b"error")]
