@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ectrans.common import codec
 from ectrans.common.cost import CostModel
@@ -47,6 +48,8 @@ TRIM_EVERY = 256
 TRIM_AFTER_S = 1.0
 # How long a cancel mark is kept: a task still queued after this is run after all.
 CANCEL_TTL_S = 3600
+# How long the reply reader rides out an unreachable Redis (a restart) before failing the calls waiting.
+RECONNECT_TIMEOUT_S = 5.0
 
 
 def _next_id(entry_id: str) -> str:
@@ -90,6 +93,13 @@ class TaskFailed(ECTransError):
 
 class TaskTimeout(ECTransError, TimeoutError):
     """No terminal record arrived in time (the task may still finish; its result hash will hold it)."""
+
+
+class ConnectionLost(ECTransError, RedisConnectionError):
+    """Redis stayed unreachable for the client's `reconnect_timeout` while tasks waited for their
+    records. A redis-py `ConnectionError` too, as a command on a Redis that went away raises. The
+    tasks may still finish once Redis is back (their result hashes will hold them); the client
+    reconnects by itself for later calls."""
 
 
 @dataclass
@@ -172,7 +182,8 @@ async def _all_results(futures: Sequence[asyncio.Future[TaskResult]], fail_fast:
     failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def check(index: int, future: asyncio.Future[TaskResult]) -> None:
-        if not failed.done() and not future.cancelled() and not future.result().ok:
+        # A future failed with an exception (ConnectionLost) ends `everything` itself.
+        if not failed.done() and not future.cancelled() and future.exception() is None and not future.result().ok:
             failed.set_result(index)
 
     for index, future in enumerate(futures):
@@ -193,13 +204,24 @@ async def _all_results(futures: Sequence[asyncio.Future[TaskResult]], fail_fast:
 class AsyncClient:
     """Asyncio client; many tasks in flight share one reply stream and one reader loop."""
 
-    def __init__(self, url: str | None = None, *, prefix: str | None = None, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        client_id: str | None = None,
+        reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
+    ) -> None:
+        """`reconnect_timeout`: how long a Redis that went away may stay unreachable before the calls
+        waiting for records fail with `ConnectionLost` (a shorter outage, a restart, is ridden out);
+        None: they wait for their own timeouts."""
         if url is None or prefix is None:  # $ECTRANS_REDIS_URL/_PREFIX, else the stack `ectrans up` runs here
             settings = with_local_stack(CommonSettings(), url)  # a given URL keeps the local stack's prefix out
             url, prefix = url or settings.redis_url, prefix or settings.prefix
         self.url = url
         self.keys = Keys(prefix)
         self.client_id = client_id or uuid.uuid4().hex
+        self.reconnect_timeout = reconnect_timeout
         self.reply_stream = self.keys.reply(self.client_id)
         self._redis: RedisClient | None = None
         self._reader_redis: RedisClient | None = None
@@ -226,8 +248,9 @@ class AsyncClient:
             if self._redis is None:
                 name = f"ectrans-client-{self.client_id[:8]}"
                 redis = connect(self.url, client_name=name)
-                # The blocking reader gets its own connection so submissions never wait behind it.
-                reader = connect(self.url, client_name=name)
+                # The blocking reader gets its own connection so submissions never wait behind it. Its
+                # loop retries a lost connection itself, and must see the loss now to time the outage.
+                reader = connect(self.url, client_name=name, retries=1)
                 try:
                     await redis.ping()
                 except BaseException:
@@ -308,17 +331,20 @@ class AsyncClient:
         try:
             last = "0-0"
             unread, trimmed_at = 0, time.monotonic()  # entries read since the stream was last trimmed
+            reached = time.monotonic()  # when Redis last answered a read
             while not self._closing:
                 try:
                     reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
-                except RedisConnectionError:
+                except (RedisConnectionError, RedisTimeoutError) as exc:
                     if not self._closing:
-                        await asyncio.sleep(random.uniform(0.1, 1.0))
+                        self._fail_after_outage(time.monotonic() - reached, exc)
+                        await asyncio.sleep(random.uniform(0.1, 0.5))
                     continue
                 except Exception:  # the reader must outlive any surprise, or every waiter would hang
                     logger.exception("[client] reply reader error; retrying")
                     await asyncio.sleep(random.uniform(0.1, 1.0))
                     continue
+                reached = time.monotonic()
                 for _, entries in reply or []:
                     for entry_id, raw in entries:
                         last = entry_id.decode()
@@ -334,6 +360,20 @@ class AsyncClient:
             if not self._closing:  # cancelled with its event loop (asyncio.run ending, no close())
                 await self._close_connections()  # while that loop still runs: it cannot be done later
             raise
+
+    def _fail_after_outage(self, unreachable_s: float, cause: Exception) -> None:
+        """Once Redis has been unreachable for `reconnect_timeout`, the calls waiting for records get
+        `ConnectionLost` now rather than a `TaskTimeout` at the end of their own timeouts."""
+        if self.reconnect_timeout is None or unreachable_s < self.reconnect_timeout:
+            return
+        waiting = [fut for fut in self._waiting.values() if not fut.done()]
+        self._waiting.clear()
+        message = f"Redis unreachable for {unreachable_s:.1f}s while waiting for task records ({cause})"
+        for fut in waiting:
+            fut.set_exception(ConnectionLost(message))
+            fut.exception()  # read now: a handle no one awaits any more is nothing to log
+        if waiting:
+            logger.warning("[client] %s: %d tasks failed with ConnectionLost", message, len(waiting))
 
     async def _close_connections(self) -> None:
         for redis in (self._redis, self._reader_redis):
@@ -583,8 +623,15 @@ class Client:
     """The synchronous twin of AsyncClient: same methods, run on a private event loop thread. Any
     number of threads may call one Client at once; their calls share its connections."""
 
-    def __init__(self, url: str | None = None, *, prefix: str | None = None) -> None:
-        self._async = AsyncClient(url, prefix=prefix)  # first: it raises if ECTRANS_STACK's stack is not here
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
+    ) -> None:
+        # First: it raises if ECTRANS_STACK's stack is not here.
+        self._async = AsyncClient(url, prefix=prefix, reconnect_timeout=reconnect_timeout)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ectrans-client", daemon=True)
         self._thread.start()

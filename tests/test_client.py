@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -325,3 +326,36 @@ def test_embed_and_translate_take_the_same_task_options_async_and_sync(redis_url
         client.translate(["hi"], model="m", deadline_ms=700, on_miss="error", max_new_tokens=5, timeout=0.05)
     sent = [(f[b"op"], f[b"deadline_ms"], f[b"on_miss"]) for f in asyncio.run(sent_fields())]
     assert sent == [(b"translate", b"900", b"batch"), (b"embed", b"800", b"batch"), (b"translate", b"700", b"error")]
+
+
+def test_a_redis_that_goes_away_fails_waiting_calls_soon_and_the_client_reconnects_after() -> None:
+    """Redis killed under calls waiting for records: after `reconnect_timeout` (not their own 30 s
+    timeouts) they raise ConnectionLost, a redis-py ConnectionError as its users expect; once Redis
+    is back on its port, the same client submits again without being remade."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from ectrans.client import ConnectionLost
+    from ectrans.local.redis_server import RedisServer
+
+    server = RedisServer().start()
+
+    async def scenario() -> None:
+        async with AsyncClient(server.url, prefix="lost:", reconnect_timeout=0.5) as client:
+            handle, *_ = await client.submit_tasks("m", "embed", ["a"])  # no stack: no answer will come
+            waiting = asyncio.create_task(client.submit_many("m", "embed", ["b", "c"], fail_fast=True))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(server.stop, kill=True)
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost) as lost:
+                await handle.result(timeout=30)
+            assert time.monotonic() - started < 3 and isinstance(lost.value, RedisConnectionError)
+            with pytest.raises(ConnectionLost):
+                await waiting
+            await asyncio.to_thread(server.start)  # the same port
+            assert len(await client.submit_tasks("m", "embed", ["d"])) == 1
+            assert await client._send([("XLEN", client.keys.tasks)]) == [1]  # a fresh Redis: only the new one
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
