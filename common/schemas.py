@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ectrans.common.registry import ENCODER_OPS, NOOP_OPS, SEQ2SEQ_OPS
+
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let "job\n" through.
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 # Stream entry IDs (`<ms>-<seq>`) key the results of tasks without an `id`: a client id of that
@@ -24,8 +26,13 @@ ENCODINGS = ("json", "msgpack")
 ON_MISS = ("error", "batch")
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 TRUNCATE = ("1", "0", "true", "false")
-# Op parameters a task may carry as fields, with their allowed ranges.
+# Op parameters a task may carry as fields, with their allowed ranges (the ceiling: a model's own
+# limits, checked by the dispatcher, may be lower).
 OP_PARAMS: dict[str, tuple[int, int]] = {"num_beams": (1, 8), "max_new_tokens": (1, 512)}
+# Ops that take none: a parameter there would be ignored without a word (and would keep its task
+# out of other tasks' batches), so it is refused, as OpenAI and TEI refuse a parameter an endpoint
+# does not take. Ops no model serves are left to the dispatcher's `unknown_op`.
+OPS_WITHOUT_PARAMS = ENCODER_OPS | NOOP_OPS
 SPLIT_FIELDS = ("segment", "revision")  # a split task: `input` holds the activation payload (see `split`)
 MAX_SEGMENT = 1024
 KNOWN_FIELDS = frozenset(
@@ -253,7 +260,7 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
     reply_to = _text(raw, "reply_to")
     if reply_to is not None and not TASK_ID_RE.match(reply_to):
         raise TaskError(Reason.BAD_INPUT, "field 'reply_to' must be 1-128 of letters, digits, '.', '_', ':', '-'")
-    params = {name: v for name, (lo, hi) in OP_PARAMS.items() if (v := _int(raw, name, lo, hi)) is not None}
+    params = _op_params(raw, op)
     return Task(
         id=raw_id or entry_id,
         model=model,
@@ -269,6 +276,16 @@ def parse_task(entry_id: str, raw: dict[bytes, bytes], limits: Limits) -> Task:
         truncate=_choice(raw, "truncate", TRUNCATE) in ("1", "true"),
         **(_split_fields(raw) if split else {}),
     )
+
+
+def _op_params(raw: dict[bytes, bytes], op: str) -> dict[str, int]:
+    if op in OPS_WITHOUT_PARAMS:
+        if given := [name for name in OP_PARAMS if name.encode() in raw]:
+            takers = " and ".join(sorted(SEQ2SEQ_OPS))
+            message = f"field {given[0]!r} is a generation setting, which op {op!r} does not take (only {takers} do)"
+            raise TaskError(Reason.BAD_INPUT, message)
+        return {}
+    return {name: v for name, (lo, hi) in OP_PARAMS.items() if (v := _int(raw, name, lo, hi)) is not None}
 
 
 def _split_fields(raw: dict[bytes, bytes]) -> dict[str, Any]:

@@ -50,6 +50,8 @@ TRIM_AFTER_S = 1.0
 CANCEL_TTL_S = 3600
 # Longest close() waits for Redis to delete the reply stream (which expires unread anyway).
 FAREWELL_S = 1.0
+# How long the reply reader rides out an unreachable Redis (a restart) before failing the calls waiting.
+RECONNECT_TIMEOUT_S = 5.0
 
 
 def _next_id(entry_id: str) -> str:
@@ -93,6 +95,13 @@ class TaskFailed(ECTransError):
 
 class TaskTimeout(ECTransError, TimeoutError):
     """No terminal record arrived in time (the task may still finish; its result hash will hold it)."""
+
+
+class ConnectionLost(ECTransError, RedisConnectionError):
+    """Redis stayed unreachable for the client's `reconnect_timeout` while tasks waited for their
+    records. A redis-py `ConnectionError` too, as a command on a Redis that went away raises. The
+    tasks may still finish once Redis is back (their result hashes will hold them); the client
+    reconnects by itself for later calls."""
 
 
 @dataclass
@@ -175,7 +184,8 @@ async def _all_results(futures: Sequence[asyncio.Future[TaskResult]], fail_fast:
     failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def check(index: int, future: asyncio.Future[TaskResult]) -> None:
-        if not failed.done() and not future.cancelled() and not future.result().ok:
+        # A future failed with an exception (ConnectionLost) ends `everything` itself.
+        if not failed.done() and not future.cancelled() and future.exception() is None and not future.result().ok:
             failed.set_result(index)
 
     for index, future in enumerate(futures):
@@ -196,13 +206,24 @@ async def _all_results(futures: Sequence[asyncio.Future[TaskResult]], fail_fast:
 class AsyncClient:
     """Asyncio client; many tasks in flight share one reply stream and one reader loop."""
 
-    def __init__(self, url: str | None = None, *, prefix: str | None = None, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        client_id: str | None = None,
+        reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
+    ) -> None:
+        """`reconnect_timeout`: how long a Redis that went away may stay unreachable before the calls
+        waiting for records fail with `ConnectionLost` (a shorter outage, a restart, is ridden out);
+        None: they wait for their own timeouts."""
         if url is None or prefix is None:  # $ECTRANS_REDIS_URL/_PREFIX, else the stack `ectrans up` runs here
             settings = with_local_stack(CommonSettings(), url)  # a given URL keeps the local stack's prefix out
             url, prefix = url or settings.redis_url, prefix or settings.prefix
         self.url = url
         self.keys = Keys(prefix)
         self.client_id = client_id or uuid.uuid4().hex
+        self.reconnect_timeout = reconnect_timeout
         self.reply_stream = self.keys.reply(self.client_id)
         self._redis: RedisClient | None = None
         self._reader_redis: RedisClient | None = None
@@ -230,8 +251,8 @@ class AsyncClient:
                 name = f"ectrans-client-{self.client_id[:8]}"
                 redis = connect(self.url, client_name=name)
                 # The blocking reader gets its own connection so submissions never wait behind it. Its
-                # loop pauses and retries by itself: redis-py's back-off (seconds) would only hold up a
-                # close() while Redis is gone.
+                # loop pauses and retries by itself, and must see a loss at once to time the outage:
+                # redis-py's back-off (seconds) would also hold up a close() while Redis is gone.
                 reader = connect(self.url, client_name=name, retries=0)
                 try:
                     await redis.ping()
@@ -313,17 +334,20 @@ class AsyncClient:
         try:
             last = "0-0"
             unread, trimmed_at = 0, time.monotonic()  # entries read since the stream was last trimmed
+            reached = time.monotonic()  # when Redis last answered a read
             while not self._closing:
                 try:
                     reply: Any = await self._reader_redis.xread({self.reply_stream: last}, count=1000, block=BLOCK_MS)
-                except (RedisConnectionError, RedisTimeoutError):
+                except (RedisConnectionError, RedisTimeoutError) as exc:
                     if not self._closing:
-                        await asyncio.sleep(random.uniform(0.1, 1.0))
+                        self._fail_after_outage(time.monotonic() - reached, exc)
+                        await asyncio.sleep(random.uniform(0.1, 0.5))
                     continue
                 except Exception:  # the reader must outlive any surprise, or every waiter would hang
                     logger.exception("[client] reply reader error; retrying")
                     await asyncio.sleep(random.uniform(0.1, 1.0))
                     continue
+                reached = time.monotonic()
                 for _, entries in reply or []:
                     for entry_id, raw in entries:
                         last = entry_id.decode()
@@ -339,6 +363,20 @@ class AsyncClient:
             if not self._closing:  # cancelled with its event loop (asyncio.run ending, no close())
                 await self._close_connections()  # while that loop still runs: it cannot be done later
             raise
+
+    def _fail_after_outage(self, unreachable_s: float, cause: Exception) -> None:
+        """Once Redis has been unreachable for `reconnect_timeout`, the calls waiting for records get
+        `ConnectionLost` now rather than a `TaskTimeout` at the end of their own timeouts."""
+        if self.reconnect_timeout is None or unreachable_s < self.reconnect_timeout:
+            return
+        waiting = [fut for fut in self._waiting.values() if not fut.done()]
+        self._waiting.clear()
+        message = f"Redis unreachable for {unreachable_s:.1f}s while waiting for task records ({cause})"
+        for fut in waiting:
+            fut.set_exception(ConnectionLost(message))
+            fut.exception()  # read now: a handle no one awaits any more is nothing to log
+        if waiting:
+            logger.warning("[client] %s: %d tasks failed with ConnectionLost", message, len(waiting))
 
     async def _close_connections(self) -> None:
         for redis in (self._redis, self._reader_redis):
@@ -523,17 +561,20 @@ class AsyncClient:
         model: str = "minilm",
         priority: str | None = None,
         deadline_ms: int | None = None,
+        on_miss: str | None = None,
         timeout: float | None = 30.0,
         truncate: bool = False,
     ) -> np.ndarray:
         """Sentence embeddings, one row per text (none for no texts: shape (0, 0)); raises TaskFailed
-        on any error result."""
+        on any error result. `priority`, `deadline_ms`, `on_miss` and `truncate` are the task fields of
+        the same names (README's task table)."""
         inputs = _one_per_input(texts)  # one text: one row
         if not inputs:
             return np.zeros((0, 0), dtype=np.float32)
         results = await self.submit_many(
-            model, "embed", inputs, priority=priority, deadline_ms=deadline_ms, timeout=timeout, truncate=truncate
-        )
+            model, "embed", inputs, priority=priority, deadline_ms=deadline_ms, on_miss=on_miss, timeout=timeout,
+            truncate=truncate,
+        )  # fmt: skip
         return np.stack([np.asarray(r.raise_for_status().output, dtype=np.float32) for r in results])
 
     async def translate(
@@ -544,13 +585,19 @@ class AsyncClient:
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         priority: str | None = None,
+        deadline_ms: int | None = None,
+        on_miss: str | None = None,
         timeout: float | None = 60.0,
         truncate: bool = False,
     ) -> list[str]:
+        """The generated text, one per input; raises TaskFailed on any error result. `num_beams` and
+        `max_new_tokens` default to the model's own settings (greedy, 64 new tokens unless its entry
+        says otherwise); the other options are as for `embed`."""
         params = {k: v for k, v in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)) if v is not None}
         results = await self.submit_many(
-            model, "translate", texts, priority=priority, params=params, timeout=timeout, truncate=truncate
-        )
+            model, "translate", texts, priority=priority, deadline_ms=deadline_ms, on_miss=on_miss, params=params,
+            timeout=timeout, truncate=truncate,
+        )  # fmt: skip
         return [str(r.raise_for_status().output["text"]) for r in results]
 
 
@@ -579,8 +626,15 @@ class Client:
     """The synchronous twin of AsyncClient: same methods, run on a private event loop thread. Any
     number of threads may call one Client at once; their calls share its connections."""
 
-    def __init__(self, url: str | None = None, *, prefix: str | None = None) -> None:
-        self._async = AsyncClient(url, prefix=prefix)  # first: it raises if ECTRANS_STACK's stack is not here
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
+    ) -> None:
+        # First: it raises if ECTRANS_STACK's stack is not here.
+        self._async = AsyncClient(url, prefix=prefix, reconnect_timeout=reconnect_timeout)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ectrans-client", daemon=True)
         self._thread.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from ectrans.client import AsyncClient, Client, TaskTimeout
+from ectrans.common.keys import Keys
 from ectrans.common.redis_conn import RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec, build_spec
 from ectrans.models.noop import NoopExecutor
@@ -298,3 +300,62 @@ def test_fail_fast_raises_at_the_first_error_to_arrive_and_cancels_the_rest() ->
     assert futures[1].cancelled()  # the unanswered task: submit_many cancels it on the server too
     results, _ = asyncio.run(scenario(False))
     assert isinstance(results, list) and [r.id for r in results] == ["a", "b", "c"]
+
+
+def test_embed_and_translate_take_the_same_task_options_async_and_sync(redis_url: str, prefix: str) -> None:
+    """`deadline_ms` and `on_miss` reach the task from `translate` as from `embed`, on both clients
+    (`translate` had neither). No stack runs: the tasks stay unanswered and are read back as sent."""
+
+    async def sent_fields() -> list[dict[bytes, bytes]]:
+        redis = connect(redis_url)
+        try:
+            entries: Any = await redis.xrange(Keys(prefix).tasks)
+            return [fields for _, fields in entries]
+        finally:
+            await redis.aclose()
+
+    async def on_the_async_client() -> None:
+        async with AsyncClient(redis_url, prefix=prefix) as client:
+            with pytest.raises(TaskTimeout):
+                await client.translate("hi", model="m", deadline_ms=900, on_miss="batch", num_beams=2, timeout=0.05)
+            with pytest.raises(TaskTimeout):
+                await client.embed("hi", model="m", deadline_ms=800, on_miss="batch", timeout=0.05)
+
+    asyncio.run(on_the_async_client())
+    with Client(redis_url, prefix=prefix) as client, pytest.raises(TaskTimeout):
+        client.translate(["hi"], model="m", deadline_ms=700, on_miss="error", max_new_tokens=5, timeout=0.05)
+    sent = [(f[b"op"], f[b"deadline_ms"], f[b"on_miss"]) for f in asyncio.run(sent_fields())]
+    assert sent == [(b"translate", b"900", b"batch"), (b"embed", b"800", b"batch"), (b"translate", b"700", b"error")]
+
+
+def test_a_redis_that_goes_away_fails_waiting_calls_soon_and_the_client_reconnects_after() -> None:
+    """Redis killed under calls waiting for records: after `reconnect_timeout` (not their own 30 s
+    timeouts) they raise ConnectionLost, a redis-py ConnectionError as its users expect; once Redis
+    is back on its port, the same client submits again without being remade."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from ectrans.client import ConnectionLost
+    from ectrans.local.redis_server import RedisServer
+
+    server = RedisServer().start()
+
+    async def scenario() -> None:
+        async with AsyncClient(server.url, prefix="lost:", reconnect_timeout=0.5) as client:
+            handle, *_ = await client.submit_tasks("m", "embed", ["a"])  # no stack: no answer will come
+            waiting = asyncio.create_task(client.submit_many("m", "embed", ["b", "c"], fail_fast=True))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(server.stop, kill=True)
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost) as lost:
+                await handle.result(timeout=30)
+            assert time.monotonic() - started < 3 and isinstance(lost.value, RedisConnectionError)
+            with pytest.raises(ConnectionLost):
+                await waiting
+            await asyncio.to_thread(server.start)  # the same port
+            assert len(await client.submit_tasks("m", "embed", ["d"])) == 1
+            assert await client._send([("XLEN", client.keys.tasks)]) == [1]  # a fresh Redis: only the new one
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

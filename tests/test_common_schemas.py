@@ -42,8 +42,8 @@ def test_a_minimal_task_takes_its_defaults_and_the_entry_time() -> None:
 
 def test_every_field_parsed() -> None:
     fields = raw(
-        id="job-1", priority="realtime", deadline_ms="250", reply_to="c.1", encoding="msgpack", on_miss="batch",
-        num_beams="4", max_new_tokens="64",
+        op="translate", id="job-1", priority="realtime", deadline_ms="250", reply_to="c.1", encoding="msgpack",
+        on_miss="batch", num_beams="4", max_new_tokens="64",
     )  # fmt: skip
     task = parse_task(ENTRY, fields, LIMITS)
     assert (task.id, task.priority, task.deadline_ms, task.reply_to) == ("job-1", "realtime", 250, "c.1")
@@ -111,7 +111,20 @@ def test_good_deadlines(value: str, expected: int | None) -> None:
     [("num_beams", "0"), ("num_beams", "9"), ("num_beams", "two"), ("max_new_tokens", "513"), ("max_new_tokens", "-1")],
 )
 def test_op_params_out_of_range(name: str, value: str) -> None:
-    assert name in rejected(raw(**{name: value})).message
+    assert name in rejected(raw(op="translate", **{name: value})).message
+
+
+@pytest.mark.parametrize("op", ["embed", "noop"])
+@pytest.mark.parametrize(("name", "value"), [("num_beams", "4"), ("max_new_tokens", "16"), ("num_beams", "99")])
+def test_generation_settings_on_an_op_that_takes_none_are_refused_naming_both(op: str, name: str, value: str) -> None:
+    """Ignored, they would also have kept such tasks out of each other's batches."""
+    message = rejected(raw(op=op, **{name: value})).message
+    assert f"'{name}'" in message and f"op '{op}' does not take" in message and "translate" in message
+
+
+def test_generation_settings_of_an_unknown_op_are_left_to_the_dispatcher() -> None:
+    """An op no model serves is answered `unknown_op`, whatever it carries."""
+    assert parse_task(ENTRY, raw(op="summarise", num_beams="2"), LIMITS).params == {"num_beams": 2}
 
 
 @pytest.mark.parametrize(

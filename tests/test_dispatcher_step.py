@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from ectrans.common.keys import DISPATCHER_GROUP, Keys
 from ectrans.common.recovery import ensure_group, read_group
 from ectrans.common.redis_conn import RedisClient, connect, is_cluster
 from ectrans.common.registry import ModelSpec, build_spec
+from ectrans.common.results import Finish
 from ectrans.services.dispatcher.service import Dispatcher
 from ectrans.services.dispatcher.settings import DispatcherSettings
 
@@ -300,3 +303,41 @@ def test_errors_found_after_validation_name_the_tasks_model_and_class(redis_url:
         }
 
     stepped(redis_url, prefix, body)
+
+
+def seq2seq_spec(root: Path, name: str, positions: int | None, **options: int) -> ModelSpec:
+    """A translation model's registry entry: the dispatcher reads its config alone, never its weights."""
+    config: dict[str, Any] = {"model_type": "marian", "is_encoder_decoder": True}
+    if positions is not None:
+        config["max_position_embeddings"] = positions
+    (root / name).mkdir()
+    (root / name / "config.json").write_text(json.dumps(config))
+    return build_spec(name, {"path": str(root / name), **options})
+
+
+def test_generation_settings_past_a_models_own_limits_are_refused_at_once_naming_it(tmp_path: Path) -> None:
+    """The dispatcher knows each model's limits (its entry's options, below its decoder's positions):
+    a task past them gets one `bad_input` naming the model and the limit now, not the worker's
+    "cannot prepare input" after queueing; a task within them, or on a model of defaults, goes on."""
+    registry = {
+        "small": seq2seq_spec(tmp_path, "small", 128),  # 127 new tokens at most: the start token takes one
+        "narrow": seq2seq_spec(tmp_path, "narrow", None, max_num_beams=2, max_new_tokens=40),
+        "t5ish": seq2seq_spec(tmp_path, "t5ish", None),  # relative positions: the default cap of 256
+    }
+    dispatcher = Dispatcher(DispatcherSettings(redis_url="redis://127.0.0.1:1/0"), registry)  # never connects
+
+    def decided(model: str, **params: str) -> str:
+        fields = {"model": model, "op": "translate", "input": "hello", **params}
+        decision = dispatcher.decide("1700000000000-0", {k.encode(): v.encode() for k, v in fields.items()})
+        if isinstance(decision, Finish):
+            assert decision.record["reason"] == "bad_input", decision.record
+            return str(decision.record["error"])
+        return "forwarded"
+
+    refused = decided("small", max_new_tokens="128")
+    assert refused == "model 'small': max_new_tokens must be an integer from 1 to 127, not 128"
+    assert decided("small", max_new_tokens="127", num_beams="8") == "forwarded"
+    assert "model 'narrow'" in (error := decided("narrow", num_beams="3")) and "from 1 to 2" in error
+    assert "from 1 to 40" in decided("narrow", max_new_tokens="41")
+    assert decided("narrow") == decided("t5ish", max_new_tokens="256") == "forwarded"
+    assert "from 1 to 256" in decided("t5ish", max_new_tokens="257")

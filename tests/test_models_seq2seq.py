@@ -253,6 +253,17 @@ def test_request_params_are_checked() -> None:
     assert GenerationLimits.from_options({"max_new_tokens": 100, "path": "x"}).max_new_tokens == 100
 
 
+def test_a_cap_below_the_default_lowers_the_default_it_does_not_refuse_the_model() -> None:
+    """`max_new_tokens = 40` alone in a models file: the model serves 40 by default (it failed to load
+    because the unasked default, 64, was over it); a default asked over its cap is still an error."""
+    assert GenerationLimits.from_options({"max_new_tokens": 40}) == GenerationLimits(
+        default_max_new_tokens=40, max_new_tokens=40
+    )
+    assert GenerationLimits.from_options({"max_new_tokens": 100}).default_max_new_tokens == 64
+    with pytest.raises(ValueError, match="default_max_new_tokens"):
+        GenerationLimits.from_options({"max_new_tokens": 40, "default_max_new_tokens": 50})
+
+
 def test_max_new_tokens_stays_inside_the_position_table(tiny: Callable[[str], Tiny]) -> None:
     model = tiny("marian")  # 128 positions
     fitted = fit_limits(model.model, GenerationLimits(default_max_new_tokens=200, max_new_tokens=500))

@@ -78,7 +78,11 @@ def test_hostile_text_on_three_models_at_once_equals_the_reference(
         "over the limit": ({**embed, "input": "the " * 200}, "truncate=1"),
         "blank": ({**translate, "input": " \r\n\t"}, "is empty"),
         "beams past 8": ({**translate, "num_beams": "9"}, "between 1 and 8"),
-        "past the decoder": ({**translate, "max_new_tokens": "128"}, "1 to 127"),
+        "beams on embed": ({**embed, "input": "hi", "num_beams": "2"}, "op 'embed' does not take"),
+        "past the decoder": (
+            {**translate, "max_new_tokens": "128"},
+            "model 'marian': max_new_tokens must be an integer from 1 to 127",
+        ),
     }
 
     async def scenario() -> tuple[dict[str, dict[str, str]], list[str], dict[str, str]]:

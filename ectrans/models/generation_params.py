@@ -6,7 +6,7 @@ No torch here: the dispatcher can check a task's params with this module before 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -21,13 +21,26 @@ class GenerationLimits:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> GenerationLimits:
-        """Limits from a registry entry's extra keys (same names as the fields), defaults elsewhere."""
+        """Limits from a registry entry's extra keys (same names as the fields), defaults elsewhere. A cap
+        given below a default not given lowers that default (`max_new_tokens = 40` alone: 40 by default)."""
         names = ("default_num_beams", "max_num_beams", "default_max_new_tokens", "max_new_tokens")
         given = {name: options[name] for name in names if name in options}
         for name, value in given.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"model option {name} must be an integer, not {value!r}")
+        base = cls()
+        for default, cap in (("default_num_beams", "max_num_beams"), ("default_max_new_tokens", "max_new_tokens")):
+            if cap in given and default not in given:
+                given[default] = min(getattr(base, default), given[cap])
         return cls(**given)
+
+    def within_positions(self, positions: int | None) -> GenerationLimits:
+        """These limits with max_new_tokens below a decoder's position table of `positions` rows (the
+        start token takes one); None: a decoder without one (relative positions, as T5's)."""
+        if positions is None or self.max_new_tokens < positions:
+            return self
+        cap = positions - 1
+        return replace(self, max_new_tokens=cap, default_max_new_tokens=min(self.default_max_new_tokens, cap))
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_num_beams <= self.max_num_beams:

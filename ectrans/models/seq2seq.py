@@ -19,7 +19,7 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -188,11 +188,7 @@ class DecodeSegment:
 
 def fit_limits(model: nn.Module, limits: GenerationLimits) -> GenerationLimits:
     """`limits` with max_new_tokens lowered to what the decoder's position table allows."""
-    positions = DecodeSettings.from_model(model).max_target_positions
-    if positions is None or limits.max_new_tokens < positions:
-        return limits
-    cap = positions - 1
-    return replace(limits, max_new_tokens=cap, default_max_new_tokens=min(limits.default_max_new_tokens, cap))
+    return limits.within_positions(DecodeSettings.from_model(model).max_target_positions)
 
 
 def build_seq2seq_segments(

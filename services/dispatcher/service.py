@@ -15,7 +15,7 @@ from ectrans.common.keys import DISPATCHER_GROUP, TASK_CLASSES, Keys
 from ectrans.common.outage import Outage
 from ectrans.common.recovery import Entry, Reclaimer, dead_letter, ensure_group, read_group
 from ectrans.common.redis_conn import BLOCK_MS, RedisClient, connect
-from ectrans.common.registry import ModelSpec
+from ectrans.common.registry import ModelSpec, RegistryError
 from ectrans.common.results import Finish, ResultWriter, error_record, now_ms, task_error_record
 from ectrans.common.schemas import (
     Reason,
@@ -28,6 +28,7 @@ from ectrans.common.schemas import (
     task_id_of,
 )
 from ectrans.common.split import check_split
+from ectrans.models.generation_params import GenerationLimits, parse_generation_params
 from ectrans.services.dispatcher.classify import ClassPolicy, classify
 from ectrans.services.dispatcher.forwarding import Forwarder, Forwarding
 from ectrans.services.dispatcher.placement import Placement
@@ -63,6 +64,7 @@ class Dispatcher:
         self.consumer = settings.instance or default_instance()
         self.policy = ClassPolicy(settings.realtime_deadline_ms, settings.realtime_max_chars, settings.default_class)
         self.limits = settings.limits  # built once: `settings.limits` makes a new object per call
+        self.generation = {name: generation_limits(spec) for name, spec in registry.items() if spec.kind == "seq2seq"}
         self._own_redis = redis is None
         self.redis = redis or connect(settings.redis_url, client_name=f"ectrans-dispatcher-{self.consumer}")
         self.writer = ResultWriter(self.redis, self.keys, DISPATCHER_GROUP, settings.result_ttl_s)
@@ -211,6 +213,8 @@ class Dispatcher:
             if not spec.supports(task.op):
                 ops = ", ".join(sorted(spec.ops))
                 raise TaskError(Reason.UNKNOWN_OP, f"model {task.model!r} has no op {task.op!r:.40}; ops: {ops}")
+            if task.params:
+                self._check_generation(task)
             tokens = check_split(task, spec).tokens if task.is_split else estimate_tokens(task.input)
         except TaskError as err:
             task_id = task_id_of(entry_id, raw)
@@ -226,6 +230,17 @@ class Dispatcher:
         if deadline is not None and now_ms() >= deadline:
             return self._reject(forward, Reason.DEADLINE, "deadline passed before the task was dispatched")
         return forward
+
+    def _check_generation(self, task: Task) -> None:
+        """A task's generation settings within its model's own limits: one clear error now, naming the
+        model, rather than the worker's after the task has queued (`bad_input` either way)."""
+        limits = self.generation.get(task.model)
+        if limits is None:
+            return
+        try:
+            parse_generation_params(task.params, limits)
+        except ValueError as exc:
+            raise TaskError(Reason.BAD_INPUT, f"model {task.model!r}: {exc}") from None
 
     async def dispatch(self, entries: list[Entry]) -> None:
         if not entries:
@@ -405,6 +420,15 @@ class Dispatcher:
         task = forward.task
         record = task_error_record(task, reason, message)
         return Finish(task.id, record, self.keys.tasks, forward.entry_id, task.reply_to)
+
+
+def generation_limits(spec: ModelSpec) -> GenerationLimits:
+    """What a seq2seq model's tasks may ask of generation: its entry's options, below its decoder's
+    positions, as the worker fits them once the model is loaded (`seq2seq.fit_limits`)."""
+    try:
+        return GenerationLimits.from_options(spec.options).within_positions(spec.decoder_positions or None)
+    except ValueError as exc:
+        raise RegistryError(f"model {spec.name!r}: {exc}") from None
 
 
 def _text(value: str | bytes) -> str:
