@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 STALE_INTERVALS = 3.0  # another monitor's figures older than this many intervals are abandoned
-OWNER_FIELDS = (b"monitor", b"ts", b"interval_s")  # what `may_write` reads of the stats hash
 
 
 def may_write(current: Mapping[bytes, bytes], me: str, now: float, interval_s: float) -> bool:

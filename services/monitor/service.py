@@ -30,7 +30,7 @@ from ectrans.services.monitor.collect import (
 )
 from ectrans.services.monitor.instances import Tracker
 from ectrans.services.monitor.jsonlog import JsonLines
-from ectrans.services.monitor.ownership import OWNER_FIELDS, may_write
+from ectrans.services.monitor.ownership import may_write
 from ectrans.services.monitor.prometheus import Exporter
 from ectrans.services.monitor.quiet import LineGate
 from ectrans.services.monitor.report import Snapshot, build_report, flatten, report_line
@@ -228,9 +228,7 @@ class Monitor:
 
     async def _own_stats(self, now: float) -> bool:
         """Whether this monitor writes the stats hash now (see `ownership`); a change is logged once."""
-        # The three fields `may_write` reads, not the whole report (hundreds of fields) each interval.
-        values: list[Any] = await self.redis.hmget(self.keys.stats, list(OWNER_FIELDS))
-        current = {name: value for name, value in zip(OWNER_FIELDS, values, strict=True) if value is not None}
+        current: dict[Any, Any] = await self.redis.hgetall(self.keys.stats)
         writes = may_write(current, self.instance, now, self.settings.interval_s)
         if writes != self._writes_stats and not (writes and self._writes_stats is None):
             if writes:
